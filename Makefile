@@ -1,0 +1,33 @@
+# The two commands at the top of the README:
+#   make serve   set up .venv, build the tiny models, run the local service
+#   make test    set up .venv with test extras, run the tests (loopback-only namespace)
+PY ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+
+.PHONY: serve test bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and exact: an open pin would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,loadtest]'
+	touch $@
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/imagegen models build
+	scripts/loopback-serve
+
+test: $(VENV)/.installed
+	scripts/loopback $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	scripts/loopback $(VENV)/bin/imagegen bench serve
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check serve autoscaling tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

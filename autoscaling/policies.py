@@ -1,0 +1,114 @@
+"""Per-model replica, batching and autoscaling policy, and what turns it into
+Ray Serve deployment options. Data lives in policy.yaml; this module is pure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Batching(_Strict):
+    max_batch_images: Annotated[int, Field(ge=1, le=256)] = Field(
+        description="most images in one pipeline call"
+    )
+    batch_wait_timeout_s: Annotated[float, Field(ge=0, le=10)] = Field(
+        description="how long a batch waits for company once it has one request"
+    )
+
+
+class Autoscaling(_Strict):
+    min_replicas: Annotated[int, Field(ge=0)] = Field(description="floor (0 allows cold)")
+    max_replicas: Annotated[int, Field(ge=1)] = Field(description="ceiling for this model")
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = Field(
+        description="requests per replica the autoscaler aims for"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}"
+            )
+        return self
+
+
+class ModelPolicy(_Strict):
+    num_cpus: Annotated[float, Field(ge=0)] = Field(description="CPUs reserved per replica")
+    num_gpus: Annotated[float, Field(ge=0)] = Field(description="GPUs per replica")
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = Field(
+        description="requests a replica holds (running + waiting for a batch)"
+    )
+    max_queued_requests: Annotated[int, Field(ge=-1)] = Field(
+        description="requests callers may queue for this model before 503 (-1: no limit)"
+    )
+    batching: Batching
+    autoscaling: Autoscaling
+
+
+class IngressPolicy(_Strict):
+    num_cpus: Annotated[float, Field(ge=0)] = Field(description="CPUs per ingress replica")
+    replicas: Annotated[int, Field(ge=1)] = Field(description="ingress replicas")
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = Field(description="per replica")
+
+
+class Policy(_Strict):
+    defaults: dict[str, Any] = Field(description="ModelPolicy fields shared by all models")
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict, description="overrides")
+    ingress: IngressPolicy
+
+    def for_model(self, name: str) -> ModelPolicy:
+        return ModelPolicy.model_validate(_merge(self.defaults, self.models.get(name, {})))
+
+    @model_validator(mode="after")
+    def _valid(self) -> "Policy":
+        for name in ["<defaults>", *self.models]:
+            try:
+                self.for_model(name)
+            except ValidationError as e:
+                raise ValueError(f"policy for model {name}: {e}") from None
+        return self
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        return Policy.model_validate(yaml.safe_load(Path(path).read_text()))
+    except (OSError, yaml.YAMLError, ValidationError) as e:
+        raise ValueError(f"invalid autoscaling policy {path}: {e}") from None
+
+
+def model_deployment_options(p: ModelPolicy) -> dict[str, Any]:
+    """Keyword arguments for `Deployment.options(...)` of one model revision."""
+    scaling = p.autoscaling
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus},
+        "max_ongoing_requests": p.max_ongoing_requests,
+        "max_queued_requests": p.max_queued_requests,
+        "user_config": p.batching.model_dump(),
+    }
+    if scaling.min_replicas == scaling.max_replicas:
+        opts["num_replicas"] = scaling.max_replicas
+    else:
+        opts["autoscaling_config"] = scaling.model_dump()
+    return opts
+
+
+def ingress_deployment_options(p: IngressPolicy) -> dict[str, Any]:
+    return {
+        "ray_actor_options": {"num_cpus": p.num_cpus},
+        "num_replicas": p.replicas,
+        "max_ongoing_requests": p.max_ongoing_requests,
+    }

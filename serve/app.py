@@ -1,0 +1,60 @@
+"""build_app: the one import path (`serve.app:build_app`). Wiring only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from autoscaling.policies import (
+    ingress_deployment_options,
+    load_policy,
+    model_deployment_options,
+)
+
+from .config import Settings, load_settings
+from .deployments.ingress import Ingress
+from .deployments.model import ModelDeployment
+from .engines.base import Engine
+from .lockfile import load_lock
+from .routing import load_routing
+
+APP_NAME = "imagegen"
+
+
+def engine_class(kind: str) -> type[Engine]:
+    if kind == "fake":
+        from .engines.fake import FakeEngine
+
+        return FakeEngine
+    from .engines.diffusers_engine import DiffusersEngine  # torch imports lazily
+
+    return DiffusersEngine
+
+
+def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
+    """Ingress + one model deployment per models.lock revision.
+
+    `args` are Settings fields (as `serve run serve.app:build_app key=value` or a
+    RayService `args:` map pass them) or a Settings object.
+    """
+    settings = args if isinstance(args, Settings) else load_settings(**(args or {}))
+    lock = load_lock(settings.lock_file)
+    routing = load_routing(settings.routing_file, lock)
+    policy = load_policy(settings.policy_file)
+    engine_cls = engine_class(settings.engine)
+    options = dict(settings.engine_options)
+    if settings.threads:
+        options["threads"] = settings.threads
+    logging_config = {"enable_access_log": settings.log_requests}
+    models = {
+        name: ModelDeployment.options(
+            name=entry.deployment_name,
+            logging_config=logging_config,
+            **model_deployment_options(policy.for_model(name)),
+        ).bind(entry, engine_cls, str(settings.model_dir), options)
+        for name, entry in lock.models.items()
+    }
+    return Ingress.options(
+        logging_config=logging_config, **ingress_deployment_options(policy.ingress)
+    ).bind(lock, routing, models, settings.max_body_bytes)

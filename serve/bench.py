@@ -1,0 +1,167 @@
+"""`imagegen bench serve`: the tiny pipeline in-process vs the full HTTP stack.
+
+Both halves run in one command on the same thread count, so the ratios compare
+like with like. Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import Settings
+from .engines.base import EngineSpec, Job
+from .lockfile import load_lock
+from .routing import load_routing
+
+
+@dataclass
+class Point:
+    name: str
+    concurrency: int
+    requests: int
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    mean_batch: float | None = None
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] * 1e3
+
+
+def _point(name: str, c: int, lat: list[float], images: int, wall: float, batch=None) -> Point:
+    return Point(name, c, len(lat), images / wall, _pct(lat, 0.5), _pct(lat, 0.95), batch)
+
+
+def bench_in_process(entry, settings: Settings, threads: int, n: int, batch: int) -> list[Point]:
+    from .engines.diffusers_engine import DiffusersEngine
+
+    spec = EngineSpec(entry.name, entry.revision, entry.local_dir(settings.model_dir),
+                      entry.pipeline, entry.dtype, {"threads": threads})
+    engine = DiffusersEngine(spec)
+    engine.load()
+    d = entry.defaults
+    job = Job("a lighthouse at dusk", "", d.width, d.height, d.steps, d.guidance, 0)
+    for _ in range(3):
+        engine.warmup(job)
+    lat = []
+    t0 = time.perf_counter()
+    for i in tqdm(range(n), desc="in-process, one at a time", leave=False):
+        t = time.perf_counter()
+        engine.generate([replace(job, seed=i)])
+        lat.append(time.perf_counter() - t)
+    single = _point("in-process single", 1, lat, n, time.perf_counter() - t0)
+    batches = max(3, n // batch)
+    lat = []
+    t0 = time.perf_counter()
+    for b in tqdm(range(batches), desc=f"in-process, batches of {batch}", leave=False):
+        t = time.perf_counter()
+        engine.generate([replace(job, seed=b * batch + i) for i in range(batch)])
+        lat.append(time.perf_counter() - t)
+    batched = _point(f"in-process batch {batch}", batch, lat, batches * batch,
+                     time.perf_counter() - t0, batch)
+    del engine
+    return [single, batched]
+
+
+async def _load(url: str, body: dict, n: int, c: int) -> tuple[list[float], float, list[int]]:
+    import aiohttp
+
+    lat: list[float] = []
+    batch_sizes: list[int] = []
+    bar = tqdm(total=n, desc=f"HTTP stack, concurrency {c}", leave=False)
+    remaining = iter(range(n))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for i in remaining:
+            t = time.perf_counter()
+            async with session.post(url, json={**body, "seed": i}) as r:
+                data = await r.json()
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}: {data}")
+            lat.append(time.perf_counter() - t)
+            batch_sizes.append(data["batch_images"])
+            bar.update()
+
+    conn = aiohttp.TCPConnector(limit=c)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(c)))
+        wall = time.perf_counter() - t0
+    bar.close()
+    return lat, wall, batch_sizes
+
+
+def bench_stack(settings: Settings, tier: str, n: int, levels: list[int]) -> list[Point]:
+    from . import local
+
+    url = local.start(settings) + "/v1/images"
+    try:
+        body = {"prompt": "a lighthouse at dusk", "tier": tier}
+        asyncio.run(_load(url, body, 10, 1))  # warm the proxy, handles and replica
+        points = []
+        for c in levels:
+            lat, wall, sizes = asyncio.run(_load(url, body, max(n, 4 * c), c))
+            points.append(_point(f"HTTP stack c={c}", c, lat, len(lat), wall,
+                                 statistics.fmean(sizes)))
+        return points
+    finally:
+        local.stop()
+
+
+def _report(points: list[Point], threads: int, batch: int) -> dict:
+    single, batched, *stack = points
+    print(f"\nimagegen bench serve — threads={threads}, max batch {batch}, "
+          f"{os.cpu_count()} cores\n")
+    print(f"{'point':<24}{'img/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'batch':>7}")
+    for p in points:
+        mb = f"{p.mean_batch:.1f}" if p.mean_batch else "1"
+        print(f"{p.name:<24}{p.images_per_s:>8.1f}{p.p50_ms:>9.1f}{p.p95_ms:>9.1f}{mb:>7}")
+    ratios = {}
+    print()
+    for p in stack:
+        if p.concurrency == 1:
+            ratios["added_p50_ms_c1"] = p.p50_ms - single.p50_ms
+            print(f"added latency at c=1, p50: {ratios['added_p50_ms_c1']:+.1f} ms "
+                  f"(target <= 10 ms)")
+        ratios[f"throughput_ratio_c{p.concurrency}"] = p.images_per_s / batched.images_per_s
+        print(f"throughput c={p.concurrency} / in-process batched: "
+              f"{ratios[f'throughput_ratio_c{p.concurrency}']:.2f}x"
+              + (" (target >= 0.9x)" if p.concurrency == 32 else ""))
+    return ratios
+
+
+def run_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from autoscaling.policies import load_policy
+
+    from .models_cli import build_missing
+
+    build_missing(settings)
+    lock = load_lock(settings.lock_file)
+    entry = lock.get(args.model)
+    tiers = load_routing(settings.routing_file, lock).tiers_of(entry.name)
+    if not tiers:
+        print(f"model {entry.name} is not routed by any tier; nothing to call over HTTP")
+        return 2
+    threads = args.threads or len(os.sched_getaffinity(0))
+    batch = load_policy(settings.policy_file).for_model(entry.name).batching.max_batch_images
+    points = bench_in_process(entry, settings, threads, args.requests, batch)
+    stack_settings = settings.model_copy(update={"port": args.port, "threads": threads,
+                                                 "engine": "diffusers"})
+    points += bench_stack(stack_settings, tiers[0], args.requests, args.concurrency)
+    ratios = _report(points, threads, batch)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"threads": threads, "batch": batch, "points": [asdict(p) for p in points],
+             "ratios": ratios}, indent=2))
+    return 0

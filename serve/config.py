@@ -1,0 +1,94 @@
+"""Settings: one pydantic-settings model, env prefix IMAGEGEN_, optional YAML file.
+
+Precedence, highest first: explicit arguments, IMAGEGEN_* environment variables,
+the YAML file (`--config FILE` or IMAGEGEN_CONFIG), the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from .errors import ConfigError, describe
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout or RayService working_dir
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "imagegen" / "models"
+
+
+class Settings(BaseSettings):
+    """Everything an operator may set. Documented in README § Settings."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGEGEN_", extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="HTTP port")
+    lock_file: Path = Field(ROOT / "models.lock", description="the models.lock to serve")
+    routing_file: Path = Field(
+        ROOT / "serve" / "routing.yaml", description="tier -> model routing table (YAML)"
+    )
+    policy_file: Path = Field(
+        ROOT / "autoscaling" / "policy.yaml",
+        description="per-model replica, batching and autoscaling policy (YAML)",
+    )
+    model_dir: Path = Field(
+        default_factory=_cache_dir, description="where built or fetched model files live"
+    )
+    engine: Literal["diffusers", "fake"] = Field(
+        "diffusers", description="diffusers runs the real pipelines; fake is for tests"
+    )
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to every engine (e.g. xformers: false)"
+    )
+    threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
+        None, description="torch threads per CPU replica; default: every core of the node"
+    )
+    build_missing: bool = Field(
+        True, description="`imagegen serve` builds missing builtin tiny models first"
+    )
+    request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        300.0, description="end-to-end deadline of one request through the proxy"
+    )
+    max_body_bytes: Annotated[int, Field(ge=1024, le=16 << 20)] = Field(
+        64 << 10, description="largest accepted request body"
+    )
+    log_requests: bool = Field(False, description="keep Ray Serve's per-request access log")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = os.environ.get("IMAGEGEN_CONFIG")
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from overrides, env and an optional YAML file; ConfigError if invalid."""
+    try:
+        if config_file is not None:
+            if not Path(config_file).is_file():
+                raise ConfigError(f"config file {config_file} does not exist")
+            os.environ["IMAGEGEN_CONFIG"] = str(config_file)
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        raise ConfigError(f"invalid settings: {describe(e)}") from None

@@ -1,0 +1,75 @@
+"""The ingress deployment: the HTTP app over ImageService, with Serve handles to
+one model deployment per revision as its backend."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray import serve as ray_serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from ..engines.base import Generated, Job
+from ..errors import GenerationFailed, ImagegenError, ModelUnavailable, Overloaded
+from ..ingress.http import build_http_app
+from ..lockfile import Lock
+from ..routing import RoutingTable
+from ..service import ImageService
+
+STATUS_TIMEOUT_S = 2.0
+
+
+class HandleBackend:
+    """Backend over Serve handles; maps Ray failures onto the error table."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+        self.handles = {name: h.options(method_name="generate") for name, h in handles.items()}
+
+    async def generate(self, model: str, jobs: list[Job]) -> Generated:
+        try:
+            return await self.handles[model].remote(jobs)
+        except BackPressureError:
+            raise Overloaded(f"model {model} is at capacity; retry shortly") from None
+        except RayTaskError as e:
+            if isinstance(e.cause, ImagegenError):
+                raise e.cause from None
+            raise GenerationFailed(f"model {model} failed: {type(e.cause).__name__}") from None
+        except (ActorDiedError, ActorUnavailableError) as e:
+            raise ModelUnavailable(f"model {model} replica unavailable: {e}") from None
+
+
+@ray_serve.deployment
+@ray_serve.ingress()
+class Ingress:
+    def __init__(
+        self,
+        lock: Lock,
+        routing: RoutingTable,
+        models: dict[str, DeploymentHandle],
+        max_body_bytes: int,
+    ) -> None:
+        self.routing = routing
+        self.status_handles = {n: h.options(method_name="status") for n, h in models.items()}
+        self.service = ImageService(lock, routing, HandleBackend(models))
+        self.max_body_bytes = max_body_bytes
+
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self.service, self.readiness, max_body_bytes=self.max_body_bytes)
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when every routed revision is ready; reports every revision."""
+        names = list(self.status_handles)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.status_handles[n].remote(), STATUS_TIMEOUT_S) for n in names),
+            return_exceptions=True,
+        )
+        models = {}
+        for name, res in zip(names, results, strict=True):
+            if isinstance(res, BaseException):
+                res = {"ready": False, "reason": f"status unavailable: {type(res).__name__}"}
+            res["tiers"] = self.routing.tiers_of(name)
+            models[name] = res
+        ready = all(models[n]["ready"] for n in self.routing.routed_models())
+        return ready, models

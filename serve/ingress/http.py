@@ -1,0 +1,128 @@
+"""HTTP transport: thin routes over ImageService. No business rules here."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import (
+    ImagegenError,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    http_status,
+)
+from ..schemas import (
+    ErrorEnvelope,
+    GenerateRequest,
+    GenerateResponse,
+    ModelList,
+    parse_request,
+)
+from ..service import ImageService
+
+log = logging.getLogger("imagegen.http")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorEnvelope} for code in (400, 404, 413, 415, 422, 503)
+}
+
+
+def request_id(request: Request) -> str:
+    """The caller's X-Request-Id when well-formed, else a fresh one."""
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        given = request.headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request.state.request_id = rid
+    return rid
+
+
+def error_response(
+    request: Request, err: ImagegenError, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    headers = {**(headers or {}), "X-Request-Id": request_id(request)}
+    if isinstance(err, Overloaded):
+        headers["Retry-After"] = "1"
+    return JSONResponse(err.envelope(), status_code=http_status(err), headers=headers)
+
+
+def build_http_app(
+    service: ImageService,
+    readiness: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
+    *,
+    max_body_bytes: int,
+) -> FastAPI:
+    app = FastAPI(title="imagegen", version="1", docs_url="/docs", redoc_url=None)
+
+    @app.post(
+        "/v1/images",
+        response_model=GenerateResponse,
+        responses=_ERRORS,
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": GenerateRequest.model_json_schema()}}}},
+    )
+    async def generate(request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise UnsupportedMediaType(f"content-type must be application/json, got {ctype!r}")
+        body = await _read_body(request, max_body_bytes)
+        rid = request_id(request)
+        resp = await service.generate(parse_request(body), rid)
+        return Response(resp.model_dump_json(), media_type="application/json",
+                        headers={"X-Request-Id": rid})
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList(models=service.models())
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready, models = await readiness()
+        return JSONResponse({"ready": ready, "models": models}, status_code=200 if ready else 503)
+
+    @app.exception_handler(ImagegenError)
+    async def _imagegen_error(request: Request, err: ImagegenError) -> JSONResponse:
+        return error_response(request, err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            return error_response(
+                request, MethodNotAllowed(f"{request.method} not allowed here"), exc.headers
+            )
+        return error_response(request, NotFound(f"no route {request.url.path}"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(request, ImagegenError("internal error; see server logs"))
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,228 @@
+"""models.lock: every model revision the service may load, pinned by content.
+
+The lock is TOML (`version = 1`) with one `[models.NAME]` table per revision.
+A revision is never a floating tag: hub sources carry a 40-hex commit, and every
+source lists each file with its sha256. The deployment name derives from the lock,
+so a new revision is a new deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError, ModelVerificationError, describe
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lower-case hex sha256")]
+ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,38}[a-z0-9]$")]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuiltinSource(_Frozen):
+    """A tiny pipeline the project builds itself, deterministically."""
+
+    kind: Literal["builtin"] = Field(description="built by `imagegen models build`")
+    recipe: str = Field(description="recipe name in serve.tinymodels.RECIPES")
+    seed: int = Field(ge=0, description="torch seed for the random weights")
+
+
+class HubSource(_Frozen):
+    """A hub repository at an immutable commit, fetched ahead of serving."""
+
+    kind: Literal["hub"] = Field(description="fetched by `imagegen models fetch`")
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="owner/name on the hub")
+    revision: str = Field(description="the 40-hex commit; never a branch or tag")
+
+    @field_validator("revision")
+    @classmethod
+    def _commit(cls, v: str) -> str:
+        if len(v) != 40 or any(c not in "0123456789abcdef" for c in v):
+            raise ValueError(f"revision {v!r} is not a 40-hex commit (branches and tags float)")
+        return v
+
+
+class PathSource(_Frozen):
+    """A directory prepared out of band (a mounted volume, a synced bucket prefix)."""
+
+    kind: Literal["path"] = Field(description="an existing local directory")
+    path: str = Field(description="absolute, or relative to the model directory")
+
+
+Source = Annotated[BuiltinSource | HubSource | PathSource, Field(discriminator="kind")]
+
+
+class Defaults(_Frozen):
+    width: int = Field(ge=8, le=4096, multiple_of=8, description="pixels")
+    height: int = Field(ge=8, le=4096, multiple_of=8, description="pixels")
+    steps: int = Field(ge=1, le=200, description="denoising steps")
+    guidance: float = Field(ge=0, le=50, description="classifier-free guidance scale")
+
+
+class Limits(_Frozen):
+    min_size: int = Field(default=32, ge=8, multiple_of=8, description="smallest side, px")
+    max_width: int = Field(ge=8, multiple_of=8, description="px")
+    max_height: int = Field(ge=8, multiple_of=8, description="px")
+    max_steps: int = Field(ge=1, le=500, description="most denoising steps a request may ask")
+    max_guidance: float = Field(default=20.0, ge=0, description="largest guidance scale")
+    max_images: int = Field(default=8, ge=1, le=64, description="most images per request")
+
+
+class ModelEntry(_Frozen):
+    """One model revision. `name` is filled from the table key."""
+
+    name: ModelName
+    source: Source
+    pipeline: str = Field(description="diffusers pipeline class, e.g. StableDiffusionPipeline")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(description="weights dtype")
+    license: str = Field(min_length=1, description="SPDX id or licence name")
+    commercial_use: Literal["allowed", "restricted", "forbidden"] = Field(
+        description="whether images may ship in commercial products"
+    )
+    license_notes: str = Field(default="", description="terms a product team must know")
+    vram_gb: float = Field(ge=0, description="accelerator memory estimate per replica")
+    defaults: Defaults
+    limits: Limits
+    files: dict[str, Sha256] = Field(min_length=1, description="relative path -> sha256")
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "ModelEntry":
+        d, lim = self.defaults, self.limits
+        bad = [
+            f"{field} {value} outside {lo}..{hi}"
+            for field, value, lo, hi in (
+                ("width", d.width, lim.min_size, lim.max_width),
+                ("height", d.height, lim.min_size, lim.max_height),
+                ("steps", d.steps, 1, lim.max_steps),
+                ("guidance", d.guidance, 0, lim.max_guidance),
+            )
+            if not lo <= value <= hi
+        ]
+        if bad:
+            raise ValueError(f"defaults must lie within limits: {'; '.join(bad)}")
+        return self
+
+    @property
+    def revision(self) -> str:
+        """The immutable revision: the hub commit, or the digest of the file list."""
+        if isinstance(self.source, HubSource):
+            return self.source.revision
+        return files_digest(self.files)
+
+    @property
+    def deployment_name(self) -> str:
+        """Serve deployment name: one per revision, derived from the lock."""
+        return f"{self.name}-{self.revision[:10]}"
+
+    def local_dir(self, model_dir: Path) -> Path:
+        """Where this revision's files live once built or fetched."""
+        if isinstance(self.source, PathSource):
+            return model_dir / self.source.path  # an absolute path replaces model_dir
+        return model_dir / self.name / self.revision[:16]
+
+
+class Lock(_Frozen):
+    version: Literal[1]
+    models: dict[str, ModelEntry] = Field(min_length=1)
+
+    def get(self, name: str) -> ModelEntry:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ConfigError(f"model {name!r} is not in models.lock") from None
+
+
+def files_digest(files: dict[str, str]) -> str:
+    """sha256 over sorted `path\\0sha256\\n` lines: a content revision for a file set."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(f"{path}\0{files[path]}\n".encode())
+    return h.hexdigest()
+
+
+def parse_lock(text: str, *, origin: str = "models.lock") -> Lock:
+    """Parse and validate lock text; errors name the entry and field."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{origin}: not valid TOML: {e}") from None
+    models = raw.get("models")
+    if models is not None and not isinstance(models, dict):
+        raise ConfigError(f"{origin}: models must be a table of [models.NAME], got {models!r}")
+    for name, entry in (models or {}).items():
+        if isinstance(entry, dict):
+            if entry.setdefault("name", name) != name:
+                raise ConfigError(
+                    f"{origin}: models.{name}.name is {entry['name']!r}; the key is the name"
+                )
+    try:
+        return Lock.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{origin}: {describe(e)}") from None
+
+
+def load_lock(path: Path) -> Lock:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    return parse_lock(text, origin=str(path))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_files(root: Path) -> list[str]:
+    """Relative paths of every non-hidden file under root, sorted."""
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """relative path -> sha256 for every non-hidden file under root."""
+    return {rel: sha256_file(root / rel) for rel in tree_files(root)}
+
+
+def verify(entry: ModelEntry, root: Path) -> None:
+    """Check every file against the lock. Raises naming the first bad file.
+
+    Unlisted files fail too: `from_pretrained` could load them unverified.
+    """
+    if not root.is_dir():
+        raise ModelVerificationError(
+            f"{entry.name}: model directory {root} does not exist "
+            "(run `imagegen models build` or `imagegen models fetch`)"
+        )
+    for rel, want in sorted(entry.files.items()):
+        path = root / rel
+        if not path.is_file():
+            raise ModelVerificationError(f"{entry.name}: missing file {rel}")
+        got = sha256_file(path)
+        if got != want:
+            raise ModelVerificationError(
+                f"{entry.name}: sha256 mismatch for {rel}: lock {want[:12]}…, file {got[:12]}…"
+            )
+    extra = sorted(set(tree_files(root)) - set(entry.files))
+    if extra:
+        raise ModelVerificationError(f"{entry.name}: files not in models.lock: {', '.join(extra)}")

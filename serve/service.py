@@ -1,0 +1,110 @@
+"""The transport-free request path (DESIGN.md stages). Transports call this.
+
+Stages present now: validate -> route -> resolve request against the revision's
+defaults and limits -> generate on the model deployment -> encode -> answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from .engines.base import Generated, Job
+from .errors import LimitExceeded
+from .imaging import encode_png
+from .lockfile import Lock, ModelEntry
+from .routing import RoutingTable
+from .schemas import MAX_SEED, GenerateRequest, GenerateResponse, Image, ModelInfo, Timings
+
+# Above this many pixels per request, PNG encoding moves off the event loop.
+_ENCODE_INLINE_PIXELS = 256 * 256
+
+
+class Backend(Protocol):
+    """Reaches the model deployments (Serve handles in production, fakes in tests)."""
+
+    async def generate(self, model: str, jobs: list[Job]) -> Generated: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A request resolved against its model: exactly what will be generated."""
+
+    tier: str
+    entry: ModelEntry
+    jobs: list[Job]
+
+
+def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable) -> Plan:
+    """Route the tier and apply the model's defaults and limits. Pure."""
+    entry = lock.get(routing.resolve(req.tier))
+    d, lim = entry.defaults, entry.limits
+    width, height = req.dimensions() or (d.width, d.height)
+    for side, value, most in (("width", width, lim.max_width), ("height", height, lim.max_height)):
+        if not lim.min_size <= value <= most:
+            raise LimitExceeded(
+                f"{side} {value} is outside {lim.min_size}..{most} for model {entry.name}"
+            )
+    steps = d.steps if req.steps is None else req.steps
+    if steps > lim.max_steps:
+        raise LimitExceeded(f"steps {steps} exceeds {lim.max_steps} for model {entry.name}")
+    guidance = d.guidance if req.guidance is None else req.guidance
+    if guidance > lim.max_guidance:
+        raise LimitExceeded(
+            f"guidance {guidance} exceeds {lim.max_guidance} for model {entry.name}"
+        )
+    if req.n > lim.max_images:
+        raise LimitExceeded(f"n {req.n} exceeds {lim.max_images} for model {entry.name}")
+    seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
+    jobs = [
+        Job(req.prompt, req.negative_prompt, width, height, steps, guidance,
+            (seed + i) % (MAX_SEED + 1))
+        for i in range(req.n)
+    ]
+    return Plan(req.tier, entry, jobs)
+
+
+class ImageService:
+    """Stages 2-12 of the request path for one ingress replica."""
+
+    def __init__(self, lock: Lock, routing: RoutingTable, backend: Backend) -> None:
+        self.lock = lock
+        self.routing = routing
+        self.backend = backend
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                name=e.name, revision=e.revision, deployment=e.deployment_name,
+                pipeline=e.pipeline, dtype=e.dtype, license=e.license,
+                commercial_use=e.commercial_use, tiers=self.routing.tiers_of(e.name),
+                defaults=e.defaults, limits=e.limits,
+            )
+            for e in self.lock.models.values()
+        ]
+
+    async def generate(self, req: GenerateRequest, request_id: str) -> GenerateResponse:
+        t0 = time.perf_counter()
+        p = plan(req, self.lock, self.routing)
+        out = await self.backend.generate(p.entry.name, p.jobs)
+        if p.jobs[0].width * p.jobs[0].height * len(p.jobs) > _ENCODE_INLINE_PIXELS:
+            encoded = await asyncio.to_thread(lambda: [encode_png(i) for i in out.images])
+        else:
+            encoded = [encode_png(i) for i in out.images]
+        images = [
+            Image(seed=j.seed, width=j.width, height=j.height,
+                  b64_json=base64.b64encode(png).decode())
+            for j, png in zip(p.jobs, encoded, strict=True)
+        ]
+        return GenerateResponse(
+            id=request_id, created=int(time.time()), tier=p.tier, model=p.entry.name,
+            revision=p.entry.revision, batch_images=out.batch_images, images=images,
+            timings=Timings(
+                queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3,
+                total_ms=(time.perf_counter() - t0) * 1e3,
+            ),
+        )

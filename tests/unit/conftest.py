@@ -1,0 +1,144 @@
+"""Shared builders for tests/unit: lock TOML text, a parsed lock, routing, and an
+ImageService over FakeEngine. No Ray: the backend calls the engine in-process."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from typing import Any
+
+import pytest
+
+from serve.engines.base import EngineSpec, Generated, Job
+from serve.engines.fake import FakeEngine
+from serve.lockfile import Lock, parse_lock
+from serve.routing import RoutingTable, parse_routing
+from serve.service import ImageService
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+# Two models with different defaults and limits so a test can tell which one
+# served a request. tiny-draft is a path source (content revision), tiny-final a
+# hub source (commit revision).
+ENTRIES: dict[str, dict[str, Any]] = {
+    "tiny-draft": {
+        "source": {"kind": "path", "path": "tiny-draft"},
+        "pipeline": "StableDiffusionPipeline",
+        "dtype": "float32",
+        "license": "MIT",
+        "commercial_use": "allowed",
+        "vram_gb": 0.5,
+        "defaults": {"width": 64, "height": 48, "steps": 4, "guidance": 7.5},
+        "limits": {"min_size": 32, "max_width": 256, "max_height": 128, "max_steps": 50,
+                   "max_guidance": 20.0, "max_images": 4},
+        "files": {"model_index.json": SHA_A, "unet/diffusion_pytorch_model.safetensors": SHA_B},
+    },
+    "tiny-final": {
+        "source": {"kind": "hub", "repo": "acme/tiny-final", "revision": HUB_COMMIT},
+        "pipeline": "StableDiffusionXLPipeline",
+        "dtype": "float16",
+        "license": "openrail++",
+        "commercial_use": "restricted",
+        "vram_gb": 2.0,
+        "defaults": {"width": 96, "height": 96, "steps": 8, "guidance": 5.0},
+        "limits": {"min_size": 64, "max_width": 512, "max_height": 512, "max_steps": 100,
+                   "max_guidance": 10.0, "max_images": 8},
+        "files": {"model_index.json": SHA_B},
+    },
+}
+ROUTES = {"tiers": {"draft": {"model": "tiny-draft"}, "final": {"model": "tiny-final"}}}
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid TOML basic strings
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"no TOML for {v!r}")
+
+
+def render_lock(models: dict[str, dict[str, Any]], version: Any = 1) -> str:
+    """models.lock text: `version` (omitted when None) and one table per model."""
+    lines = [] if version is None else [f"version = {_value(version)}"]
+    for name, entry in models.items():
+        lines.append(f"\n[models.{json.dumps(name)}]")
+        lines += [f"{json.dumps(k)} = {_value(v)}" for k, v in entry.items()]
+    return "\n".join(lines) + "\n"
+
+
+def entries(patch: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Deep copy of ENTRIES with per-model top-level keys replaced."""
+    out = copy.deepcopy(ENTRIES)
+    for name, fields in (patch or {}).items():
+        out.setdefault(name, {}).update(fields)
+    return out
+
+
+class FakeBackend:
+    """Runs one FakeEngine per model, in-process (what a model deployment does)."""
+
+    def __init__(self, lock: Lock) -> None:
+        self.engines = {}
+        for e in lock.models.values():
+            engine = FakeEngine(EngineSpec(e.name, e.revision, None, e.pipeline, e.dtype, {}))
+            engine.load()
+            self.engines[e.name] = engine
+        self.calls: list[tuple[str, list[Job]]] = []
+
+    async def generate(self, model: str, jobs: list[Job]) -> Generated:
+        self.calls.append((model, jobs))
+        t0 = time.perf_counter()
+        images = self.engines[model].generate(jobs)
+        return Generated(images, queue_s=0.0, generate_s=time.perf_counter() - t0,
+                         batch_images=len(jobs))
+
+
+# Helpers reach tests as fixtures: tests/unit is not a package, so importing
+# conftest by name would depend on pytest's import mode.
+@pytest.fixture
+def lock_text():
+    """Factory: lock TOML of ENTRIES, per-model fields patched, `version` settable."""
+
+    def make(patch: dict[str, dict[str, Any]] | None = None, *, version: Any = 1) -> str:
+        return render_lock(entries(patch), version=version)
+
+    return make
+
+
+@pytest.fixture
+def toml_lock():
+    """render_lock itself, for a lock built from scratch."""
+    return render_lock
+
+
+@pytest.fixture
+def entry_dicts():
+    """Factory: a deep copy of ENTRIES (model name -> lock table as a dict), patched."""
+    return entries
+
+
+@pytest.fixture
+def lock() -> Lock:
+    return parse_lock(render_lock(ENTRIES))
+
+
+@pytest.fixture
+def routing(lock: Lock) -> RoutingTable:
+    return parse_routing(ROUTES, lock)
+
+
+@pytest.fixture
+def backend(lock: Lock) -> FakeBackend:
+    return FakeBackend(lock)
+
+
+@pytest.fixture
+def service(lock: Lock, routing: RoutingTable, backend: FakeBackend) -> ImageService:
+    return ImageService(lock, routing, backend)
