@@ -31,7 +31,7 @@ class Autoscaling(_Strict):
     )
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Autoscaling":
+    def _ordered(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}"
@@ -67,7 +67,7 @@ class Policy(_Strict):
         return ModelPolicy.model_validate(_merge(self.defaults, self.models.get(name, {})))
 
     @model_validator(mode="after")
-    def _valid(self) -> "Policy":
+    def _valid(self) -> Policy:
         for name in ["<defaults>", *self.models]:
             try:
                 self.for_model(name)

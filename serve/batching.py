@@ -78,12 +78,19 @@ class Batcher:
             if batch:
                 await self._execute(batch)
 
+    def _prune(self) -> None:
+        """Forget callers that went away (cancelled): they neither run nor count."""
+        if any(p.future.done() for p in self._queue):
+            self._queue = deque(p for p in self._queue if not p.future.done())
+
     async def _maybe_wait_for_company(self) -> None:
-        if self.wait_s <= 0 or not self._queue:
+        if self.wait_s <= 0:
             return
-        deadline = self._queue[0].arrived + self.wait_s
-        while self.queued_images < self.max_images:
-            left = deadline - time.perf_counter()
+        while True:
+            self._prune()
+            if not self._queue or self.queued_images >= self.max_images:
+                return
+            left = self._queue[0].arrived + self.wait_s - time.perf_counter()
             if left <= 0:
                 return
             self._wake.clear()

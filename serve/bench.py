@@ -36,7 +36,7 @@ class Point:
 
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] * 1e3
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] * 1e3
 
 
 def _point(name: str, c: int, lat: list[float], images: int, wall: float, batch=None) -> Point:

@@ -99,7 +99,7 @@ class ModelEntry(_Frozen):
     files: dict[str, Sha256] = Field(min_length=1, description="relative path -> sha256")
 
     @model_validator(mode="after")
-    def _defaults_within_limits(self) -> "ModelEntry":
+    def _defaults_within_limits(self) -> ModelEntry:
         d, lim = self.defaults, self.limits
         bad = [
             f"{field} {value} outside {lo}..{hi}"
@@ -163,11 +163,10 @@ def parse_lock(text: str, *, origin: str = "models.lock") -> Lock:
     if models is not None and not isinstance(models, dict):
         raise ConfigError(f"{origin}: models must be a table of [models.NAME], got {models!r}")
     for name, entry in (models or {}).items():
-        if isinstance(entry, dict):
-            if entry.setdefault("name", name) != name:
-                raise ConfigError(
-                    f"{origin}: models.{name}.name is {entry['name']!r}; the key is the name"
-                )
+        if isinstance(entry, dict) and entry.setdefault("name", name) != name:
+            raise ConfigError(
+                f"{origin}: models.{name}.name is {entry['name']!r}; the key is the name"
+            )
     try:
         return Lock.model_validate(raw)
     except ValidationError as e:

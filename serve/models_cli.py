@@ -67,8 +67,8 @@ def _table(lock: Lock, model_dir: Path) -> list[list[str]]:
     rows = [["name", "revision", "source", "pipeline", "dtype", "licence", "commercial", "state"]]
     for e in lock.models.values():
         src = e.source
-        where = {"builtin": lambda: f"builtin:{src.recipe}", "hub": lambda: f"hub:{src.repo}",
-                 "path": lambda: f"path:{src.path}"}[src.kind]()
+        detail = {"builtin": "recipe", "hub": "repo", "path": "path"}[src.kind]
+        where = f"{src.kind}:{getattr(src, detail)}"
         rows.append([e.name, e.revision[:12], where, e.pipeline, e.dtype, e.license,
                      e.commercial_use, _state(e, model_dir)])
     return rows

@@ -56,7 +56,10 @@ class Ingress:
         self.max_body_bytes = max_body_bytes
 
     def __serve_build_asgi_app__(self):
-        return build_http_app(self.service, self.readiness, max_body_bytes=self.max_body_bytes)
+        return build_http_app(
+            self.service, self.readiness, max_body_bytes=self.max_body_bytes,
+            echo_request_id=False,
+        )
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when every routed revision is ready; reports every revision."""

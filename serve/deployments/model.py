@@ -86,7 +86,7 @@ class ModelDeployment:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._pool, self.engine.generate, jobs)
-        except Exception as e:  # noqa: BLE001 - surfaced to every caller in the batch
+        except Exception as e:
             log.exception("generation failed on %s", self.entry.deployment_name)
             raise GenerationFailed(f"generation failed on {self.entry.name}: {e}") from None
 

@@ -51,10 +51,16 @@ def request_id(request: Request) -> str:
 def error_response(
     request: Request, err: ImagegenError, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    headers = {**(headers or {}), "X-Request-Id": request_id(request)}
+    headers = {**(headers or {}), **_id_header(request)}
     if isinstance(err, Overloaded):
         headers["Retry-After"] = "1"
     return JSONResponse(err.envelope(), status_code=http_status(err), headers=headers)
+
+
+def _id_header(request: Request) -> dict[str, str]:
+    if request.app.state.echo_request_id:
+        return {"X-Request-Id": request_id(request)}
+    return {}
 
 
 def build_http_app(
@@ -62,8 +68,12 @@ def build_http_app(
     readiness: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
     *,
     max_body_bytes: int,
+    echo_request_id: bool = True,
 ) -> FastAPI:
+    """The HTTP app. Behind Ray Serve pass echo_request_id=False: the Serve proxy
+    already answers with the X-Request-ID it passed in (a second one would repeat it)."""
     app = FastAPI(title="imagegen", version="1", docs_url="/docs", redoc_url=None)
+    app.state.echo_request_id = echo_request_id
 
     @app.post(
         "/v1/images",
@@ -80,7 +90,7 @@ def build_http_app(
         rid = request_id(request)
         resp = await service.generate(parse_request(body), rid)
         return Response(resp.model_dump_json(), media_type="application/json",
-                        headers={"X-Request-Id": rid})
+                        headers=_id_header(request))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
