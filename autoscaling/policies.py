@@ -42,6 +42,9 @@ class Autoscaling(_Strict):
 class ModelPolicy(_Strict):
     num_cpus: Annotated[float, Field(ge=0)] = Field(description="CPUs reserved per replica")
     num_gpus: Annotated[float, Field(ge=0)] = Field(description="GPUs per replica")
+    cpu_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
+        None, description="torch threads per replica on CPU; None: every core of the node"
+    )
     max_ongoing_requests: Annotated[int, Field(ge=1)] = Field(
         description="requests a replica holds (running + waiting for a batch)"
     )

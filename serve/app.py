@@ -43,18 +43,18 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
     routing = load_routing(settings.routing_file, lock)
     policy = load_policy(settings.policy_file)
     engine_cls = engine_class(settings.engine)
-    options = dict(settings.engine_options)
-    if settings.threads:
-        options["threads"] = settings.threads
     logging_config = {"enable_access_log": settings.log_requests}
-    models = {
-        name: ModelDeployment.options(
+    models = {}
+    for name, entry in lock.models.items():
+        p = policy.for_model(name)
+        options = dict(settings.engine_options)
+        if threads := settings.threads or p.cpu_threads:
+            options["threads"] = threads
+        models[name] = ModelDeployment.options(
             name=entry.deployment_name,
             logging_config=logging_config,
-            **model_deployment_options(policy.for_model(name)),
+            **model_deployment_options(p),
         ).bind(entry, engine_cls, str(settings.model_dir), options)
-        for name, entry in lock.models.items()
-    }
     return Ingress.options(
         logging_config=logging_config, **ingress_deployment_options(policy.ingress)
     ).bind(lock, routing, models, settings.max_body_bytes)

@@ -119,10 +119,10 @@ def bench_stack(settings: Settings, tier: str, n: int, levels: list[int]) -> lis
         local.stop()
 
 
-def _report(points: list[Point], threads: int, batch: int) -> dict:
+def _report(points: list[Point], threads: int, batch: int, layout: str) -> dict:
     single, batched, *stack = points
-    print(f"\nimagegen bench serve — threads={threads}, max batch {batch}, "
-          f"{os.cpu_count()} cores\n")
+    print(f"\nimagegen bench serve — {os.cpu_count()} cores; in-process: {threads} torch "
+          f"threads; stack: {layout}; max batch {batch} images\n")
     print(f"{'point':<24}{'img/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'batch':>7}")
     for p in points:
         mb = f"{p.mean_batch:.1f}" if p.mean_batch else "1"
@@ -153,15 +153,23 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
     if not tiers:
         print(f"model {entry.name} is not routed by any tier; nothing to call over HTTP")
         return 2
-    threads = args.threads or len(os.sched_getaffinity(0))
-    batch = load_policy(settings.policy_file).for_model(entry.name).batching.max_batch_images
+    # Same total thread count on both sides: the in-process pipeline gets every
+    # core; the stack runs the model's policy (replicas x cpu_threads) unless
+    # --threads pins both.
+    cores = len(os.sched_getaffinity(0))
+    threads = args.threads or cores
+    policy = load_policy(settings.policy_file).for_model(entry.name)
+    batch = policy.batching.max_batch_images
+    replicas = policy.autoscaling.max_replicas
+    per_replica = args.threads or settings.threads or policy.cpu_threads or cores
+    layout = f"{replicas} replica(s) x {per_replica} thread(s)"
     points = bench_in_process(entry, settings, threads, args.requests, batch)
-    stack_settings = settings.model_copy(update={"port": args.port, "threads": threads,
+    stack_settings = settings.model_copy(update={"port": args.port, "threads": args.threads,
                                                  "engine": "diffusers"})
     points += bench_stack(stack_settings, tiers[0], args.requests, args.concurrency)
-    ratios = _report(points, threads, batch)
+    ratios = _report(points, threads, batch, layout)
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"threads": threads, "batch": batch, "points": [asdict(p) for p in points],
+            {"threads": threads, "stack": layout, "batch": batch, "points": [asdict(p) for p in points],
              "ratios": ratios}, indent=2))
     return 0

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
         default_factory=dict, description="passed to every engine (e.g. xformers: false)"
     )
     threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
-        None, description="torch threads per CPU replica; default: every core of the node"
+        None, description="torch threads per CPU replica, overriding the policy's cpu_threads"
     )
     build_missing: bool = Field(
         True, description="`imagegen serve` builds missing builtin tiny models first"
