@@ -13,7 +13,7 @@ from autoscaling.policies import (
 )
 
 from .config import Settings, load_settings
-from .deployments.ingress import Ingress
+from .deployments.ingress import Coalescing, Ingress
 from .deployments.model import ModelDeployment
 from .engines.base import Engine
 from .lockfile import load_lock
@@ -45,8 +45,16 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
     engine_cls = engine_class(settings.engine)
     logging_config = {"enable_access_log": settings.log_requests}
     models = {}
+    coalescing = {}
     for name, entry in lock.models.items():
         p = policy.for_model(name)
+        coalescing[name] = Coalescing(
+            max_images=p.batching.max_batch_images,
+            # Two calls per replica: one running, one queued behind it, so the
+            # pipeline never waits for the ingress round trip.
+            max_calls=2 * p.autoscaling.max_replicas,
+            max_queued=None if p.max_queued_requests < 0 else p.max_queued_requests,
+        )
         options = dict(settings.engine_options)
         if threads := settings.threads or p.cpu_threads:
             options["threads"] = threads
@@ -57,4 +65,4 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
         ).bind(entry, engine_cls, str(settings.model_dir), options)
     return Ingress.options(
         logging_config=logging_config, **ingress_deployment_options(policy.ingress)
-    ).bind(lock, routing, models, settings.max_body_bytes)
+    ).bind(lock, routing, models, coalescing, settings.max_body_bytes)

@@ -1,15 +1,17 @@
-"""Continuous batching for one pipeline per replica.
+"""Continuous batching: the next batch is formed when there is room to run it,
+from everything queued meanwhile.
 
-The next batch is formed when the pipeline becomes free, from every request that
-queued while the last batch ran (up to `max_images`). A lone request starts at
-once; under load batches fill by themselves.
+Used twice on the request path: in the ingress, to merge concurrent requests for
+one model into one handle call (Serve's per-call cost, paid in the model
+replica's process, competes with the pipeline for the GIL), and in the model
+replica, to merge calls into one pipeline pass. A lone item starts at once;
+under load batches fill by themselves.
 
 Why not `@serve.batch`: Ray's batch loop forms the next batch as soon as it has
-handed the current one off, before the concurrency semaphore, so with a zero
-wait each batch freezes at the one or two requests queued at that instant (we
-measured mean batch 1.3 at 32 clients, 0.17x of in-process throughput), and a
-non-zero wait is paid by every lone request. Here composition is decided at the
-last moment, which is what a busy accelerator wants.
+handed the current one off, before its concurrency semaphore, so with a zero
+wait each batch froze at the one or two requests queued at that instant (mean
+batch 1.3 at 32 clients, 0.17x of in-process throughput), and a non-zero wait
+is paid by every lone request. Here composition is decided at the last moment.
 """
 
 from __future__ import annotations
@@ -17,66 +19,105 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from .engines.base import Generated, Job
 
-Run = Callable[[list[Job]], Awaitable[list[np.ndarray]]]
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+RunPipeline = Callable[[list[Job]], Awaitable[list[np.ndarray]]]
+
+
+class QueueFull(Exception):
+    """submit() found `max_queued` items already waiting."""
 
 
 @dataclass(slots=True)
-class _Pending:
-    jobs: list[Job]
+class _Pending(Generic[T]):
+    item: T
+    size: int
     arrived: float
     future: asyncio.Future = field(repr=False)
 
 
-class Batcher:
-    """Queue requests (lists of jobs) and run them through `run` in batches.
+class Batcher(Generic[T, R]):
+    """Queue items and run them through `run` in batches of at most `max_size`.
 
-    A request's jobs always run in the same batch; `max_images` caps how many
-    images several requests may combine into (a larger request runs alone).
+    `run(items)` returns one result per item, in order; a result that is an
+    exception is raised to that item's caller alone, and an exception raised by
+    `run` reaches every caller of the batch. `size(item)` weighs an item (images
+    in a request); an item heavier than `max_size` runs alone, never split.
+    Up to `max_concurrent` batches run at once.
     """
 
-    def __init__(self, run: Run, *, max_images: int, wait_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
+        *,
+        max_size: int,
+        size: Callable[[T], int] = lambda _: 1,
+        wait_s: float = 0.0,
+        max_concurrent: int = 1,
+        max_queued: int | None = None,
+    ) -> None:
         self._run = run
-        self._queue: deque[_Pending] = deque()
+        self._size = size
+        self._queue: deque[_Pending[T]] = deque()
         self._wake = asyncio.Event()
+        self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task | None = None
-        self.configure(max_images=max_images, wait_s=wait_s)
+        self._running: set[asyncio.Task] = set()
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        self.configure(max_size=max_size, wait_s=wait_s)
 
-    def configure(self, *, max_images: int, wait_s: float) -> None:
+    def configure(self, *, max_size: int, wait_s: float) -> None:
         """Change batch size and wait live; takes effect from the next batch."""
-        if max_images < 1 or wait_s < 0:
-            raise ValueError(f"bad batching: max_images={max_images}, wait_s={wait_s}")
-        self.max_images = max_images
+        if max_size < 1 or wait_s < 0:
+            raise ValueError(f"bad batching: max_size={max_size}, wait_s={wait_s}")
+        self.max_size = max_size
         self.wait_s = wait_s
 
     @property
-    def queued_images(self) -> int:
-        return sum(len(p.jobs) for p in self._queue)
+    def queued(self) -> int:
+        """Summed size of the items waiting (not yet in a running batch)."""
+        return sum(p.size for p in self._queue)
 
-    async def submit(self, jobs: list[Job]) -> Generated:
-        """Generate `jobs`; returns their images with queue and batch timings."""
-        pending = _Pending(jobs, time.perf_counter(), asyncio.get_running_loop().create_future())
+    async def submit(self, item: T) -> R:
+        if self.max_queued is not None and len(self._queue) >= self.max_queued:
+            raise QueueFull(f"{len(self._queue)} requests already queued")
+        pending = _Pending(item, self._size(item), time.perf_counter(),
+                           asyncio.get_running_loop().create_future())
         self._queue.append(pending)
         self._wake.set()
         if self._task is None or self._task.done():
+            self._slots = asyncio.Semaphore(self.max_concurrent)
             self._task = asyncio.create_task(self._loop(), name="imagegen-batcher")
         return await pending.future
 
     async def _loop(self) -> None:
+        assert self._slots is not None
         while True:
+            await self._slots.acquire()  # compose only when a batch can start
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
             await self._maybe_wait_for_company()
             batch = self._take()
-            if batch:
-                await self._execute(batch)
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     def _prune(self) -> None:
         """Forget callers that went away (cancelled): they neither run nor count."""
@@ -88,7 +129,7 @@ class Batcher:
             return
         while True:
             self._prune()
-            if not self._queue or self.queued_images >= self.max_images:
+            if not self._queue or self.queued >= self.max_size:
                 return
             left = self._queue[0].arrived + self.wait_s - time.perf_counter()
             if left <= 0:
@@ -99,34 +140,90 @@ class Batcher:
             except TimeoutError:
                 return
 
-    def _take(self) -> list[_Pending]:
-        batch: list[_Pending] = []
-        images = 0
+    def _take(self) -> list[_Pending[T]]:
+        batch: list[_Pending[T]] = []
+        total = 0
         while self._queue:
             head = self._queue[0]
             if head.future.done():  # the caller went away (cancelled)
                 self._queue.popleft()
                 continue
-            if batch and images + len(head.jobs) > self.max_images:
+            if batch and total + head.size > self.max_size:
                 break
             batch.append(self._queue.popleft())
-            images += len(head.jobs)
+            total += head.size
         return batch
 
-    async def _execute(self, batch: list[_Pending]) -> None:
-        jobs = [job for p in batch for job in p.jobs]
-        start = time.perf_counter()
+    async def _execute(self, batch: list[_Pending[T]]) -> None:
+        assert self._slots is not None
         try:
-            images = await self._run(jobs)
+            results = await self._run([p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"run returned {len(results)} results for {len(batch)} items")
         except Exception as e:  # noqa: BLE001 - every caller in the batch gets it
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(e)
-            return
+            results = [e] * len(batch)
+        finally:
+            self._slots.release()
+        for p, result in zip(batch, results, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(result, BaseException):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
+
+
+def _check(max_images: int, wait_s: float) -> None:
+    if max_images < 1 or wait_s < 0:
+        raise ValueError(f"bad batching: max_images={max_images}, wait_s={wait_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    jobs: list[Job]
+    arrived: float
+
+
+class PipelineBatcher:
+    """The model replica's batcher: requests (lists of jobs) in, one flat
+    pipeline call per batch, each caller's images with queue and batch timings out.
+    A request's jobs always run in the same batch."""
+
+    def __init__(self, run: RunPipeline, *, max_images: int, wait_s: float = 0.0) -> None:
+        _check(max_images, wait_s)
+        self._pipeline = run
+        self._batcher: Batcher[_Call, Generated] = Batcher(
+            self._run, max_size=max_images, size=lambda call: len(call.jobs), wait_s=wait_s
+        )
+
+    def configure(self, *, max_images: int, wait_s: float) -> None:
+        """Change batch size and wait live; takes effect from the next batch."""
+        _check(max_images, wait_s)
+        self._batcher.configure(max_size=max_images, wait_s=wait_s)
+
+    @property
+    def max_images(self) -> int:
+        return self._batcher.max_size
+
+    @property
+    def wait_s(self) -> float:
+        return self._batcher.wait_s
+
+    @property
+    def queued_images(self) -> int:
+        return self._batcher.queued
+
+    async def submit(self, jobs: list[Job]) -> Generated:
+        return await self._batcher.submit(_Call(jobs, time.perf_counter()))
+
+    async def _run(self, calls: list[_Call]) -> list[Generated]:
+        jobs = [job for call in calls for job in call.jobs]
+        start = time.perf_counter()
+        images = await self._pipeline(jobs)
         took = time.perf_counter() - start
-        i = 0
-        for p in batch:
-            n = len(p.jobs)
-            if not p.future.done():
-                p.future.set_result(Generated(images[i : i + n], start - p.arrived, took, len(jobs)))
+        out, i = [], 0
+        for call in calls:
+            n = len(call.jobs)
+            out.append(Generated(images[i : i + n], start - call.arrived, took, len(jobs)))
             i += n
+        return out

@@ -4,6 +4,8 @@ one model deployment per revision as its backend."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ray import serve as ray_serve
@@ -11,6 +13,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from ..batching import Batcher, QueueFull
 from ..engines.base import Generated, Job
 from ..errors import GenerationFailed, ImagegenError, ModelUnavailable, Overloaded
 from ..ingress.http import build_http_app
@@ -21,15 +24,39 @@ from ..service import ImageService
 STATUS_TIMEOUT_S = 2.0
 
 
-class HandleBackend:
-    """Backend over Serve handles; maps Ray failures onto the error table."""
+@dataclass(frozen=True)
+class Coalescing:
+    """How the ingress merges concurrent requests for one model into handle calls."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+    max_images: int  # per call (the model's batch size)
+    max_calls: int  # in flight at once: enough to keep every replica's queue fed
+    max_queued: int | None  # requests waiting in the ingress before 503 overloaded
+
+
+class HandleBackend:
+    """Backend over Serve handles. Concurrent requests for one model leave as one
+    call (continuous batching, serve/batching.py); Ray failures map onto the
+    error table."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle], coalescing: dict[str, Coalescing]):
         self.handles = {name: h.options(method_name="generate") for name, h in handles.items()}
+        self.batchers: dict[str, Batcher[list[Job], Generated]] = {
+            name: Batcher(
+                partial(self._call, name), max_size=c.max_images, size=len,
+                max_concurrent=c.max_calls, max_queued=c.max_queued,
+            )
+            for name, c in coalescing.items()
+        }
 
     async def generate(self, model: str, jobs: list[Job]) -> Generated:
         try:
-            return await self.handles[model].remote(jobs)
+            return await self.batchers[model].submit(jobs)
+        except QueueFull:
+            raise Overloaded(f"model {model} is at capacity; retry shortly") from None
+
+    async def _call(self, model: str, requests: list[list[Job]]) -> list[Generated | Exception]:
+        try:
+            return await self.handles[model].remote(requests)
         except BackPressureError:
             raise Overloaded(f"model {model} is at capacity; retry shortly") from None
         except RayTaskError as e:
@@ -48,11 +75,12 @@ class Ingress:
         lock: Lock,
         routing: RoutingTable,
         models: dict[str, DeploymentHandle],
+        coalescing: dict[str, Coalescing],
         max_body_bytes: int,
     ) -> None:
         self.routing = routing
         self.status_handles = {n: h.options(method_name="status") for n, h in models.items()}
-        self.service = ImageService(lock, routing, HandleBackend(models))
+        self.service = ImageService(lock, routing, HandleBackend(models, coalescing))
         self.max_body_bytes = max_body_bytes
 
     def __serve_build_asgi_app__(self):

@@ -18,7 +18,7 @@ from typing import Any
 
 from ray import serve as ray_serve
 
-from ..batching import Batcher
+from ..batching import PipelineBatcher
 from ..engines.base import Engine, EngineSpec, Generated, Job
 from ..errors import GenerationFailed, ImagegenError, ModelUnavailable
 from ..lockfile import ModelEntry, verify
@@ -68,7 +68,7 @@ class ModelDeployment:
             self.error = f"{type(e).__name__}: {e}" if not isinstance(e, ImagegenError) else str(e)
             log.error("model %s unready: %s", entry.deployment_name, self.error)
         self.load_s = time.perf_counter() - t0
-        self.batcher = Batcher(self._run, max_images=8)
+        self.batcher = PipelineBatcher(self._run, max_images=8)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config from the autoscaling policy: batch size and wait, changeable live."""
@@ -77,10 +77,19 @@ class ModelDeployment:
             wait_s=float(config["batch_wait_timeout_s"]),
         )
 
-    async def generate(self, jobs: list[Job]) -> Generated:
+    async def generate(self, requests: list[list[Job]]) -> list[Generated | BaseException]:
+        """Generate several requests' jobs; one result (or error) per request.
+
+        The ingress merges concurrent requests into one call: Serve's per-call
+        work runs in this process and takes the GIL from the pipeline thread
+        (on an H100, 4x fewer calls cut a batch of 8 from 60 to 44 ms).
+        """
         if self.engine is None:
-            raise ModelUnavailable(f"model {self.entry.name} is not ready: {self.error}")
-        return await self.batcher.submit(jobs)
+            err = ModelUnavailable(f"model {self.entry.name} is not ready: {self.error}")
+            return [err] * len(requests)
+        return await asyncio.gather(
+            *(self.batcher.submit(jobs) for jobs in requests), return_exceptions=True
+        )
 
     async def _run(self, jobs: list[Job]):
         loop = asyncio.get_running_loop()

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from serve.batching import Batcher
+from serve.batching import PipelineBatcher
 from serve.engines.base import Generated, Job
 
 BLOCKER = 200  # seed of the request that holds the pipeline busy
@@ -61,7 +61,7 @@ async def until(cond, timeout: float = 1.0) -> None:
         await asyncio.sleep(0)
 
 
-async def busy(batcher: Batcher, run: FakeRun) -> asyncio.Task:
+async def busy(batcher: PipelineBatcher, run: FakeRun) -> asyncio.Task:
     """Start a one-job request and hold it inside `run` until run.hold is set."""
     run.hold.clear()
     task = asyncio.create_task(batcher.submit(jobs(BLOCKER)))
@@ -69,7 +69,7 @@ async def busy(batcher: Batcher, run: FakeRun) -> asyncio.Task:
     return task
 
 
-async def queue_behind(batcher: Batcher, requests: list[list[int]]) -> list[asyncio.Task]:
+async def queue_behind(batcher: PipelineBatcher, requests: list[list[int]]) -> list[asyncio.Task]:
     """Submit each request (a list of seeds) in order and wait until all are queued."""
     before = batcher.queued_images
     tasks = []
@@ -95,7 +95,7 @@ def requests_of(sizes: list[int]) -> list[list[int]]:
 def test_lone_request_runs_at_once_as_its_own_batch():
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=8, wait_s=0.0)
+        batcher = PipelineBatcher(run, max_images=8, wait_s=0.0)
         t0 = time.perf_counter()
         result = await batcher.submit(jobs(7, 3, 9))
         return run, result, time.perf_counter() - t0
@@ -111,7 +111,7 @@ def test_lone_request_runs_at_once_as_its_own_batch():
 def test_sequential_requests_are_not_held_back_for_each_other():
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=8)
+        batcher = PipelineBatcher(run, max_images=8)
         a = await batcher.submit(jobs(1))
         b = await batcher.submit(jobs(2, 3))
         return run, a, b
@@ -129,7 +129,7 @@ def test_sequential_requests_are_not_held_back_for_each_other():
 def test_requests_queued_while_busy_run_as_one_batch(n):
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=8)
+        batcher = PipelineBatcher(run, max_images=8)
         first = await busy(batcher, run)
         tasks = await queue_behind(batcher, [[i] for i in range(n)])
         assert run.batches == [[BLOCKER]]  # nothing else ran while busy
@@ -165,7 +165,7 @@ def test_max_images_caps_combining(sizes, max_images, expected):
 
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=max_images)
+        batcher = PipelineBatcher(run, max_images=max_images)
         first = await busy(batcher, run)
         tasks = await queue_behind(batcher, requests)
         run.hold.set()
@@ -193,7 +193,7 @@ def _split(batch: list[int], requests: list[list[int]]) -> list[list[int]]:
 def test_fifo_order_is_kept_across_batches():
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=2)
+        batcher = PipelineBatcher(run, max_images=2)
         first = await busy(batcher, run)
         tasks = await queue_behind(batcher, [[10], [11], [12], [13], [14]])
         run.hold.set()
@@ -212,7 +212,7 @@ def test_fifo_order_is_kept_across_batches():
 def test_wait_gathers_requests_arriving_within_the_window():
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=8, wait_s=0.2)
+        batcher = PipelineBatcher(run, max_images=8, wait_s=0.2)
         a = asyncio.create_task(batcher.submit(jobs(1)))
         await asyncio.sleep(0.05)
         b = asyncio.create_task(batcher.submit(jobs(2, 3)))
@@ -230,7 +230,7 @@ def test_lone_request_waits_about_wait_s_and_no_more():
 
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=8, wait_s=wait_s)
+        batcher = PipelineBatcher(run, max_images=8, wait_s=wait_s)
         t0 = time.perf_counter()
         result = await batcher.submit(jobs(5))
         return run, result, time.perf_counter() - t0
@@ -244,7 +244,7 @@ def test_lone_request_waits_about_wait_s_and_no_more():
 def test_wait_ends_early_once_max_images_are_queued():
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=3, wait_s=5.0)
+        batcher = PipelineBatcher(run, max_images=3, wait_s=5.0)
         t0 = time.perf_counter()
         results = await asyncio.gather(batcher.submit(jobs(1)), batcher.submit(jobs(2, 3)))
         return run, results, time.perf_counter() - t0
@@ -260,7 +260,7 @@ def test_requests_queued_while_busy_do_not_wait_again():
     # it has passed, so the next batch starts at once.
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=8, wait_s=0.1)
+        batcher = PipelineBatcher(run, max_images=8, wait_s=0.1)
         first = await busy(batcher, run)  # waits 0.1 s for company, then holds
         tasks = await queue_behind(batcher, [[1], [2]])
         await asyncio.sleep(0.15)
@@ -282,7 +282,7 @@ def test_requests_queued_while_busy_do_not_wait_again():
 def test_configure_takes_effect_from_the_next_batch():
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=8)
+        batcher = PipelineBatcher(run, max_images=8)
         first = await busy(batcher, run)
         tasks = await queue_behind(batcher, [[1], [2], [3], [4]])
         batcher.configure(max_images=2, wait_s=0.0)
@@ -305,7 +305,7 @@ BAD_CONFIGS = [(0, 0.0), (-1, 0.0), (1, -0.001), (0, -1.0)]
 
 @pytest.mark.parametrize(("max_images", "wait_s"), BAD_CONFIGS)
 def test_configure_rejects_bad_values_and_keeps_the_old_ones(max_images, wait_s):
-    batcher = Batcher(FakeRun(), max_images=4, wait_s=0.05)
+    batcher = PipelineBatcher(FakeRun(), max_images=4, wait_s=0.05)
     with pytest.raises(ValueError, match=f"max_images={max_images}"):
         batcher.configure(max_images=max_images, wait_s=wait_s)
     assert (batcher.max_images, batcher.wait_s) == (4, 0.05)
@@ -314,12 +314,12 @@ def test_configure_rejects_bad_values_and_keeps_the_old_ones(max_images, wait_s)
 @pytest.mark.parametrize(("max_images", "wait_s"), BAD_CONFIGS)
 def test_constructor_rejects_bad_values(max_images, wait_s):
     with pytest.raises(ValueError):
-        Batcher(FakeRun(), max_images=max_images, wait_s=wait_s)
+        PipelineBatcher(FakeRun(), max_images=max_images, wait_s=wait_s)
 
 
 @pytest.mark.parametrize(("max_images", "wait_s"), [(1, 0.0), (64, 2.5)])
 def test_configure_accepts_edge_values(max_images, wait_s):
-    batcher = Batcher(FakeRun(), max_images=4)
+    batcher = PipelineBatcher(FakeRun(), max_images=4)
     batcher.configure(max_images=max_images, wait_s=wait_s)
     assert (batcher.max_images, batcher.wait_s) == (max_images, wait_s)
 
@@ -330,7 +330,7 @@ def test_configure_accepts_edge_values(max_images, wait_s):
 def test_cancelled_caller_is_skipped():
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=8)
+        batcher = PipelineBatcher(run, max_images=8)
         first = await busy(batcher, run)
         a, b, c = await queue_behind(batcher, [[1], [2, 3], [4]])
         b.cancel()
@@ -349,7 +349,7 @@ def test_cancelled_caller_is_skipped():
 def test_caller_cancelled_mid_batch_does_not_break_the_others():
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=8)
+        batcher = PipelineBatcher(run, max_images=8)
         run.hold.clear()
         a = asyncio.create_task(batcher.submit(jobs(1)))
         b = asyncio.create_task(batcher.submit(jobs(2)))
@@ -370,7 +370,7 @@ def test_caller_cancelled_mid_batch_does_not_break_the_others():
 def test_cancelled_request_does_not_count_toward_max_images_while_waiting():
     async def main():
         run = FakeRun()
-        batcher = Batcher(run, max_images=2, wait_s=0.25)
+        batcher = PipelineBatcher(run, max_images=2, wait_s=0.25)
         gone = asyncio.create_task(batcher.submit(jobs(1)))
         await asyncio.sleep(0)
         gone.cancel()
@@ -390,7 +390,7 @@ def test_cancelled_request_does_not_count_toward_max_images_while_waiting():
 def test_exception_reaches_every_caller_of_the_batch_and_serving_goes_on():
     async def main():
         run = FakeRun(fail_on=2)
-        batcher = Batcher(run, max_images=8)
+        batcher = PipelineBatcher(run, max_images=8)
         first = await busy(batcher, run)
         tasks = await queue_behind(batcher, [[1], [2, 3], [4]])
         run.hold.set()
@@ -409,7 +409,7 @@ def test_exception_reaches_every_caller_of_the_batch_and_serving_goes_on():
 def test_exception_does_not_leak_into_other_batches():
     async def main():
         run = FakeRun(fail_on=3)
-        batcher = Batcher(run, max_images=2)
+        batcher = PipelineBatcher(run, max_images=2)
         first = await busy(batcher, run)
         tasks = await queue_behind(batcher, [[1], [2], [3], [4], [5]])
         run.hold.set()
@@ -433,7 +433,7 @@ def test_exception_does_not_leak_into_other_batches():
 def test_queue_generate_and_batch_timings():
     async def main():
         run = FakeRun(delay=0.03)
-        batcher = Batcher(run, max_images=8)
+        batcher = PipelineBatcher(run, max_images=8)
         first = await busy(batcher, run)
         tasks = await queue_behind(batcher, [[1, 2], [3]])
         await asyncio.sleep(0.05)

@@ -1,0 +1,108 @@
+"""The generic Batcher's own contract: concurrency slots, per-item results and
+errors, the queue bound. (The pipeline-side contract is in test_batching.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve.batching import Batcher, QueueFull
+
+
+class Gate:
+    """A `run` that records each batch and blocks until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.running = 0
+        self.peak = 0
+
+    async def __call__(self, items: list[int]) -> list[object]:
+        self.batches.append(list(items))
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        await self.release.wait()
+        self.running -= 1
+        return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(("max_concurrent", "started_before_release"), [
+    (1, [[0]]),  # the second batch is composed only once the first has finished
+    (2, [[0], [2, 4]]),
+])
+def test_up_to_max_concurrent_batches_run_at_once(max_concurrent, started_before_release):
+    async def main():
+        gate = Gate()
+        b = Batcher(gate, max_size=2, max_concurrent=max_concurrent)
+        first = asyncio.create_task(b.submit(0))
+        await settle()
+        rest = [asyncio.create_task(b.submit(i)) for i in range(2, 12, 2)]
+        await settle()
+        before = [list(x) for x in gate.batches]
+        gate.release.set()
+        return gate, before, await asyncio.gather(first, *rest)
+
+    gate, before, results = asyncio.run(main())
+    assert before == started_before_release
+    assert gate.batches == [[0], [2, 4], [6, 8], [10]]
+    assert results == [0, 20, 40, 60, 80, 100]
+    assert gate.peak == max_concurrent
+
+
+def test_exception_results_reach_only_their_caller():
+    async def main():
+        gate = Gate()
+        gate.release.set()
+        b = Batcher(gate, max_size=8)
+        return await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert results[0] == 0 and results[2] == 20
+    assert isinstance(results[1], ValueError) and str(results[1]) == "odd 1"
+    assert isinstance(results[3], ValueError) and str(results[3]) == "odd 3"
+
+
+def test_queue_bound_refuses_and_recovers():
+    async def main():
+        gate = Gate()
+        b = Batcher(gate, max_size=1, max_queued=2)
+        first = asyncio.create_task(b.submit(0))  # runs, holds the only slot
+        await settle()
+        queued = [asyncio.create_task(b.submit(i)) for i in (2, 4)]
+        await settle()
+        with pytest.raises(QueueFull):
+            await b.submit(6)
+        gate.release.set()
+        done = await asyncio.gather(first, *queued)
+        return done, await b.submit(8)
+
+    done, later = asyncio.run(main())
+    assert done == [0, 20, 40] and later == 80
+
+
+def test_wrong_result_count_fails_the_batch_instead_of_hanging():
+    async def short(items):
+        return items[:-1]
+
+    async def main():
+        b = Batcher(short, max_size=4)
+        return await asyncio.wait_for(
+            asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True), 2
+        )
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="max_concurrent"):
+        Batcher(Gate(), max_size=1, max_concurrent=0)
+    with pytest.raises(ValueError, match="max_size=0"):
+        Batcher(Gate(), max_size=0)
