@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
         None, description="torch threads per CPU replica, overriding the policy's cpu_threads"
     )
+    direct_ingress: bool = Field(
+        True,
+        description=(
+            "local service: the ingress replica serves HTTP itself on `port` (Ray Serve "
+            "direct ingress), skipping the proxy hop; Serve's proxy moves to port+8"
+        ),
+    )
     build_missing: bool = Field(
         True, description="`imagegen serve` builds missing builtin tiny models first"
     )

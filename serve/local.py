@@ -12,6 +12,8 @@ from .config import Settings
 
 log = logging.getLogger("imagegen")
 
+DIRECT_INGRESS_PORTS = 8  # ingress replicas that can listen directly, from `port` up
+
 
 def start(settings: Settings, *, num_cpus: int | None = None) -> str:
     """Start Ray and Serve, deploy the app, wait until it runs; returns the base URL."""
@@ -22,6 +24,20 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
 
     # Build before Ray starts so a bad lock or routing fails fast and plainly.
     app = build_app(settings)
+    proxy_port = settings.port
+    if settings.direct_ingress:
+        # The ingress replica listens on `port` itself: the proxy hop cost ~7 ms per
+        # request and ~40% of throughput on 2 cores. Serve still starts its proxy
+        # (a fallback route); it moves aside. Workers read these at start.
+        proxy_port = settings.port + DIRECT_INGRESS_PORTS
+        os.environ.update(
+            RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+            RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(settings.port),
+            RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(proxy_port),
+        )
+        # Serve drains a direct ingress 30 s on shutdown so a load balancer can
+        # notice; locally there is none.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     if not ray.is_initialized():
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
@@ -32,7 +48,7 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
     ray_serve.start(
         http_options={
             "host": settings.host,
-            "port": settings.port,
+            "port": proxy_port,
             "request_timeout_s": settings.request_timeout_s,
         },
         logging_config={"enable_access_log": settings.log_requests},

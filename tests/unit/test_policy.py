@@ -45,12 +45,12 @@ def test_shipped_final_override_keeps_default_wait(shipped):
     assert final.batching.max_batch_images == 4
     assert final.batching.batch_wait_timeout_s == 0.0
     # the untouched sections are the defaults
-    assert final.autoscaling == shipped.for_model("tiny-draft").autoscaling
+    assert final.autoscaling == shipped.for_model("tiny-spare").autoscaling
 
 
 def test_shipped_unlisted_model_gets_defaults(shipped):
     raw = yaml.safe_load(SHIPPED.read_text())["defaults"]
-    draft = shipped.for_model("tiny-draft")
+    draft = shipped.for_model("tiny-spare")  # listed nowhere
     assert draft.model_dump() == raw
     assert draft.batching.max_batch_images == 8
 

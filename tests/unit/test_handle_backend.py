@@ -1,0 +1,109 @@
+"""The ingress backend: concurrent requests for one model leave as one handle
+call, per-request errors come back to their caller only, and Ray failures map
+onto the error table. A fake handle stands in for Serve (no cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from ray.serve.exceptions import BackPressureError
+
+from serve.deployments.ingress import Coalescing, HandleBackend
+from serve.engines.base import Generated, Job
+from serve.errors import GenerationFailed, Overloaded
+
+
+def job(seed: int) -> Job:
+    return Job("p", "", 8, 8, 1, 1.0, seed)
+
+
+class FakeHandle:
+    """`.options(method_name=...).remote(requests)` like a DeploymentHandle."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.calls: list[list[list[int]]] = []
+        self.release = asyncio.Event()
+        self.fail = fail
+
+    def options(self, method_name: str) -> FakeHandle:
+        assert method_name == "generate"
+        return self
+
+    def remote(self, requests: list[list[Job]]):
+        self.calls.append([[j.seed for j in r] for r in requests])
+
+        async def answer():
+            await self.release.wait()
+            if self.fail:
+                raise self.fail
+            return [
+                GenerationFailed("bad seed") if r[0].seed == 13 else
+                Generated([np.zeros((8, 8, 3), np.uint8)] * len(r), 0.0, 0.01, 0)
+                for r in requests
+            ]
+
+        return answer()
+
+
+def backend(handle: FakeHandle, max_calls: int = 1, max_queued: int | None = None):
+    return HandleBackend({"m": handle}, {"m": Coalescing(8, max_calls, max_queued)})
+
+
+def test_concurrent_requests_leave_as_one_call():
+    async def main():
+        h = FakeHandle()
+        b = backend(h)
+        first = asyncio.create_task(b.generate("m", [job(0)]))
+        await asyncio.sleep(0)
+        rest = [asyncio.create_task(b.generate("m", [job(s), job(s + 1)])) for s in (2, 4, 6)]
+        await asyncio.sleep(0.01)
+        h.release.set()
+        return h, await asyncio.gather(first, *rest)
+
+    h, results = asyncio.run(main())
+    assert h.calls == [[[0]], [[2, 3], [4, 5], [6, 7]]]
+    assert [len(r.images) for r in results] == [1, 2, 2, 2]
+
+
+def test_a_per_request_error_reaches_only_its_caller():
+    async def main():
+        h = FakeHandle()
+        h.release.set()
+        b = backend(h)
+        return await asyncio.gather(b.generate("m", [job(13)]), b.generate("m", [job(1)]),
+                                    return_exceptions=True)
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, GenerationFailed)
+    assert isinstance(good, Generated)
+
+
+@pytest.mark.parametrize(("fail", "expected"), [
+    (BackPressureError(num_queued_requests=9, max_queued_requests=8), Overloaded),
+])
+def test_ray_failures_map_onto_the_error_table(fail, expected):
+    async def main():
+        h = FakeHandle(fail)
+        h.release.set()
+        return await backend(h).generate("m", [job(1)])
+
+    with pytest.raises(expected):
+        asyncio.run(main())
+
+
+def test_a_full_ingress_queue_is_overloaded_not_unbounded():
+    async def main():
+        h = FakeHandle()
+        b = backend(h, max_calls=1, max_queued=1)
+        running = asyncio.create_task(b.generate("m", [job(0)]))
+        await asyncio.sleep(0)
+        queued = asyncio.create_task(b.generate("m", [job(1)]))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await b.generate("m", [job(2)])
+        h.release.set()
+        await asyncio.gather(running, queued)
+
+    asyncio.run(main())
