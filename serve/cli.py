@@ -16,6 +16,7 @@ def _settings(args: argparse.Namespace):
         getattr(args, "config", None),
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
+        metrics_port=getattr(args, "metrics_port", None),
         engine=getattr(args, "engine", None),
         threads=getattr(args, "threads", None),
     )
@@ -80,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the local service (Ray + Serve) until Ctrl-C")
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    s.add_argument("--metrics-port", type=int, help="Ray's /metrics port (default 8080)")
     s.add_argument("--engine", choices=["diffusers", "fake"])
     s.add_argument("--threads", type=int, help="torch threads per CPU replica")
     s.set_defaults(func=cmd_serve)

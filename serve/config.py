@@ -35,6 +35,13 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
     port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="HTTP port")
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        8080,
+        description=(
+            "local service: port of Ray's metrics endpoint (Prometheus text at /metrics); "
+            "on a cluster Ray's --metrics-export-port sets it"
+        ),
+    )
     lock_file: Path = Field(ROOT / "models.lock", description="the models.lock to serve")
     routing_file: Path = Field(
         ROOT / "serve" / "routing.yaml", description="tier -> model routing table (YAML)"

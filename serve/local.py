@@ -42,6 +42,9 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
+            # Ray's metrics agent serves every process's metrics (ours included,
+            # as ray_imagegen_*) here.
+            _metrics_export_port=settings.metrics_port,
             logging_level=logging.WARNING,
             configure_logging=True,
         )
@@ -76,6 +79,7 @@ def run_local(settings: Settings) -> int:
     print("starting Ray and Serve (about 20 s)...", flush=True)
     url = start(settings)
     print(f"imagegen ready in {time.perf_counter() - t0:.0f} s at {url}", flush=True)
+    print(f"  metrics: http://{settings.host}:{settings.metrics_port}/metrics", flush=True)
     print(f"  try: imagegen generate 'a red fox' --url {url} -o fox.png", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

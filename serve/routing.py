@@ -21,6 +21,9 @@ class Route(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="models.lock key that serves this tier")
+    cost_weight: Annotated[float, Field(gt=0, le=1000)] = Field(
+        1.0, description="cost units per megapixel of output on this tier"
+    )
 
 
 class RoutingTable(BaseModel):

@@ -85,11 +85,13 @@ class Timings(BaseModel):
 
 class GenerateResponse(BaseModel):
     id: str = Field(description="request id (also the X-Request-Id header)")
+    trace_id: str = Field(description="OpenTelemetry trace id (also the X-Trace-Id header)")
     created: int = Field(description="unix seconds")
     tier: str
     model: str = Field(description="models.lock name")
     revision: str = Field(description="immutable revision from models.lock")
     batch_images: int = Field(description="images in the pipeline call that ran this request")
+    cost_units: float = Field(description="charged: tier weight x images x megapixels")
     images: list[Image]
     timings: Timings
 
@@ -115,6 +117,7 @@ class ErrorBody(BaseModel):
     code: str
     message: str
     details: object | None = None
+    trace_id: str | None = Field(None, description="OpenTelemetry trace id of the request")
 
 
 class ErrorEnvelope(BaseModel):

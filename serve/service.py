@@ -1,7 +1,9 @@
 """The transport-free request path (DESIGN.md stages). Transports call this.
 
 Stages present now: validate -> route -> resolve request against the revision's
-defaults and limits -> generate on the model deployment -> encode -> answer.
+defaults and limits -> generate on the model deployment -> encode -> answer. Each
+stage has its span (`stage`) and tells the request's record what it learned
+(`annotate`): the log line and the metrics are written once, by the transport.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
 from .routing import RoutingTable
 from .schemas import MAX_SEED, GenerateRequest, GenerateResponse, Image, ModelInfo, Timings
+from .telemetry import annotate, current_trace_id, stage
 
 # Above this many pixels per request, PNG encoding moves off the event loop.
 _ENCODE_INLINE_PIXELS = 256 * 256
@@ -37,6 +40,7 @@ class Plan:
     tier: str
     entry: ModelEntry
     jobs: list[Job]
+    cost_units: float  # tier weight x images x megapixels
 
 
 def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable) -> Plan:
@@ -65,7 +69,8 @@ def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable) -> Plan:
             (seed + i) % (MAX_SEED + 1))
         for i in range(req.n)
     ]
-    return Plan(req.tier, entry, jobs)
+    weight = routing.tiers[req.tier].cost_weight
+    return Plan(req.tier, entry, jobs, round(weight * req.n * width * height / 1e6, 6))
 
 
 class ImageService:
@@ -89,22 +94,54 @@ class ImageService:
 
     async def generate(self, req: GenerateRequest, request_id: str) -> GenerateResponse:
         t0 = time.perf_counter()
-        p = plan(req, self.lock, self.routing)
-        out = await self.backend.generate(p.entry.name, p.jobs)
-        if p.jobs[0].width * p.jobs[0].height * len(p.jobs) > _ENCODE_INLINE_PIXELS:
-            encoded = await asyncio.to_thread(lambda: [encode_png(i) for i in out.images])
-        else:
-            encoded = [encode_png(i) for i in out.images]
+        with stage("route", **{"imagegen.tier": req.tier}) as span:
+            p = plan(req, self.lock, self.routing)
+            e = p.entry
+            span.set_attributes({"gen_ai.request.model": e.name, "imagegen.revision": e.revision})
+        annotate(tier=p.tier, model=e.name, revision=e.revision, images=len(p.jobs),
+                 cost_units=p.cost_units)
+        with stage("generate", **_genai_attributes(p)) as span:
+            out = await self.backend.generate(e.name, p.jobs)
+            span.set_attributes({"imagegen.batch_images": out.batch_images,
+                                 "imagegen.queue_ms": out.queue_s * 1e3})
+        annotate(queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3)
+        with stage("encode", **{"imagegen.images": len(p.jobs)}):
+            if p.jobs[0].width * p.jobs[0].height * len(p.jobs) > _ENCODE_INLINE_PIXELS:
+                encoded = await asyncio.to_thread(lambda: [encode_png(i) for i in out.images])
+            else:
+                encoded = [encode_png(i) for i in out.images]
         images = [
             Image(seed=j.seed, width=j.width, height=j.height,
                   b64_json=base64.b64encode(png).decode())
             for j, png in zip(p.jobs, encoded, strict=True)
         ]
         return GenerateResponse(
-            id=request_id, created=int(time.time()), tier=p.tier, model=p.entry.name,
-            revision=p.entry.revision, batch_images=out.batch_images, images=images,
+            id=request_id, trace_id=current_trace_id(), created=int(time.time()), tier=p.tier,
+            model=e.name, revision=e.revision, batch_images=out.batch_images,
+            cost_units=p.cost_units, images=images,
             timings=Timings(
                 queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3,
                 total_ms=(time.perf_counter() - t0) * 1e3,
             ),
         )
+
+
+def _genai_attributes(p: Plan) -> dict[str, object]:
+    """GenAI semantic conventions where they fit, imagegen.* for the rest. The prompt
+    is never recorded here."""
+    j = p.jobs[0]
+    return {
+        "gen_ai.operation.name": "generate_content",
+        "gen_ai.output.type": "image",
+        "gen_ai.request.model": p.entry.name,
+        "gen_ai.request.seed": j.seed,
+        "imagegen.tier": p.tier,
+        "imagegen.revision": p.entry.revision,
+        "imagegen.images": len(p.jobs),
+        "imagegen.seed_count": len({x.seed for x in p.jobs}),
+        "imagegen.width": j.width,
+        "imagegen.height": j.height,
+        "imagegen.steps": j.steps,
+        "imagegen.cache_hit": False,
+        "imagegen.fallback": False,
+    }

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from ray import serve as ray_serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -20,6 +21,8 @@ from ..ingress.http import build_http_app
 from ..lockfile import Lock
 from ..routing import RoutingTable
 from ..service import ImageService
+from ..telemetry import Metrics, setup, stage, traceparent
+from .model import ModelCall
 
 STATUS_TIMEOUT_S = 2.0
 
@@ -38,23 +41,38 @@ class HandleBackend:
     call (continuous batching, serve/batching.py); Ray failures map onto the
     error table."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle], coalescing: dict[str, Coalescing]):
+    def __init__(
+        self, handles: dict[str, DeploymentHandle], coalescing: dict[str, Coalescing],
+        metrics: Metrics | None = None,
+    ):
         self.handles = {name: h.options(method_name="generate") for name, h in handles.items()}
-        self.batchers: dict[str, Batcher[list[Job], Generated]] = {
+        self.batchers: dict[str, Batcher[ModelCall, Generated]] = {
             name: Batcher(
-                partial(self._call, name), max_size=c.max_images, size=len,
+                partial(self._call, name), max_size=c.max_images, size=lambda c: len(c.jobs),
                 max_concurrent=c.max_calls, max_queued=c.max_queued,
             )
             for name, c in coalescing.items()
         }
+        self.metrics = metrics
 
     async def generate(self, model: str, jobs: list[Job]) -> Generated:
-        try:
-            return await self.batchers[model].submit(jobs)
-        except QueueFull:
-            raise Overloaded(f"model {model} is at capacity; retry shortly") from None
+        # The CLIENT span's context travels with the request into the replica,
+        # whichever call it is merged into.
+        with stage("model.call", kind=SpanKind.CLIENT, **{"gen_ai.request.model": model}):
+            batcher = self.batchers[model]
+            try:
+                pending = batcher.submit(ModelCall(jobs, traceparent()))
+                if self.metrics is not None:
+                    self.metrics.set("imagegen_queued_images", batcher.queued + len(jobs),
+                                     model=model, where="ingress")
+                return await pending
+            except QueueFull:
+                raise Overloaded(f"model {model} is at capacity; retry shortly") from None
 
-    async def _call(self, model: str, requests: list[list[Job]]) -> list[Generated | Exception]:
+    async def _call(self, model: str, requests: list[ModelCall]) -> list[Generated | Exception]:
+        if self.metrics is not None:
+            self.metrics.set("imagegen_queued_images", self.batchers[model].queued,
+                             model=model, where="ingress")
         try:
             return await self.handles[model].remote(requests)
         except BackPressureError:
@@ -78,15 +96,20 @@ class Ingress:
         coalescing: dict[str, Coalescing],
         max_body_bytes: int,
     ) -> None:
+        setup("ingress")
         self.routing = routing
+        self.metrics = Metrics()
+        for tier in routing.tiers:
+            self.metrics.set("imagegen_fallback_active", 0, tier=tier)
         self.status_handles = {n: h.options(method_name="status") for n, h in models.items()}
-        self.service = ImageService(lock, routing, HandleBackend(models, coalescing))
+        backend = HandleBackend(models, coalescing, self.metrics)
+        self.service = ImageService(lock, routing, backend)
         self.max_body_bytes = max_body_bytes
 
     def __serve_build_asgi_app__(self):
         return build_http_app(
             self.service, self.readiness, max_body_bytes=self.max_body_bytes,
-            echo_request_id=False,
+            metrics=self.metrics, echo_request_id=False,
         )
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:

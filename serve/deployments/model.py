@@ -13,17 +13,30 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from ray import serve as ray_serve
 
 from ..batching import PipelineBatcher
 from ..engines.base import Engine, EngineSpec, Generated, Job
 from ..errors import GenerationFailed, ImagegenError, ModelUnavailable
 from ..lockfile import ModelEntry, verify
+from ..telemetry import Metrics, context_from, setup, tracer
 
 log = logging.getLogger("imagegen.model")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCall:
+    """One request's jobs on their way to a replica, with the W3C traceparent of the
+    ingress span that sent them (one handle call carries several requests, each
+    from its own trace)."""
+
+    jobs: list[Job]
+    traceparent: str | None = None
 
 def _load_and_warm(engine: Engine, entry: ModelEntry) -> None:
     engine.load()
@@ -44,6 +57,9 @@ class ModelDeployment:
         model_dir: str,
         engine_options: dict[str, Any],
     ) -> None:
+        setup("model")
+        self.metrics = Metrics()
+        self.labels = {"model": entry.name, "revision": entry.revision}
         self.entry = entry
         self.error: str | None = None
         self.engine: Engine | None = None
@@ -69,6 +85,9 @@ class ModelDeployment:
             log.error("model %s unready: %s", entry.deployment_name, self.error)
         self.load_s = time.perf_counter() - t0
         self.batcher = PipelineBatcher(self._run, max_images=8)
+        self.metrics.set("imagegen_model_load_seconds", self.load_s, **self.labels)
+        self.metrics.set("imagegen_model_ready", float(self.engine is not None), **self.labels)
+        self._record_memory()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config from the autoscaling policy: batch size and wait, changeable live."""
@@ -77,7 +96,7 @@ class ModelDeployment:
             wait_s=float(config["batch_wait_timeout_s"]),
         )
 
-    async def generate(self, requests: list[list[Job]]) -> list[Generated | BaseException]:
+    async def generate(self, requests: list[ModelCall]) -> list[Generated | BaseException]:
         """Generate several requests' jobs; one result (or error) per request.
 
         The ingress merges concurrent requests into one call: Serve's per-call
@@ -87,17 +106,50 @@ class ModelDeployment:
         if self.engine is None:
             err = ModelUnavailable(f"model {self.entry.name} is not ready: {self.error}")
             return [err] * len(requests)
-        return await asyncio.gather(
-            *(self.batcher.submit(jobs) for jobs in requests), return_exceptions=True
-        )
+        return await asyncio.gather(*map(self._one, requests), return_exceptions=True)
+
+    async def _one(self, call: ModelCall) -> Generated:
+        """One request in the replica: a SERVER span under the ingress's CLIENT span,
+        and a child span for the pipeline call (batch) that ran it."""
+        e = self.entry
+        with tracer.start_as_current_span(
+            "imagegen.model.generate", context=context_from(call.traceparent),
+            kind=SpanKind.SERVER,
+            attributes={"gen_ai.request.model": e.name, "imagegen.revision": e.revision,
+                        "imagegen.deployment": e.deployment_name,
+                        "imagegen.images": len(call.jobs)},
+        ) as span:
+            out = await self.batcher.submit(call.jobs)
+            end = time.time_ns()
+            span.set_attributes({"imagegen.batch_images": out.batch_images,
+                                 "imagegen.queue_ms": out.queue_s * 1e3})
+            tracer.start_span(
+                "imagegen.pipeline", start_time=end - int(out.generate_s * 1e9),
+                attributes={"imagegen.batch_images": out.batch_images},
+            ).end(end_time=end)
+        self.metrics.observe("imagegen_queue_wait_seconds", out.queue_s, **self.labels)
+        return out
 
     async def _run(self, jobs: list[Job]):
         loop = asyncio.get_running_loop()
+        self.metrics.set("imagegen_queued_images", self.batcher.queued_images,
+                         model=self.entry.name, where="replica")
+        t0 = time.perf_counter()
         try:
             return await loop.run_in_executor(self._pool, self.engine.generate, jobs)
         except Exception as e:
             log.exception("generation failed on %s", self.entry.deployment_name)
             raise GenerationFailed(f"generation failed on {self.entry.name}: {e}") from None
+        finally:
+            self.metrics.observe("imagegen_pipeline_seconds", time.perf_counter() - t0,
+                                 **self.labels)
+            self.metrics.observe("imagegen_batch_images", len(jobs), **self.labels)
+            self.metrics.inc("imagegen_pipeline_images_total", len(jobs), **self.labels)
+            self._record_memory()
+
+    def _record_memory(self) -> None:
+        for kind, value in (self.engine.memory() if self.engine else {}).items():
+            self.metrics.set("imagegen_gpu_memory_bytes", value, kind=kind, **self.labels)
 
     def status(self) -> dict[str, Any]:
         """Readiness with the reason, for /readyz and `imagegen models`."""

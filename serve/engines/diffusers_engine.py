@@ -140,7 +140,9 @@ class DiffusersEngine(Engine):
             return {}
         import torch
 
+        _, total = torch.cuda.mem_get_info()
         return {
             "allocated": torch.cuda.memory_allocated(),
             "reserved": torch.cuda.memory_reserved(),
+            "total": total,
         }

@@ -29,10 +29,12 @@ from ..schemas import (
     parse_request,
 )
 from ..service import ImageService
+from ..telemetry import Metrics, annotate, current_trace_id, request_scope, stage
 
 log = logging.getLogger("imagegen.http")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_ROUTES = frozenset({"/v1/images", "/v1/models", "/healthz", "/readyz"})  # span names
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 404, 413, 415, 422, 503)
 }
@@ -42,10 +44,13 @@ def request_id(request: Request) -> str:
     """The caller's X-Request-Id when well-formed, else a fresh one."""
     rid = getattr(request.state, "request_id", None)
     if rid is None:
-        given = request.headers.get("x-request-id", "")
-        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        rid = _request_id(request.headers.get("x-request-id", ""))
         request.state.request_id = rid
     return rid
+
+
+def _request_id(given: str) -> str:
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 def error_response(
@@ -54,7 +59,11 @@ def error_response(
     headers = {**(headers or {}), **_id_header(request)}
     if isinstance(err, Overloaded):
         headers["Retry-After"] = "1"
-    return JSONResponse(err.envelope(), status_code=http_status(err), headers=headers)
+    annotate(code=err.code)
+    body = err.envelope()
+    if trace_id := current_trace_id():
+        body["error"]["trace_id"] = trace_id
+    return JSONResponse(body, status_code=http_status(err), headers=headers)
 
 
 def _id_header(request: Request) -> dict[str, str]:
@@ -68,12 +77,19 @@ def build_http_app(
     readiness: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
     *,
     max_body_bytes: int,
+    metrics: Metrics,
     echo_request_id: bool = True,
 ) -> FastAPI:
     """The HTTP app. Behind Ray Serve pass echo_request_id=False: the Serve proxy
     already answers with the X-Request-ID it passed in (a second one would repeat it)."""
-    app = FastAPI(title="imagegen", version="1", docs_url="/docs", redoc_url=None)
+    # FastAPI's own OpenTelemetry spans are off: the Telemetry middleware opens the
+    # server span the same way for every transport (HTTP now, gRPC later).
+    app = FastAPI(
+        title="imagegen", version="1", docs_url="/docs", redoc_url=None,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.state.echo_request_id = echo_request_id
+    app.add_middleware(Telemetry, metrics=metrics)
 
     @app.post(
         "/v1/images",
@@ -87,8 +103,9 @@ def build_http_app(
         if ctype != "application/json":
             raise UnsupportedMediaType(f"content-type must be application/json, got {ctype!r}")
         body = await _read_body(request, max_body_bytes)
-        rid = request_id(request)
-        resp = await service.generate(parse_request(body), rid)
+        with stage("validate"):
+            req = parse_request(body)
+        resp = await service.generate(req, request_id(request))
         return Response(resp.model_dump_json(), media_type="application/json",
                         headers=_id_header(request))
 
@@ -136,3 +153,37 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class Telemetry:
+    """ASGI middleware: a SERVER span for every request (child of an inbound
+    traceparent), X-Trace-Id on every response, and for the API routes one log
+    line and one metrics update (health probes stay quiet)."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = _request_id(headers.get("x-request-id", ""))
+        scope.setdefault("state", {})["request_id"] = rid
+        path, method = scope["path"], scope["method"]
+        api = path.startswith("/v1/")
+        with request_scope(
+            f"{method} {path}" if path in _ROUTES else method, request_id=rid, route=path,
+            carrier=headers, metrics=self.metrics, log=api,
+        ) as rec:
+
+            async def send_with_trace(message) -> None:
+                if message["type"] == "http.response.start":
+                    rec.status = message["status"]
+                    message.setdefault("headers", [])
+                    message["headers"] = [
+                        *message["headers"], (b"x-trace-id", rec.trace_id.encode())
+                    ]
+                await send(message)
+
+            await self.app(scope, receive, send_with_trace)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -44,8 +46,80 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class SpanStore:
+    """In-memory spans received over OTLP/HTTP from every Serve process (the real
+    exporter path, configured by the standard OTEL_* variables)."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        self._lock = threading.Lock()
+
+    def add(self, body: bytes) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        req = ExportTraceServiceRequest.FromString(body)
+        with self._lock:
+            for rs in req.resource_spans:
+                resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    for sp in ss.spans:
+                        self.spans.append({
+                            "name": sp.name, "trace_id": sp.trace_id.hex(),
+                            "span_id": sp.span_id.hex(),
+                            "parent_span_id": sp.parent_span_id.hex(), "kind": sp.kind,
+                            "attributes": {a.key: _any(a.value) for a in sp.attributes},
+                            "resource": resource,
+                        })
+
+    def trace(self, trace_id: str, names: set[str], deadline_s: float = 20) -> list[dict]:
+        """The trace's spans once every name in `names` has arrived."""
+        end = time.monotonic() + deadline_s
+        while True:
+            with self._lock:
+                found = [s for s in self.spans if s["trace_id"] == trace_id]
+            if names <= {s["name"] for s in found} or time.monotonic() > end:
+                return found
+            time.sleep(0.2)
+
+
+def _any(v):
+    return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def otlp():
+    """An OTLP/HTTP receiver on loopback that keeps spans in memory."""
+    store = SpanStore()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["content-length"]))
+            if self.path == "/v1/traces":
+                store.add(body)
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store.endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+    yield store
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory):
+    return {"metrics_port": _free_port()}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, otlp, stack_settings):
     """Base URL of a running stack; torn down at the end of the session."""
     if os.environ.get("LOOPBACK_NS") != "1":
         pytest.skip("Serve tests run inside scripts/loopback (Ray binds wildcard sockets)")
@@ -63,9 +137,23 @@ def stack(tmp_path_factory):
     routing.write_text(ROUTING)
     settings = load_settings(
         lock_file=lock, routing_file=routing, model_dir=models, port=_free_port(), threads=1,
+        **stack_settings,
     )
     build_missing(settings)  # the builtin tiny models; `broken` is a path source
-    url = local.start(settings, num_cpus=2)
+    # Ray's workers inherit the environment Ray starts with; this test process
+    # keeps its own (its unit-test spans must not go to the receiver).
+    telemetry_env = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: export soon after a request
+        "RAY_metrics_report_interval_ms": "1000",
+    }
+    saved = {k: os.environ.get(k) for k in telemetry_env}
+    os.environ.update(telemetry_env)
+    try:
+        url = local.start(settings, num_cpus=2)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     try:
         _wait_ready(url, ("tiny-draft", "tiny-final"))
         yield url

@@ -99,7 +99,8 @@ def test_bad_input_gets_its_envelope(client, body, ctype, status, code):
         r = client.post("/v1/images", json=body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code
-    assert set(r.json()["error"]) <= {"code", "message", "details"}
+    assert set(r.json()["error"]) <= {"code", "message", "details", "trace_id"}
+    assert r.json()["error"]["trace_id"] == r.headers["x-trace-id"]
     assert "Traceback" not in r.text
 
 

@@ -15,6 +15,7 @@ from serve.engines.fake import FakeEngine
 from serve.lockfile import Lock, parse_lock
 from serve.routing import RoutingTable, parse_routing
 from serve.service import ImageService
+from serve.telemetry import Metrics
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -142,3 +143,28 @@ def backend(lock: Lock) -> FakeBackend:
 @pytest.fixture
 def service(lock: Lock, routing: RoutingTable, backend: FakeBackend) -> ImageService:
     return ImageService(lock, routing, backend)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    """A prometheus_client registry of the catalogue, fresh per test."""
+    return Metrics("prometheus")
+
+
+@pytest.fixture(scope="session")
+def _span_memory():
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from serve.telemetry.tracing import add_span_processor
+
+    exporter = InMemorySpanExporter()
+    add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture
+def spans(_span_memory):
+    """The SDK's in-memory exporter, emptied before each test."""
+    _span_memory.clear()
+    return _span_memory

@@ -11,6 +11,7 @@ import pytest
 from ray.serve.exceptions import BackPressureError
 
 from serve.deployments.ingress import Coalescing, HandleBackend
+from serve.deployments.model import ModelCall
 from serve.engines.base import Generated, Job
 from serve.errors import GenerationFailed, Overloaded
 
@@ -31,7 +32,9 @@ class FakeHandle:
         assert method_name == "generate"
         return self
 
-    def remote(self, requests: list[list[Job]]):
+    def remote(self, calls: list[ModelCall]):
+        self.traceparents = [c.traceparent for c in calls]
+        requests = [c.jobs for c in calls]
         self.calls.append([[j.seed for j in r] for r in requests])
 
         async def answer():

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from serve.errors import GenerationFailed, LimitExceeded, Overloaded
 from serve.ingress.http import build_http_app
 from serve.service import ImageService
+from serve.telemetry import Metrics
 
 MAX_BODY = 2048
 GOOD = {"prompt": "a red fox", "seed": 3}
@@ -31,8 +32,9 @@ def readiness() -> Readiness:
     return Readiness()
 
 
-def make_client(service, readiness) -> TestClient:
-    app = build_http_app(service, readiness, max_body_bytes=MAX_BODY)
+def make_client(service, readiness, metrics=None) -> TestClient:
+    app = build_http_app(service, readiness, max_body_bytes=MAX_BODY,
+                         metrics=metrics or Metrics("prometheus"))
     # The Exception handler answers 500 and then re-raises for the server to log;
     # the client must not turn that re-raise into a test error.
     return TestClient(app, raise_server_exceptions=False)
@@ -102,7 +104,7 @@ def test_bad_input_gets_status_code_envelope_and_request_id(client, method, path
     assert set(body) == {"error"}
     assert body["error"]["code"] == code
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert set(body["error"]) <= {"code", "message", "details"}
+    assert set(body["error"]) <= {"code", "message", "details", "trace_id"}
     assert HEX32.match(r.headers["x-request-id"])
 
 

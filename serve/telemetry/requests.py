@@ -1,0 +1,146 @@
+"""One request's telemetry: its server span, what the stages learn about it, and
+at the end exactly one metrics update and one JSON log line.
+
+Transports open the scope (HTTP middleware, gRPC servicer); stages annotate it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .metrics import Metrics
+from .tracing import context_from, span_ids, tracer
+
+access_log = logging.getLogger("imagegen.access")
+
+# Codes that mean policy said no (safety, quota), not that the request was malformed.
+BLOCKED_CODES = frozenset({"prompt_blocked", "image_blocked", "quota_exceeded",
+                           "rate_limited"})
+
+
+@dataclass
+class RequestRecord:
+    """What the log line and the metrics say about one request."""
+
+    request_id: str
+    trace_id: str
+    route: str
+    principal: str = "anonymous"
+    tier: str = ""
+    model: str = ""
+    revision: str = ""
+    images: int = 0
+    cost_units: float = 0.0
+    cache_hit: bool = False
+    fallback: bool = False
+    status: int = 0
+    code: str = ""
+    queue_ms: float | None = None
+    generate_ms: float | None = None
+    duration_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def outcome(self) -> str:
+        if self.code in BLOCKED_CODES:
+            return "blocked"
+        if self.status >= 500 or (self.code and not self.status):
+            return "failed"
+        if self.status >= 400 or self.code:
+            return "rejected"
+        return "ok"
+
+
+_current: ContextVar[RequestRecord | None] = ContextVar("imagegen_request", default=None)
+
+
+def current_request() -> RequestRecord | None:
+    return _current.get()
+
+
+def annotate(**facts: Any) -> None:
+    """Record facts a stage learned (tier, model, revision, images, ...) on the
+    current request and its server span. A no-op outside a request."""
+    rec = _current.get()
+    if rec is None:
+        return
+    for key, value in facts.items():
+        if hasattr(rec, key) and key != "extra":
+            setattr(rec, key, value)
+        else:
+            rec.extra[key] = value
+
+
+@contextmanager
+def request_scope(
+    name: str, *, request_id: str, route: str, carrier: Mapping[str, str] | None,
+    metrics: Metrics, log: bool = True,
+) -> Iterator[RequestRecord]:
+    """Open the request's SERVER span (child of the caller's traceparent, if any).
+    On exit: span attributes and status, one metrics update, one log line."""
+    parent = context_from(dict(carrier) if carrier else None)
+    with tracer.start_as_current_span(
+        name, context=parent, kind=SpanKind.SERVER, record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        trace_id, _ = span_ids(span)
+        rec = RequestRecord(request_id=request_id, trace_id=trace_id, route=route)
+        token = _current.set(rec)
+        t0 = time.perf_counter()
+        try:
+            yield rec
+        except BaseException as e:
+            rec.code = rec.code or getattr(e, "code", "internal")
+            span.record_exception(e)
+            raise
+        finally:
+            rec.duration_ms = (time.perf_counter() - t0) * 1e3
+            _current.reset(token)
+            _finish_span(span, rec)
+            if log:
+                _record(rec, metrics)
+
+
+def _finish_span(span, rec: RequestRecord) -> None:
+    attrs = {
+        "imagegen.request_id": rec.request_id,
+        "imagegen.outcome": rec.outcome,
+        "imagegen.cache_hit": rec.cache_hit,
+        "imagegen.fallback": rec.fallback,
+    }
+    if rec.status:
+        attrs["http.response.status_code"] = rec.status
+    if rec.code:
+        attrs["error.type"] = rec.code
+    span.set_attributes(attrs)
+    # Server spans: only 5xx is the server's fault (OTel HTTP conventions).
+    if rec.outcome == "failed":
+        span.set_status(Status(StatusCode.ERROR, rec.code))
+
+
+def _record(rec: RequestRecord, metrics: Metrics) -> None:
+    tier, model = rec.tier or "none", rec.model or "none"
+    metrics.inc("imagegen_requests_total", tier=tier, model=model,
+                revision=rec.revision or "none", outcome=rec.outcome, code=rec.code or "ok")
+    metrics.observe("imagegen_request_duration_seconds", rec.duration_ms / 1e3,
+                    tier=tier, model=model, outcome=rec.outcome)
+    if rec.outcome == "ok":
+        metrics.inc("imagegen_images_total", rec.images, tier=tier, model=model,
+                    revision=rec.revision)
+        if rec.cost_units:
+            metrics.inc("imagegen_cost_units_total", rec.cost_units, tier=tier, model=model)
+        if rec.cache_hit:
+            metrics.inc("imagegen_cache_hits_total", tier=tier)
+    fields = asdict(rec)
+    fields.update(fields.pop("extra"))
+    fields["outcome"] = rec.outcome
+    level = logging.ERROR if rec.outcome == "failed" else logging.INFO
+    access_log.log(level, "request", extra=fields)
