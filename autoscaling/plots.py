@@ -11,7 +11,8 @@ from .planner import Performance, SloPoint
 
 
 def plot_latency_vs_load(
-    points: Sequence[Performance], slo_s: float, path: str | Path, *, title: str = ""
+    points: Sequence[Performance], slo_s: float, path: str | Path, *, title: str = "",
+    planned_rps: float | None = None,
 ) -> Path:
     """p50 and p95 latency against arrival rate (from planner.sweep_load), with
     the SLO as a horizontal line. Unstable points (infinite latency) are left out."""
@@ -21,6 +22,10 @@ def plot_latency_vs_load(
     ax.plot(rates, [p.p50_s for p in stable], marker="o", label="p50")
     ax.plot(rates, [p.p95_s for p in stable], marker="o", label="p95")
     ax.axhline(slo_s, color="red", linestyle="--", label=f"SLO p95 {slo_s:g} s")
+    if planned_rps is not None:
+        ax.axvline(planned_rps, color="grey", linestyle=":", label="planned load")
+    if stable and slo_s > 10 * max(p.p95_s for p in stable):
+        ax.set_yscale("log")  # a loose SLO would flatten the curve to the axis
     ax.set_xlabel("arrival rate (requests/s)")
     ax.set_ylabel("latency (s)")
     replicas = {p.replicas for p in points}
@@ -39,6 +44,8 @@ def plot_cost_vs_slo(points: Sequence[SloPoint], path: str | Path, *, title: str
     if short:
         ax.scatter([p.slo_p95_s for p in short], [p.cost_per_hour for p in short],
                    marker="x", color="red", s=80, zorder=3, label="misses SLO / over cap")
+    if slos and min(slos) > 0 and max(slos) > 10 * min(slos):
+        ax.set_xscale("log")
     ax.set_xlabel("p95 SLO (s)")
     ax.set_ylabel("cost per hour")
     ax.set_title(title or "cost against SLO")

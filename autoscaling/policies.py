@@ -42,6 +42,9 @@ class Autoscaling(_Strict):
 class ModelPolicy(_Strict):
     num_cpus: Annotated[float, Field(ge=0)] = Field(description="CPUs reserved per replica")
     num_gpus: Annotated[float, Field(ge=0)] = Field(description="GPUs per replica")
+    gpu_type: str | None = Field(
+        None, description="cluster.node_types key this revision runs on (None on CPU)"
+    )
     cpu_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
         None, description="torch threads per replica on CPU; None: every core of the node"
     )
@@ -61,10 +64,43 @@ class IngressPolicy(_Strict):
     max_ongoing_requests: Annotated[int, Field(ge=1)] = Field(description="per replica")
 
 
+class NodeType(_Strict):
+    gpus_per_node: Annotated[int, Field(ge=1)] = Field(
+        description="GPUs on one node (for the `cpu` node type: cores)"
+    )
+    gpu_memory_gb: Annotated[float, Field(gt=0)] = Field(description="memory of one GPU")
+    cost_per_hour: Annotated[float, Field(ge=0)] = Field(description="price of one node")
+    max_nodes: Annotated[int, Field(ge=0)] = Field(
+        description="hard cap (the KubeRay GPU worker group's maxReplicas)"
+    )
+
+
+class Cluster(_Strict):
+    node_types: dict[str, NodeType] = Field(
+        default_factory=dict, description="GPU type -> its node type and hard cap"
+    )
+    priorities: dict[str, int] = Field(
+        default_factory=lambda: {"final": 3, "draft": 2, "batch": 1},
+        description="tier -> priority; higher gets GPUs first when they are short",
+    )
+    budget_policy: bool = Field(
+        False,
+        description=(
+            "autoscale with the shared GPU budget policy (autoscaling/serve_policy.py), "
+            "which never asks beyond the cap; else each revision scales alone"
+        ),
+    )
+
+    def gpu_budget(self, gpu_type: str) -> int:
+        node = self.node_types[gpu_type]
+        return node.gpus_per_node * node.max_nodes
+
+
 class Policy(_Strict):
     defaults: dict[str, Any] = Field(description="ModelPolicy fields shared by all models")
     models: dict[str, dict[str, Any]] = Field(default_factory=dict, description="overrides")
     ingress: IngressPolicy
+    cluster: Cluster = Field(default_factory=Cluster, description="GPU nodes and the cap")
 
     def for_model(self, name: str) -> ModelPolicy:
         return ModelPolicy.model_validate(_merge(self.defaults, self.models.get(name, {})))
@@ -73,9 +109,14 @@ class Policy(_Strict):
     def _valid(self) -> Policy:
         for name in ["<defaults>", *self.models]:
             try:
-                self.for_model(name)
+                p = self.for_model(name)
             except ValidationError as e:
                 raise ValueError(f"policy for model {name}: {e}") from None
+            if p.num_gpus > 0 and p.gpu_type not in self.cluster.node_types:
+                raise ValueError(
+                    f"policy for model {name}: num_gpus {p.num_gpus} needs a gpu_type from "
+                    f"cluster.node_types {sorted(self.cluster.node_types)}, got {p.gpu_type!r}"
+                )
         return self
 
 

@@ -67,6 +67,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return models_cli.run(args, _settings(args))
 
 
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from . import capacity_cli
+
+    return capacity_cli.run(args, _settings(args))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -112,6 +118,11 @@ def parser() -> argparse.ArgumentParser:
     mf = msub.add_parser("fetch", help="download hub entries at their pinned commit")
     mf.add_argument("names", nargs="*")
     m.set_defaults(func=cmd_models)
+
+    from .capacity_cli import add_parser as add_capacity
+
+    add_capacity(sub)
+    sub.choices["capacity"].set_defaults(func=cmd_capacity)
 
     b = sub.add_parser("bench", help="benchmarks (not tests)")
     bsub = b.add_subparsers(dest="bench_command", required=True)

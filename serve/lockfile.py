@@ -81,6 +81,25 @@ class Limits(_Frozen):
     max_images: int = Field(default=8, ge=1, le=64, description="most images per request")
 
 
+class Profile(_Frozen):
+    """One revision measured on one accelerator type by `imagegen capacity profile`."""
+
+    measured: str = Field(description="date of the measurement (YYYY-MM-DD)")
+    device: str = Field(description="what ran it, e.g. 'NVIDIA H200' or 'cpu x2'")
+    width: int = Field(ge=8, description="px of the measured images")
+    height: int = Field(ge=8, description="px of the measured images")
+    steps: int = Field(ge=1, description="denoising steps of the measurement")
+    attention: str = Field(description="sdpa or xformers")
+    compiled: bool = Field(False, description="UNet under torch.compile")
+    software: str = Field("", description="torch and diffusers versions")
+    seconds_per_megapixel: dict[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]] = (
+        Field(min_length=1, description="batch images -> seconds per megapixel per image")
+    )
+    peak_memory_gb: dict[Annotated[int, Field(ge=1)], Annotated[float, Field(ge=0)]] = Field(
+        min_length=1, description="batch images -> peak accelerator memory of the replica"
+    )
+
+
 class ModelEntry(_Frozen):
     """One model revision. `name` is filled from the table key."""
 
@@ -97,6 +116,9 @@ class ModelEntry(_Frozen):
     defaults: Defaults
     limits: Limits
     files: dict[str, Sha256] = Field(min_length=1, description="relative path -> sha256")
+    profiles: dict[str, Profile] = Field(
+        default_factory=dict, description="accelerator type -> measured speed and memory"
+    )
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ModelEntry:

@@ -81,6 +81,13 @@ class Engine(abc.ABC):
         """Accelerator memory in bytes (empty on the CPU)."""
         return {}
 
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory window (the profiler measures one per batch size)."""
+
+    def peak_memory(self) -> int | None:
+        """Peak accelerator bytes since the last reset; None where not measurable."""
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class Generated:

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 class DiffusersEngine(Engine):
     """Options: `threads` (torch intra-op threads; Ray sets OMP_NUM_THREADS from the
     replica's num_cpus, wrong for fractional CPUs), `xformers` (default true: use
-    xformers attention on CUDA when it imports, else PyTorch SDPA)."""
+    xformers attention on CUDA when it imports, else PyTorch SDPA), `compile`
+    (default false: the UNet under torch.compile; each new shape compiles once)."""
 
     kind = "diffusers"
 
@@ -31,6 +32,7 @@ class DiffusersEngine(Engine):
         self.pipe: Any = None
         self.device = "cpu"
         self.attention = "sdpa"
+        self.compiled = False
         self._threaded = threading.local()
 
     def load(self) -> None:
@@ -77,6 +79,9 @@ class DiffusersEngine(Engine):
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.attention = self._attention(pipe)
+        self.compiled = bool(self.spec.options.get("compile", False))
+        if self.compiled:
+            pipe.unet = torch.compile(pipe.unet)
         self.pipe = pipe
 
     def _attention(self, pipe) -> str:
@@ -122,6 +127,19 @@ class DiffusersEngine(Engine):
                 for i, image in zip(indices, batch, strict=True):
                     images[i] = image
         return images  # type: ignore[return-value]
+
+    def reset_peak_memory(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory(self) -> int | None:
+        if self.device != "cuda":
+            return None
+        import torch
+
+        return torch.cuda.max_memory_allocated()
 
     def _set_threads(self) -> None:
         # OpenMP's thread count is per calling thread: a worker thread inherits

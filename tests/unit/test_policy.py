@@ -26,6 +26,8 @@ BASE = {
     },
     "models": {},
     "ingress": {"num_cpus": 0.5, "replicas": 2, "max_ongoing_requests": 100},
+    "cluster": {"node_types": {"h200": {"gpus_per_node": 8, "gpu_memory_gb": 141,
+                                        "cost_per_hour": 80.0, "max_nodes": 2}}},
 }
 
 
@@ -51,7 +53,7 @@ def test_shipped_final_override_keeps_default_wait(shipped):
 def test_shipped_unlisted_model_gets_defaults(shipped):
     raw = yaml.safe_load(SHIPPED.read_text())["defaults"]
     draft = shipped.for_model("tiny-spare")  # listed nowhere
-    assert draft.model_dump() == raw
+    assert draft.model_dump() == {"gpu_type": None, **raw}
     assert draft.batching.max_batch_images == 8
 
 
@@ -70,8 +72,8 @@ def test_override_does_not_mutate_defaults():
         ({"batching": {"batch_wait_timeout_s": 1.0}}, ("batching", "batch_wait_timeout_s"), 1.0),
         ({"autoscaling": {"max_replicas": 4}}, ("autoscaling", "min_replicas"), 1),
         ({"autoscaling": {"max_replicas": 4}}, ("autoscaling", "target_ongoing_requests"), 4),
-        ({"num_gpus": 1}, ("num_gpus",), 1),
-        ({"num_gpus": 1}, ("num_cpus",), 1),
+        ({"num_gpus": 1, "gpu_type": "h200"}, ("num_gpus",), 1),
+        ({"num_gpus": 1, "gpu_type": "h200"}, ("num_cpus",), 1),
     ],
 )
 def test_overrides_merge_deeply(override, path, want):
@@ -104,7 +106,8 @@ def test_autoscaling_config_when_min_below_max(scaling):
 
 
 def test_deployment_options_carry_resources_and_batching():
-    p = policy(m={"num_gpus": 0.5, "batching": {"max_batch_images": 2}}).for_model("m")
+    p = policy(m={"num_gpus": 0.5, "gpu_type": "h200",
+                  "batching": {"max_batch_images": 2}}).for_model("m")
     opts = model_deployment_options(p)
     assert opts["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.5}
     assert opts["max_ongoing_requests"] == 8
@@ -197,3 +200,11 @@ def test_load_policy_errors_name_the_file(tmp_path, text):
         path.write_text(text)
     with pytest.raises(ValueError, match="invalid autoscaling policy .*policy.yaml"):
         load_policy(path)
+
+
+def test_gpu_replicas_name_a_node_type():
+    with pytest.raises(ValidationError, match="needs a gpu_type"):
+        policy(m={"num_gpus": 1})
+    with pytest.raises(ValidationError, match="needs a gpu_type"):
+        policy(m={"num_gpus": 1, "gpu_type": "a100"})
+    assert policy(m={"num_gpus": 1, "gpu_type": "h200"}).cluster.gpu_budget("h200") == 16

@@ -1,0 +1,142 @@
+"""`imagegen capacity check`: does the autoscaling policy fit under the hard node
+cap? Pure: the policy, the models it deploys and their vRAM in, findings out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from serve.lockfile import Profile
+
+from . import planner
+from .policies import Policy
+
+
+@dataclass(frozen=True, slots=True)
+class GpuDemand:
+    gpu_type: str
+    cap_gpus: int
+    min_gpus: float
+    max_gpus: float
+    by_model: dict[str, float]  # model -> its max GPU demand
+
+
+@dataclass
+class CheckResult:
+    demands: list[GpuDemand]
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check(policy: Policy, vram_gb: Mapping[str, float], tiers: Mapping[str, str]) -> CheckResult:
+    """`vram_gb`: model -> vRAM per replica (models.lock); `tiers`: tier -> model."""
+    cluster = policy.cluster
+    per_type: dict[str, dict[str, tuple[float, float]]] = {}
+    errors: list[str] = []
+    notes: list[str] = []
+    for model, need in sorted(vram_gb.items()):
+        p = policy.for_model(model)
+        if p.num_gpus == 0:
+            continue
+        node = cluster.node_types[p.gpu_type]  # validated by Policy
+        scaling = p.autoscaling
+        per_type.setdefault(p.gpu_type, {})[model] = (
+            scaling.min_replicas * p.num_gpus, scaling.max_replicas * p.num_gpus
+        )
+        if p.num_gpus > node.gpus_per_node:
+            errors.append(f"{model}: {p.num_gpus} GPUs per replica exceed a "
+                          f"{node.gpus_per_node}-GPU {p.gpu_type} node")
+        elif p.num_gpus < 1 and not math.isclose(1 / p.num_gpus, round(1 / p.num_gpus)):
+            notes.append(f"{model}: {p.num_gpus} GPU per replica does not divide a GPU; "
+                         f"{math.floor(1 / p.num_gpus)} replicas share one")
+        memory = p.num_gpus * node.gpu_memory_gb
+        if need > memory:
+            errors.append(f"{model}: needs {need} GB vRAM, {p.num_gpus} x {p.gpu_type} "
+                          f"gives {memory:g} GB")
+    demands = []
+    for gpu_type, models in sorted(per_type.items()):
+        cap = cluster.gpu_budget(gpu_type)
+        lo = sum(m[0] for m in models.values())
+        hi = sum(m[1] for m in models.values())
+        demands.append(GpuDemand(gpu_type, cap, lo, hi, {k: v[1] for k, v in models.items()}))
+        if lo > cap:
+            errors.append(f"{gpu_type}: the minimum replicas alone need {lo:g} GPUs, the cap "
+                          f"is {cap} ({cluster.node_types[gpu_type].max_nodes} nodes)")
+        elif hi > cap:
+            top = ", ".join(f"{m} {g[1]:g}" for m, g in sorted(models.items(),
+                                                                key=lambda x: -x[1][1]))
+            msg = (f"{gpu_type}: summed max demand {hi:g} GPUs exceeds the cap of {cap} "
+                   f"by {hi - cap:g} (max GPUs: {top})")
+            if cluster.budget_policy:
+                notes.append(msg + "; the shared budget policy holds it to the cap")
+            else:
+                errors.append(msg + "; lower max_replicas or set cluster.budget_policy")
+    unranked = sorted(t for t in tiers if t not in cluster.priorities)
+    if unranked and per_type:
+        errors.append(f"tiers without a priority in cluster.priorities: {', '.join(unranked)}")
+    return CheckResult(demands, errors, notes)
+
+
+# --- planner inputs from the policy, the lock's profiles and the routing ------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What the planner needs of one model: its default request and its profiles."""
+
+    width: int
+    height: int
+    steps: int
+    profiles: Mapping[str, Profile]  # accelerator type -> measured profile
+
+
+def plan_inputs(
+    policy: Policy, models: Mapping[str, ModelFacts], routes: Mapping[str, str],
+    rates: Mapping[str, float], slos: Mapping[str, float], *, service_cv: float = 0.1,
+    target_utilisation: float = 0.85,
+) -> planner.PlanInputs:
+    """PlanInputs for the tiers in `rates` (tier -> model from `routes`). Each tier's
+    requests are its model's default size and steps, one image each."""
+    nodes = {t: planner.NodeType(**n.model_dump()) for t, n in policy.cluster.node_types.items()}
+    if not nodes:
+        raise ValueError("the policy has no cluster.node_types: nothing to plan GPUs for")
+    tiers, revisions = {}, {}
+    for tier, rate in rates.items():
+        model = routes[tier]
+        facts, p = models[model], policy.for_model(model)
+        usable = {key: prof for key, prof in facts.profiles.items() if key in nodes}
+        if not usable:
+            raise ValueError(f"model {model} has no profile for {sorted(nodes)} "
+                             f"(has {sorted(facts.profiles)}); run `imagegen capacity profile`")
+        revisions[model] = planner.RevisionSpec(
+            profiles={key: planner.Profile(
+                steps=prof.steps,
+                seconds_per_megapixel=prof.seconds_per_megapixel,
+                peak_memory_gb={b: max(g, 1e-3) for b, g in prof.peak_memory_gb.items()},
+                gpus_per_replica=_accelerators(p, nodes[key]),
+                max_batch_images=p.batching.max_batch_images,
+                service_cv=service_cv,
+            ) for key, prof in usable.items()},
+            min_replicas=p.autoscaling.min_replicas, max_replicas=p.autoscaling.max_replicas,
+        )
+        tiers[tier] = planner.TierLoad(
+            revision=model, rate_rps=rate, priority=policy.cluster.priorities.get(tier, 0),
+            slo_p95_s=slos[tier],
+            mix=[planner.SizeMix(weight=1, width=facts.width, height=facts.height, images=1,
+                                 steps=facts.steps)],
+        )
+    first = next(iter(tiers.values())).mix
+    return planner.PlanInputs(tiers=tiers, revisions=revisions, nodes=nodes, mix=first,
+                              target_utilisation=target_utilisation)
+
+
+def _accelerators(p, node: planner.NodeType) -> float:
+    """GPUs per replica; a CPU replica (num_gpus 0) takes cpu_threads cores."""
+    if p.num_gpus:
+        return p.num_gpus
+    return min(p.cpu_threads or node.gpus_per_node, node.gpus_per_node)

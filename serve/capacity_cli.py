@@ -1,0 +1,313 @@
+"""`imagegen capacity ...`: check, plan, simulate and profile. Glue between the
+settings, models.lock, routing, the policy and the pure modules in autoscaling/."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import Settings
+from .lockfile import Profile, load_lock, verify
+from .routing import load_routing
+
+DEFAULT_SLO_S = {"draft": 10.0, "final": 60.0, "batch": 3600.0}
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("capacity", help="SRE capacity: check, plan, simulate, profile")
+    c.add_argument("--policy", type=Path, help="autoscaling policy (default: settings)")
+    csub = c.add_subparsers(dest="capacity_command", required=True)
+    csub.add_parser("check", help="fail when max GPU demand exceeds the node cap unenforced")
+    for name, text in (("plan", "replicas, nodes, p50/p95 and cost for arrival rates"),
+                       ("simulate", "discrete-event simulation of the planned pools")):
+        p = csub.add_parser(name, help=text)
+        p.add_argument("--rate", action="append", default=[], metavar="TIER=RPS",
+                       help="requests per second of a tier (repeat per tier)")
+        p.add_argument("--slo", action="append", default=[], metavar="TIER=SECONDS",
+                       help=f"p95 SLO of a tier (defaults {DEFAULT_SLO_S})")
+        p.add_argument("--route", action="append", default=[], metavar="TIER=MODEL",
+                       help="what if a tier ran this model (from the lock or --profiles)")
+        p.add_argument("--profiles", type=Path, action="append", default=[],
+                       help="extra lock-shaped TOML with [models.NAME.profiles.TYPE] tables")
+        p.add_argument("--cv", type=float, default=0.1, help="batch time CV (default 0.1)")
+        if name == "plan":
+            p.add_argument("--plots", type=Path, help="write latency/cost PNGs into DIR")
+        else:
+            p.add_argument("--trace", type=Path, help="CSV/JSONL: time_s,tier,width,height,n")
+            p.add_argument("--duration", type=float, default=3600.0,
+                           help="seconds of Poisson arrivals when no trace (default 3600)")
+            p.add_argument("--autoscale", action="store_true",
+                           help="start from min replicas and let the budget autoscaler act")
+            p.add_argument("--cold-start", type=float, default=60.0, help="seconds")
+            p.add_argument("--seed", type=int, default=1)
+    pr = csub.add_parser("profile", help="measure seconds/megapixel and peak memory here")
+    pr.add_argument("rev", nargs="?", help="models.lock name to profile")
+    pr.add_argument("--recipe", choices=["sd15-arch", "sdxl-arch"],
+                    help="an architecture-faithful random-weight pipeline instead")
+    pr.add_argument("--size", help="WIDTHxHEIGHT (default: the model's)")
+    pr.add_argument("--steps", type=int, help="denoising steps (default: the model's; 20)")
+    pr.add_argument("--batches", default="1,2,4,8", help="batch sizes (default 1,2,4,8)")
+    pr.add_argument("--repeats", type=int, default=3)
+    pr.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
+    pr.add_argument("--compile", action="store_true", help="UNet under torch.compile")
+    pr.add_argument("--key", help="profile key (default: this accelerator's type)")
+    pr.add_argument("--write", action="store_true", help="record it in models.lock")
+    pr.add_argument("--out", type=Path, help="record it in this lock-shaped TOML instead")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    commands = {"check": _check, "plan": _plan, "simulate": _simulate, "profile": _profile}
+    try:
+        return commands[args.capacity_command](args, settings)
+    except (ValueError, OSError) as e:  # bad policy, trace or profile file: say which
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _policy(args, settings):
+    from autoscaling.policies import load_policy
+
+    return load_policy(args.policy or settings.policy_file)
+
+
+def _check(args, settings) -> int:
+    from autoscaling.capacity import check
+
+    policy = _policy(args, settings)
+    lock = load_lock(settings.lock_file)
+    routing = load_routing(settings.routing_file, lock)
+    res = check(policy, {n: e.vram_gb for n, e in lock.models.items()},
+                {t: r.model for t, r in routing.tiers.items()})
+    if not res.demands:
+        print("no revision asks for GPUs (CPU policy): nothing to cap")
+    for d in res.demands:
+        print(f"{d.gpu_type}: cap {d.cap_gpus} GPUs; demand min {d.min_gpus:g}, "
+              f"max {d.max_gpus:g}  ({', '.join(f'{m} {g:g}' for m, g in d.by_model.items())})")
+    for note in res.notes:
+        print(f"note: {note}")
+    for err in res.errors:
+        print(f"FAIL: {err}", file=sys.stderr)
+    print("ok" if res.ok else "capacity check failed")
+    return 0 if res.ok else 1
+
+
+def _pairs(values: list[str], what: str, cast=float) -> dict:
+    out = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep:
+            raise SystemExit(f"--{what} {v!r}: expected TIER=VALUE")
+        out[key] = cast(val)
+    return out
+
+
+def _inputs(args, settings):
+    import tomllib
+
+    from autoscaling.capacity import ModelFacts, plan_inputs
+
+    policy = _policy(args, settings)
+    lock = load_lock(settings.lock_file)
+    routing = load_routing(settings.routing_file, lock)
+    models = {n: ModelFacts(e.defaults.width, e.defaults.height, e.defaults.steps,
+                            e.profiles) for n, e in lock.models.items()}
+    for path in args.profiles:
+        for name, table in tomllib.loads(path.read_text())["models"].items():
+            profiles = {k: Profile.model_validate(v) for k, v in table["profiles"].items()}
+            known = models.get(name)
+            if known:
+                models[name] = ModelFacts(known.width, known.height, known.steps,
+                                          {**known.profiles, **profiles})
+            else:
+                first = next(iter(profiles.values()))
+                models[name] = ModelFacts(first.width, first.height, first.steps, profiles)
+    routes = {t: r.model for t, r in routing.tiers.items()} | _pairs(args.route, "route", str)
+    rates = _pairs(args.rate, "rate")
+    if not rates:
+        raise SystemExit("give at least one --rate TIER=RPS")
+    slos = {t: DEFAULT_SLO_S.get(t, 60.0) for t in rates} | _pairs(args.slo, "slo")
+    return plan_inputs(policy, models, routes, rates, slos, service_cv=args.cv)
+
+
+def _plan(args, settings) -> int:
+    from autoscaling import planner
+
+    inputs = _inputs(args, settings)
+    p = planner.plan(inputs)
+    _print_plan(p)
+    if args.plots:
+        for path in _plots(inputs, p, args.plots):
+            print(f"wrote {path}")
+    return 0 if p.fits_cap and not p.slo_misses else 1
+
+
+def _print_plan(p) -> None:
+    print(f"{'tier':<8}{'model':<14}{'req/s':>7}{'SLO p95':>9}{'p50 s':>8}{'p95 s':>8}  meets")
+    for t in p.tiers.values():
+        print(f"{t.tier:<8}{t.revision:<14}{t.rate_rps:>7.2f}{t.slo_p95_s:>9.2f}"
+              f"{t.p50_s:>8.3f}{t.p95_s:>8.3f}  {'yes' if t.meets_slo else 'NO'}")
+    print(f"\n{'model':<14}{'accel':<14}{'replicas':>9}{'needed':>7}{'accel':>6}"
+          f"{'batch':>7}{'util':>6}{'busy':>6}")
+    for r in p.revisions.values():
+        print(f"{r.revision:<14}{r.gpu:<14}{r.replicas:>9}{r.required_replicas:>7}"
+              f"{r.gpus:>6g}{r.perf.mean_batch_images:>7.2f}{r.perf.utilisation:>6.2f}"
+              f"{r.perf.busy:>6.2f}")
+    print()
+    for pool in p.pools.values():
+        print(f"{pool.gpu}: {pool.nodes}/{pool.max_nodes} nodes, {pool.gpus_used:g}/"
+              f"{pool.gpus_provisioned} GPUs used, GPU utilisation {pool.gpu_utilisation:.0%}, "
+              f"${pool.cost_per_hour:,.2f}/h, spare {pool.spare_nodes} nodes "
+              f"({pool.spare_gpus:g} GPUs) under the cap")
+    print(f"total ${p.cost_per_hour:,.2f}/h, ${p.cost_per_image:.3g}/image; "
+          f"{'fits the cap' if p.fits_cap else 'DOES NOT FIT the cap'}"
+          + (f"; SLO missed by {', '.join(p.slo_misses)}" if p.slo_misses else ""))
+
+
+def _plots(inputs, p, out: Path) -> list[Path]:
+    from autoscaling import planner
+    from autoscaling.plots import plot_cost_vs_slo, plot_latency_vs_load
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rev in p.revisions.items():
+        base = sum(t.rate_rps for t in inputs.tiers.values() if t.revision == name)
+        if not rev.replicas or not base:
+            continue
+        # Up to where the planned pool saturates (utilisation 1 at full batches).
+        top = base / rev.perf.utilisation if rev.perf.utilisation > 0 else 2 * base
+        points = planner.sweep_load(inputs, name, [top * f / 40 for f in range(1, 40)])
+        paths.append(plot_latency_vs_load(
+            points, rev.slo_p95_s, out / f"latency-{name}.png", planned_rps=base,
+            title=f"{name}: latency against load, {rev.replicas} replicas on {rev.gpu}"))
+    # From just above the fastest planned median (no pool can beat its service
+    # time) to the loosest SLO, log-spaced: where cost changes with the SLO.
+    fast = min((r.perf.p50_s for r in p.revisions.values() if r.perf.p50_s < float("inf")),
+               default=0.1)
+    hi = max(t.slo_p95_s for t in inputs.tiers.values())
+    lo = min(fast * 1.1, hi / 2)
+    grid = [lo * (hi / lo) ** (i / 15) for i in range(16)]
+    paths.append(plot_cost_vs_slo(planner.sweep_slo(inputs, grid), out / "cost-vs-slo.png"))
+    return paths
+
+
+def _simulate(args, settings) -> int:
+    from autoscaling import planner, simulator
+
+    inputs = _inputs(args, settings)
+    p = planner.plan(inputs)
+    arrivals = simulator.load_trace(args.trace) if args.trace else None
+    duration = max(a.time_s for a in arrivals) + 1 if arrivals else args.duration
+    scaler = simulator.AutoscalerConfig(cold_start_s=args.cold_start) if args.autoscale else None
+    config = simulator.SimConfig(duration_s=duration, warmup_s=min(300.0, duration / 10),
+                                 seed=args.seed, autoscaler=scaler)
+    res = simulator.simulate(inputs, p, config, arrivals)
+    print(f"{'tier':<8}{'done':>8}{'dropped':>8}{'p50 s':>8}{'p95 s':>8}{'planner p95':>12}"
+          f"{'sim/plan':>9}")
+    for name, t in res.tiers.items():
+        planned = p.tiers[name].p95_s if name in p.tiers else float("nan")
+        print(f"{name:<8}{t.completed:>8}{t.dropped + t.timed_out:>8}{t.p50_s:>8.3f}"
+              f"{t.p95_s:>8.3f}{planned:>12.3f}{t.p95_s / planned:>9.2f}")
+    print(f"peak GPUs {dict(res.peak_gpus)}, GPU-seconds {res.gpu_seconds:,.0f}, "
+          f"cost ${res.cost:,.2f} over {duration / 3600:.2f} h")
+    return 0
+
+
+def accelerator() -> tuple[str, str]:
+    """(profile key, description): ('nvidia-h200', 'NVIDIA H200') or ('cpu', 'cpu x2')."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
+    return "cpu", f"cpu x{len(os.sched_getaffinity(0))}"
+
+
+def _profile(args, settings) -> int:
+    if bool(args.rev) == bool(args.recipe):
+        raise SystemExit("give a models.lock name or --recipe, not both")
+    if args.write and not args.rev:
+        raise SystemExit("--write records into models.lock: only for a lock revision")
+    import diffusers
+    import torch
+    from tqdm import tqdm
+
+    from autoscaling.profiler import measure
+
+    from .engines.base import EngineSpec, Job
+    from .engines.diffusers_engine import DiffusersEngine
+
+    key, device = accelerator()
+    options: dict = {"compile": args.compile}
+    if args.attention != "auto":
+        options["xformers"] = args.attention == "xformers"
+    if settings.threads:
+        options["threads"] = settings.threads
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.recipe:
+            from .archmodels import ARCHS, build_arch
+
+            cuda = torch.cuda.is_available()
+            dtype = "float16" if cuda else "float32"
+            print(f"building {args.recipe} (random weights) ...", flush=True)
+            pipeline = build_arch(args.recipe, Path(tmp), dtype, "cuda" if cuda else "cpu")
+            spec = EngineSpec(args.recipe, "random", Path(tmp), pipeline, dtype, options)
+            size, steps, guidance = ARCHS[args.recipe][1], 20, 7.0
+            width = height = size
+        else:
+            entry = load_lock(settings.lock_file).get(args.rev)
+            root = entry.local_dir(settings.model_dir)
+            verify(entry, root)
+            spec = EngineSpec(entry.name, entry.revision, root, entry.pipeline, entry.dtype,
+                              options)
+            d = entry.defaults
+            width, height, steps, guidance = d.width, d.height, d.steps, d.guidance
+        if args.size:
+            width, height = (int(x) for x in args.size.split("x"))
+        steps = args.steps or steps
+        engine = DiffusersEngine(spec)
+        engine.load()
+        job = Job("a lighthouse on a cliff at dusk, oil painting", "", width, height, steps,
+                  guidance, 0)
+        name = args.recipe or args.rev
+        with tqdm(total=len(batches) * args.repeats, desc=f"{name} on {key}") as bar:
+            prof = measure(engine, job, batches, repeats=args.repeats, device=device,
+                           software=f"torch {torch.__version__}, diffusers "
+                                    f"{diffusers.__version__}", tick=bar.update)
+    key = args.key or key
+    print(f"\n{name} on {device} ({key}), {width}x{height}, {steps} steps, "
+          f"{prof.attention}{', compiled' if prof.compiled else ''}")
+    print(f"{'batch':>6}{'s/batch':>9}{'img/s':>8}{'s/MP':>8}{'peak GB':>9}")
+    mp = width * height / 1e6
+    for b, spmp in prof.seconds_per_megapixel.items():
+        print(f"{b:>6}{spmp * b * mp:>9.3f}{1 / (spmp * mp):>8.2f}{spmp:>8.3f}"
+              f"{prof.peak_memory_gb[b]:>9.2f}")
+    target = settings.lock_file if args.write else args.out
+    if target:
+        record_profile(Path(target), name, key, prof)
+        print(f"recorded [models.{name}.profiles.{key}] in {target}")
+    return 0
+
+
+def record_profile(path: Path, model: str, key: str, prof: Profile) -> None:
+    """Write one profile table into a lock-shaped TOML file, keeping its comments."""
+    import tomlkit
+
+    doc = tomlkit.parse(path.read_text()) if path.exists() else tomlkit.document()
+    models = doc.setdefault("models", tomlkit.table(is_super_table=True))
+    entry = models.setdefault(model, tomlkit.table())
+    profiles = entry.setdefault("profiles", tomlkit.table(is_super_table=True))
+    table = tomlkit.table()
+    for field, value in prof.model_dump().items():
+        if isinstance(value, dict):
+            inline = tomlkit.inline_table()
+            inline.update({str(k): v for k, v in value.items()})
+            value = inline
+        table[field] = value
+    table.add(tomlkit.nl())
+    profiles[key] = table
+    path.write_text(tomlkit.dumps(doc))

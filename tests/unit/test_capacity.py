@@ -1,0 +1,162 @@
+"""`imagegen capacity`: the cap check by table, planner inputs from the policy and
+models.lock, profiles recorded into a lock, and the CLI end to end (no Ray)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import yaml
+
+from autoscaling.capacity import ModelFacts, check, plan_inputs
+from autoscaling.policies import Policy, load_policy
+from serve.capacity_cli import record_profile
+from serve.cli import main
+from serve.config import ROOT
+from serve.lockfile import Profile, load_lock
+
+GPU_POLICY = ROOT / "autoscaling" / "policy-gpu.yaml"
+TIERS = {"draft": "tiny-draft", "final": "tiny-final"}
+VRAM = {"tiny-draft": 1.0, "tiny-final": 2.0}
+
+
+def gpu_policy(**patch) -> Policy:
+    doc = yaml.safe_load(GPU_POLICY.read_text())
+    for path, value in patch.items():
+        *parents, leaf = path.split(".")
+        node = doc
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return Policy.model_validate(doc)
+
+
+def test_cpu_policy_asks_for_no_gpus():
+    res = check(load_policy(ROOT / "autoscaling" / "policy.yaml"), VRAM, TIERS)
+    assert res.ok and res.demands == []
+
+
+@pytest.mark.parametrize(
+    ("patch", "ok", "says"),
+    [
+        ({}, True, "budget policy holds it to the cap"),  # 8 + 12 = 20 > 16, enforced
+        ({"cluster.budget_policy": False}, False, "exceeds the cap of 16 by 4"),
+        ({"cluster.budget_policy": False, "models.tiny-final.autoscaling.max_replicas": 8},
+         True, ""),  # 8 + 8 = 16 fits
+        ({"cluster.node_types.nvidia-h200.max_nodes": 3, "cluster.budget_policy": False},
+         True, ""),
+        ({"models.tiny-final.autoscaling.min_replicas": 12,
+          "models.tiny-draft.autoscaling.min_replicas": 8}, False, "minimum replicas alone"),
+        ({"models.tiny-final.num_gpus": 16}, False, "exceed a 8-GPU nvidia-h200 node"),
+    ],
+)
+def test_cap_check(patch, ok, says):
+    res = check(gpu_policy(**patch), VRAM, TIERS)
+    assert res.ok is ok, (res.errors, res.notes)
+    assert says in " ".join(res.errors + res.notes)
+
+
+def test_cap_check_names_memory_and_unranked_tiers():
+    res = check(gpu_policy(), {"tiny-draft": 500.0}, {"draft": "tiny-draft", "vip": "x"})
+    assert any("needs 500.0 GB vRAM" in e for e in res.errors)
+    assert any("vip" in e for e in res.errors)
+
+
+def facts(profiles: dict[str, Profile]) -> ModelFacts:
+    return ModelFacts(64, 64, 2, profiles)
+
+
+def test_plan_inputs_from_the_shipped_policy_and_lock():
+    lock = load_lock(ROOT / "models.lock")
+    models = {n: ModelFacts(e.defaults.width, e.defaults.height, e.defaults.steps, e.profiles)
+              for n, e in lock.models.items()}
+    policy = load_policy(ROOT / "autoscaling" / "policy.yaml")
+    inputs = plan_inputs(policy, models, TIERS, {"draft": 10, "final": 1},
+                         {"draft": 5, "final": 30})
+    draft = inputs.revisions["tiny-draft"].profiles["cpu"]
+    assert draft.gpus_per_replica == 1  # cpu_threads 1: one core per replica
+    assert inputs.revisions["tiny-final"].profiles["cpu"].gpus_per_replica == 2
+    assert draft.max_batch_images == 8 and inputs.revisions["tiny-final"].profiles[
+        "cpu"].max_batch_images == 4
+    assert inputs.revisions["tiny-draft"].min_replicas == 2
+    assert inputs.tiers["final"].priority > inputs.tiers["draft"].priority
+    assert inputs.nodes["cpu"].max_nodes == 1
+
+
+def test_plan_inputs_say_how_to_get_a_missing_profile():
+    with pytest.raises(ValueError, match="imagegen capacity profile"):
+        plan_inputs(gpu_policy(), {"tiny-draft": facts({})}, TIERS, {"draft": 1}, {"draft": 1})
+
+
+PROFILE = Profile(measured="2026-11-25", device="NVIDIA H200", width=1024, height=1024,
+                  steps=20, attention="sdpa", seconds_per_megapixel={1: 1.0, 4: 0.5},
+                  peak_memory_gb={1: 12.0, 4: 20.0})
+
+
+def test_profile_is_recorded_into_the_lock_keeping_comments_and_revision(tmp_path):
+    path = tmp_path / "models.lock"
+    shutil.copy(ROOT / "models.lock", path)
+    before = load_lock(path)
+    record_profile(path, "tiny-draft", "nvidia-h200", PROFILE)
+    record_profile(path, "tiny-draft", "nvidia-h200", PROFILE.model_copy(
+        update={"steps": 30}))  # measuring again replaces it
+    after = load_lock(path)
+    got = after.models["tiny-draft"].profiles
+    assert got["nvidia-h200"] == PROFILE.model_copy(update={"steps": 30})
+    assert got["cpu"] == before.models["tiny-draft"].profiles["cpu"]
+    assert after.models["tiny-draft"].revision == before.models["tiny-draft"].revision
+    assert "# models.lock: every model revision" in path.read_text()
+
+
+def test_cli_check_exit_codes(tmp_path, capsys):
+    assert main(["capacity", "--policy", str(GPU_POLICY), "check"]) == 0
+    doc = yaml.safe_load(GPU_POLICY.read_text())
+    doc["cluster"]["budget_policy"] = False
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump(doc))
+    assert main(["capacity", "--policy", str(strict), "check"]) == 1
+    assert "exceeds the cap of 16 by 6" in capsys.readouterr().err
+    bad = copy.deepcopy(doc)
+    bad["defaults"]["num_gpus"] = -1
+    strict.write_text(yaml.safe_dump(bad))
+    assert main(["capacity", "--policy", str(strict), "check"]) == 2
+
+
+def test_cli_plan_prints_the_plan_and_draws_plots(tmp_path, capsys):
+    rc = main(["capacity", "plan", "--rate", "draft=20", "--slo", "draft=1",
+               "--plots", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "fits the cap" in out and "tiny-draft" in out
+    for name in ("latency-tiny-draft.png", "cost-vs-slo.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_cli_plan_what_if_with_extra_profiles(tmp_path, capsys):
+    extra = tmp_path / "profiles.toml"
+    record_profile(extra, "big-model", "nvidia-h200", PROFILE)
+    rc = main(["capacity", "--policy", str(GPU_POLICY), "plan", "--profiles", str(extra),
+               "--route", "final=big-model", "--rate", "final=2", "--slo", "final=30"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "big-model" in out and "nvidia-h200" in out and "$84.00/h" in out
+
+
+def test_cli_simulate_a_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.csv"
+    rows = ["time_s,tier,width,height,n"] + [f"{i * 0.1:.1f},draft,64,64,1" for i in range(600)]
+    trace.write_text("\n".join(rows) + "\n")
+    rc = main(["capacity", "simulate", "--trace", str(trace), "--rate", "draft=10"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    line = next(x for x in out.splitlines() if x.startswith("draft"))
+    assert int(line.split()[1]) > 500  # completed after warm-up
+
+
+def test_cli_rejects_a_bad_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("time_s,tier,width,height,n\nsoon,draft,64,64,1\n")
+    assert main(["capacity", "simulate", "--trace", str(trace), "--rate", "draft=1"]) == 2
+    assert "trace.csv:2" in capsys.readouterr().err
