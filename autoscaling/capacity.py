@@ -74,6 +74,13 @@ def check(policy: Policy, vram_gb: Mapping[str, float], tiers: Mapping[str, str]
                    f"by {hi - cap:g} (max GPUs: {top})")
             if cluster.budget_policy:
                 notes.append(msg + "; the shared budget policy holds it to the cap")
+                cold = sorted(m for m in models if policy.for_model(m).autoscaling.min_replicas
+                              == 0)
+                if cold:
+                    # Serve's cold-start path scales 0 -> 1 before any policy runs.
+                    notes.append(f"{gpu_type}: {', '.join(cold)} may scale from 0 to 1 "
+                                 "replica outside the budget policy (Serve's cold start); "
+                                 "keep a GPU of headroom or min_replicas >= 1")
             else:
                 errors.append(msg + "; lower max_replicas or set cluster.budget_policy")
     unranked = sorted(t for t in tiers if t not in cluster.priorities)

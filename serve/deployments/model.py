@@ -85,6 +85,7 @@ class ModelDeployment:
             log.error("model %s unready: %s", entry.deployment_name, self.error)
         self.load_s = time.perf_counter() - t0
         self.batcher = PipelineBatcher(self._run, max_images=8)
+        self.running_images = 0
         self.metrics.set("imagegen_model_load_seconds", self.load_s, **self.labels)
         self.metrics.set("imagegen_model_ready", float(self.engine is not None), **self.labels)
         self._record_memory()
@@ -135,12 +136,14 @@ class ModelDeployment:
         self.metrics.set("imagegen_queued_images", self.batcher.queued_images,
                          model=self.entry.name, where="replica")
         t0 = time.perf_counter()
+        self.running_images = len(jobs)
         try:
             return await loop.run_in_executor(self._pool, self.engine.generate, jobs)
         except Exception as e:
             log.exception("generation failed on %s", self.entry.deployment_name)
             raise GenerationFailed(f"generation failed on {self.entry.name}: {e}") from None
         finally:
+            self.running_images = 0
             self.metrics.observe("imagegen_pipeline_seconds", time.perf_counter() - t0,
                                  **self.labels)
             self.metrics.observe("imagegen_batch_images", len(jobs), **self.labels)
@@ -150,6 +153,13 @@ class ModelDeployment:
     def _record_memory(self) -> None:
         for kind, value in (self.engine.memory() if self.engine else {}).items():
             self.metrics.set("imagegen_gpu_memory_bytes", value, kind=kind, **self.labels)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Queue pressure in images for the budget autoscaling policy (Serve calls
+        this on every replica; the ingress sends several requests per call, so
+        Serve's own ongoing-request count understates the load)."""
+        return {"queued_images": float(self.batcher.queued_images),
+                "running_images": float(self.running_images)}
 
     def status(self) -> dict[str, Any]:
         """Readiness with the reason, for /readyz and `imagegen models`."""
