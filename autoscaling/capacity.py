@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from serve.lockfile import Profile
 
 from . import planner
-from .policies import Policy
+from .policies import NodeType, Policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +109,7 @@ def plan_inputs(
 ) -> planner.PlanInputs:
     """PlanInputs for the tiers in `rates` (tier -> model from `routes`). Each tier's
     requests are its model's default size and steps, one image each."""
-    nodes = {t: planner.NodeType(**n.model_dump()) for t, n in policy.cluster.node_types.items()}
+    nodes = dict(policy.cluster.node_types)
     if not nodes:
         raise ValueError("the policy has no cluster.node_types: nothing to plan GPUs for")
     tiers, revisions = {}, {}
@@ -142,7 +142,7 @@ def plan_inputs(
                               target_utilisation=target_utilisation)
 
 
-def _accelerators(p, node: planner.NodeType) -> float:
+def _accelerators(p, node: NodeType) -> float:
     """GPUs per replica; a CPU replica (num_gpus 0) takes cpu_threads cores."""
     if p.num_gpus:
         return p.num_gpus

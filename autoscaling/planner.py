@@ -42,6 +42,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .budget import Demand, allocate
+from .policies import NodeType  # the node types and caps of the policy's cluster
 from .queueing import BulkQueue, ServiceDist, WaitTail, bulk_queue, solve_quantile
 
 
@@ -124,13 +125,6 @@ class RevisionSpec(_Strict):
                 f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}"
             )
         return self
-
-
-class NodeType(_Strict):
-    gpus_per_node: Annotated[int, Field(ge=1)] = Field(description="GPUs on one node")
-    gpu_memory_gb: Annotated[float, Field(gt=0)] = Field(description="memory of one GPU")
-    cost_per_hour: Annotated[float, Field(ge=0)] = Field(description="price of one node")
-    max_nodes: Annotated[int, Field(ge=0)] = Field(description="hard cap on nodes of this type")
 
 
 class TierLoad(_Strict):

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import Settings
+from .config import ROOT, Settings
 from .lockfile import Profile, load_lock, verify
 from .routing import load_routing
 
@@ -44,6 +44,10 @@ def add_parser(sub) -> None:
                            help="start from min replicas and let the budget autoscaler act")
             p.add_argument("--cold-start", type=float, default=60.0, help="seconds")
             p.add_argument("--seed", type=int, default=1)
+    sc = csub.add_parser("serve-config", help="the Serve config (RayService serveConfigV2)"
+                         " application entry, with the budget policy when enabled")
+    sc.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="build_app argument, e.g. model_dir=/models")
     pr = csub.add_parser("profile", help="measure seconds/megapixel and peak memory here")
     pr.add_argument("rev", nargs="?", help="models.lock name to profile")
     pr.add_argument("--recipe", choices=["sd15-arch", "sdxl-arch"],
@@ -60,7 +64,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    commands = {"check": _check, "plan": _plan, "simulate": _simulate, "profile": _profile}
+    commands = {"check": _check, "plan": _plan, "simulate": _simulate, "profile": _profile,
+                "serve-config": _serve_config}
     try:
         return commands[args.capacity_command](args, settings)
     except (ValueError, OSError) as e:  # bad policy, trace or profile file: say which
@@ -93,6 +98,25 @@ def _check(args, settings) -> int:
         print(f"FAIL: {err}", file=sys.stderr)
     print("ok" if res.ok else "capacity check failed")
     return 0 if res.ok else 1
+
+
+def _serve_config(args, settings) -> int:
+    import yaml
+
+    from autoscaling.serve_policy import serve_config
+
+    lock = load_lock(settings.lock_file)
+    routing = load_routing(settings.routing_file, lock)
+    build_args = _pairs(args.arg, "arg", str)
+    if args.policy and "policy_file" not in build_args:
+        # The replicas must build their deployments from this same policy; a path
+        # inside the checkout stays relative (a RayService's working_dir).
+        path = args.policy.resolve()
+        rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        build_args["policy_file"] = str(rel)
+    app = serve_config(_policy(args, settings), lock, routing, args=build_args)
+    print(yaml.safe_dump({"applications": [app]}, sort_keys=False), end="")
+    return 0
 
 
 def _pairs(values: list[str], what: str, cast=float) -> dict:

@@ -160,3 +160,15 @@ def test_cli_rejects_a_bad_trace(tmp_path, capsys):
     trace.write_text("time_s,tier,width,height,n\nsoon,draft,64,64,1\n")
     assert main(["capacity", "simulate", "--trace", str(trace), "--rate", "draft=1"]) == 2
     assert "trace.csv:2" in capsys.readouterr().err
+
+
+def test_cli_serve_config_is_a_valid_serve_config(capsys):
+    from ray.serve.schema import ServeDeploySchema
+
+    assert main(["capacity", "--policy", str(GPU_POLICY), "serve-config",
+                 "--arg", "model_dir=/models"]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    ServeDeploySchema.model_validate(doc)
+    (app,) = doc["applications"]
+    assert app["args"] == {"model_dir": "/models", "policy_file": "autoscaling/policy-gpu.yaml"}
+    assert app["autoscaling_policy"]["policy_function"] == "autoscaling.serve_policy:BudgetPolicy"

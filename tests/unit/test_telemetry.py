@@ -213,3 +213,21 @@ def test_recording_outside_the_catalogue_fails(metrics):
         metrics.inc("imagegen_made_up_total")
     with pytest.raises(TypeError):
         metrics.inc("imagegen_model_ready")
+
+
+def test_spans_record_only_when_something_listens():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    from serve.telemetry.tracing import _Listened
+
+    sampler = _Listened(ALWAYS_ON, listened=False)
+    tracer = TracerProvider(sampler=sampler).get_tracer("t")
+    with tracer.start_as_current_span("quiet") as span:
+        ctx = span.get_span_context()
+        assert not span.is_recording() and ctx.is_valid  # the trace id still flows
+        with tracer.start_as_current_span("child") as child:
+            assert child.get_span_context().trace_id == ctx.trace_id
+    sampler.listened = True
+    with tracer.start_as_current_span("heard") as span:
+        assert span.is_recording()
