@@ -1,6 +1,8 @@
 """The shared GPU budget: how many replicas each revision gets when they all draw
-on one pool. Pure and Ray-free, so the planner, the simulator and the Serve
-application-level policy adapter make the same decision from the same numbers.
+on one pool. Pure and Ray-free: the planner, the simulator and the Serve
+application-level policy (serve_policy.decide) all divide GPUs with `allocate`;
+the policy adds the step-by-step rule that keeps replicas still holding GPUs
+counted, which the simulator's own autoscaler models separately.
 """
 
 from __future__ import annotations

@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-from serve.lockfile import Profile
+from typing import Any
 
 from . import planner
 from .policies import NodeType, Policy
@@ -99,7 +98,9 @@ class ModelFacts:
     width: int
     height: int
     steps: int
-    profiles: Mapping[str, Profile]  # accelerator type -> measured profile
+    # accelerator type -> measured profile (serve.lockfile.Profile: steps,
+    # seconds_per_megapixel, peak_memory_gb)
+    profiles: Mapping[str, Any]
 
 
 def plan_inputs(
@@ -114,7 +115,14 @@ def plan_inputs(
         raise ValueError("the policy has no cluster.node_types: nothing to plan GPUs for")
     tiers, revisions = {}, {}
     for tier, rate in rates.items():
-        model = routes[tier]
+        model = routes.get(tier)
+        if model is None:
+            raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(sorted(routes))}")
+        if model not in models:
+            raise ValueError(f"tier {tier!r}: model {model!r} is neither in models.lock nor "
+                             "in a --profiles file")
+        if tier not in slos:
+            raise ValueError(f"tier {tier!r} has no SLO")
         facts, p = models[model], policy.for_model(model)
         usable = {key: prof for key, prof in facts.profiles.items() if key in nodes}
         if not usable:

@@ -497,8 +497,8 @@ class Plan:
 
     @property
     def cost_per_image(self) -> float:
-        """Cost per hour over the images demanded per hour."""
-        images = sum(r.perf.images_per_s for r in self.revisions.values()) * 3600
+        """Cost per hour over the images per hour the planned replicas serve."""
+        images = sum(r.perf.images_per_s for r in self.revisions.values() if r.replicas) * 3600
         return self.cost_per_hour / images if images > 0 else math.inf
 
     @property

@@ -23,7 +23,8 @@ def measure(
 
     Each batch size: `warmup` untimed calls (lazy init, compilation, allocator
     growth), then the median of `repeats` timed calls. Peak memory is the
-    accelerator's peak in that window; on the CPU the process's peak RSS.
+    accelerator's peak in that window; on the CPU the process's peak RSS so far
+    (it cannot be reset: batch sizes are measured smallest first).
     """
     megapixels = job.width * job.height / 1e6
     spmp: dict[int, float] = {}

@@ -38,17 +38,23 @@ class DeploymentState:
     priority: int
     min_replicas: int
     max_replicas: int
-    held: int  # replicas holding GPUs: max(current target, running)
+    held: int  # replicas holding GPUs: max(target, running + stopping)
     images: float  # queued + running images in its replicas
     target_images: float  # images per replica it aims for
+    target: int = -1  # Serve's current target replicas (-1: same as held)
+
+    @property
+    def current_target(self) -> int:
+        return self.held if self.target < 0 else self.target
 
 
 def decide(states: list[DeploymentState], budget: Mapping[str, float]) -> dict[str, int]:
     """New target replicas per deployment. Pure.
 
-    The sum of targets never exceeds the budget of a GPU type once the mins fit:
-    downscales are decided first but free nothing yet; upscales, by priority,
-    take only what no current target holds.
+    GPUs asked for never exceed the budget of a GPU type once the mins fit: a
+    target at or below the current one asks nothing new (and frees nothing until
+    Serve has stopped the replicas); any step above the current target, by
+    priority, must fit in what no target, running or stopping replica holds.
     """
     out: dict[str, int] = {}
     by_type: dict[str, list[DeploymentState]] = {}
@@ -58,18 +64,18 @@ def decide(states: list[DeploymentState], budget: Mapping[str, float]) -> dict[s
         cap = budget.get(gpu_type, 0.0)
         fair = allocate([
             Demand(s.name, s.priority, s.gpus_per_replica, s.min_replicas, s.max_replicas,
-                   desired_replicas(s.images, 0, s.held, s.target_images))
+                   desired_replicas(s.images, 0, s.current_target, s.target_images))
             for s in group
         ], cap)
         free = cap - sum(s.held * s.gpus_per_replica for s in group)
         for s in sorted(group, key=lambda s: (-s.priority, s.name)):
-            want = fair[s.name]
-            if want <= s.held:
+            want, now = fair[s.name], s.current_target
+            if want <= now:
                 out[s.name] = want
                 continue
             room = math.floor((free + 1e-9) / s.gpus_per_replica) if s.gpus_per_replica else want
-            grant = max(0, min(want - s.held, room))
-            out[s.name] = s.held + grant
+            grant = max(0, min(want - now, room))
+            out[s.name] = now + grant
             free -= grant * s.gpus_per_replica
     return out
 
@@ -118,10 +124,11 @@ class BudgetPolicy:
                 max_replicas=ctx.capacity_adjusted_max_replicas,
                 held=max(ctx.target_num_replicas, ctx.current_num_replicas + stopping),
                 images=_images(ctx), target_images=spec["target_images"],
+                target=ctx.target_num_replicas,
             ))
         decisions = decide(states, self.budget)
-        changed = {n: (s.held, decisions[n]) for s in states
-                   if decisions[(n := s.name)] != s.held}
+        changed = {n: (s.target, decisions[n]) for s in states
+                   if decisions[(n := s.name)] != s.target}
         if changed:
             log.info("budget policy: %s", changed)
         return {ids[n]: r for n, r in decisions.items()}, {}
@@ -147,11 +154,15 @@ def serve_config(
                            "route_prefix": "/", "args": args or {}}
     if not policy.cluster.budget_policy:
         return app
-    deployments, budget = {}, {}
+    deployments, budget, fixed = {}, {}, {}
     for model, entry in lock.models.items():
         p = policy.for_model(model)
-        if p.num_gpus == 0 or p.autoscaling.min_replicas == p.autoscaling.max_replicas:
-            continue  # no GPUs, or not autoscaled: nothing to divide
+        if p.num_gpus == 0:
+            continue
+        if p.autoscaling.min_replicas == p.autoscaling.max_replicas:
+            # not autoscaled: its GPUs are taken before the policy divides the rest
+            fixed[p.gpu_type] = fixed.get(p.gpu_type, 0.0) + p.num_gpus * p.autoscaling.max_replicas
+            continue
         tiers = routing.tiers_of(model)
         deployments[entry.deployment_name] = {
             "gpu_type": p.gpu_type, "gpus": p.num_gpus,
@@ -160,6 +171,7 @@ def serve_config(
             "target_images": 2 * p.batching.max_batch_images,
         }
         budget[p.gpu_type] = float(policy.cluster.gpu_budget(p.gpu_type))
+    budget = {t: max(0.0, b - fixed.get(t, 0.0)) for t, b in budget.items()}
     app["autoscaling_policy"] = {"policy_function": POLICY_FUNCTION,
                                  "policy_kwargs": {"budget": budget, "deployments": deployments}}
     return app

@@ -4,8 +4,6 @@ settings, models.lock, routing, the policy and the pure modules in autoscaling/.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -70,6 +68,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return commands[args.capacity_command](args, settings)
     except (ValueError, OSError) as e:  # bad policy, trace or profile file: say which
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        print(f"error: {e.name} is missing: pip install 'imagegen[capacity]'", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"error: missing key {e} (a --profiles file needs "
+              "[models.NAME.profiles.TYPE] tables)", file=sys.stderr)
         return 2
 
 
@@ -233,21 +238,12 @@ def _simulate(args, settings) -> int:
           f"{'sim/plan':>9}")
     for name, t in res.tiers.items():
         planned = p.tiers[name].p95_s if name in p.tiers else float("nan")
+        ratio = t.p95_s / planned if planned > 0 else float("nan")
         print(f"{name:<8}{t.completed:>8}{t.dropped + t.timed_out:>8}{t.p50_s:>8.3f}"
-              f"{t.p95_s:>8.3f}{planned:>12.3f}{t.p95_s / planned:>9.2f}")
+              f"{t.p95_s:>8.3f}{planned:>12.3f}{ratio:>9.2f}")
     print(f"peak GPUs {dict(res.peak_gpus)}, GPU-seconds {res.gpu_seconds:,.0f}, "
           f"cost ${res.cost:,.2f} over {duration / 3600:.2f} h")
     return 0
-
-
-def accelerator() -> tuple[str, str]:
-    """(profile key, description): ('nvidia-h200', 'NVIDIA H200') or ('cpu', 'cpu x2')."""
-    import torch
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
-    return "cpu", f"cpu x{len(os.sched_getaffinity(0))}"
 
 
 def _profile(args, settings) -> int:
@@ -255,16 +251,14 @@ def _profile(args, settings) -> int:
         raise SystemExit("give a models.lock name or --recipe, not both")
     if args.write and not args.rev:
         raise SystemExit("--write records into models.lock: only for a lock revision")
-    import diffusers
-    import torch
     from tqdm import tqdm
 
     from autoscaling.profiler import measure
 
     from .engines.base import EngineSpec, Job
-    from .engines.diffusers_engine import DiffusersEngine
+    from .engines.diffusers_engine import DiffusersEngine, accelerator
 
-    key, device = accelerator()
+    key, device, software = accelerator()
     options: dict = {"compile": args.compile}
     if args.attention != "auto":
         options["xformers"] = args.attention == "xformers"
@@ -275,7 +269,7 @@ def _profile(args, settings) -> int:
         if args.recipe:
             from .archmodels import ARCHS, build_arch
 
-            cuda = torch.cuda.is_available()
+            cuda = key != "cpu"
             dtype = "float16" if cuda else "float32"
             print(f"building {args.recipe} (random weights) ...", flush=True)
             pipeline = build_arch(args.recipe, Path(tmp), dtype, "cuda" if cuda else "cpu")
@@ -300,8 +294,7 @@ def _profile(args, settings) -> int:
         name = args.recipe or args.rev
         with tqdm(total=len(batches) * args.repeats, desc=f"{name} on {key}") as bar:
             prof = measure(engine, job, batches, repeats=args.repeats, device=device,
-                           software=f"torch {torch.__version__}, diffusers "
-                                    f"{diffusers.__version__}", tick=bar.update)
+                           software=software, tick=bar.update)
     key = args.key or key
     print(f"\n{name} on {device} ({key}), {width}x{height}, {steps} steps, "
           f"{prof.attention}{', compiled' if prof.compiled else ''}")

@@ -61,11 +61,7 @@ class HandleBackend:
         with stage("model.call", kind=SpanKind.CLIENT, **{"gen_ai.request.model": model}):
             batcher = self.batchers[model]
             try:
-                pending = batcher.submit(ModelCall(jobs, traceparent()))
-                if self.metrics is not None:
-                    self.metrics.set("imagegen_queued_images", batcher.queued + len(jobs),
-                                     model=model, where="ingress")
-                return await pending
+                return await batcher.submit(ModelCall(jobs, traceparent()))
             except QueueFull:
                 raise Overloaded(f"model {model} is at capacity; retry shortly") from None
 

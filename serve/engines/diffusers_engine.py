@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import re
 import threading
 from typing import Any
 
@@ -17,6 +19,19 @@ import numpy as np
 from .base import Engine, Job, group_by_shape
 
 log = logging.getLogger(__name__)
+
+
+def accelerator() -> tuple[str, str, str]:
+    """(profile key, description, software) of this machine's accelerator:
+    ('nvidia-h200', 'NVIDIA H200', 'torch ..., diffusers ...') or ('cpu', 'cpu x2', ...)."""
+    import diffusers
+    import torch
+
+    software = f"torch {torch.__version__}, diffusers {diffusers.__version__}"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name, software
+    return "cpu", f"cpu x{len(os.sched_getaffinity(0))}", software
 
 
 class DiffusersEngine(Engine):
@@ -139,7 +154,9 @@ class DiffusersEngine(Engine):
             return None
         import torch
 
-        return torch.cuda.max_memory_allocated()
+        # reserved, not allocated: the caching allocator's pool is what the GPU
+        # must hold (the CUDA context adds a few hundred MB on top).
+        return torch.cuda.max_memory_reserved()
 
     def _set_threads(self) -> None:
         # OpenMP's thread count is per calling thread: a worker thread inherits

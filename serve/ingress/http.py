@@ -89,7 +89,7 @@ def build_http_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.echo_request_id = echo_request_id
-    app.add_middleware(Telemetry, metrics=metrics)
+    app.add_middleware(Telemetry, metrics=metrics, echo_request_id=echo_request_id)
 
     @app.post(
         "/v1/images",
@@ -160,9 +160,10 @@ class Telemetry:
     traceparent), X-Trace-Id on every response, and for the API routes one log
     line and one metrics update (health probes stay quiet)."""
 
-    def __init__(self, app, metrics: Metrics) -> None:
+    def __init__(self, app, metrics: Metrics, echo_request_id: bool) -> None:
         self.app = app
         self.metrics = metrics
+        self.echo_request_id = echo_request_id
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -171,19 +172,32 @@ class Telemetry:
         rid = _request_id(headers.get("x-request-id", ""))
         scope.setdefault("state", {})["request_id"] = rid
         path, method = scope["path"], scope["method"]
-        api = path.startswith("/v1/")
         with request_scope(
             f"{method} {path}" if path in _ROUTES else method, request_id=rid, route=path,
-            carrier=headers, metrics=self.metrics, log=api,
+            carrier=headers, metrics=self.metrics, log=path.startswith("/v1/"),
+            generation=(method, path) == ("POST", "/v1/images"),
         ) as rec:
 
             async def send_with_trace(message) -> None:
                 if message["type"] == "http.response.start":
                     rec.status = message["status"]
-                    message.setdefault("headers", [])
                     message["headers"] = [
-                        *message["headers"], (b"x-trace-id", rec.trace_id.encode())
+                        *message.get("headers", []), (b"x-trace-id", rec.trace_id.encode())
                     ]
                 await send(message)
 
-            await self.app(scope, receive, send_with_trace)
+            try:
+                await self.app(scope, receive, send_with_trace)
+            except Exception:
+                # Inside the span, so the 500 carries the trace id like any error
+                # (Starlette's last-resort handler sits outside this middleware).
+                log.exception("unhandled error on %s %s", method, path)
+                if rec.status:
+                    raise  # the response has started: nothing more can be said
+                err = ImagegenError("internal error; see server logs")
+                annotate(code=err.code)
+                body = err.envelope()
+                body["error"]["trace_id"] = rec.trace_id
+                headers = {"X-Request-Id": rid} if self.echo_request_id else None
+                await JSONResponse(body, status_code=500, headers=headers)(
+                    scope, receive, send_with_trace)

@@ -11,6 +11,7 @@ prometheus_client registry.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -21,9 +22,9 @@ SECONDS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 1
 IMAGES = (1, 2, 4, 8, 16, 32, 64)
 RAY_NAMESPACE = "ray_"  # what Ray's exporter prefixes (reporter_agent: namespace="ray")
 # Ray's metrics agent drops a gauge series that has not been set for a while (about
-# 20 s measured, and 2 report intervals by its code), so gauges are set again
-# on this period.
-GAUGE_REFRESH_S = 5.0
+# 20 s measured; 2 report intervals by its code), so gauges are set again every
+# half report interval, at most every 5 s.
+GAUGE_REFRESH_S = min(5.0, int(os.environ.get("RAY_metrics_report_interval_ms", "10000")) / 2e3)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class Spec:
 
 CATALOGUE: dict[str, Spec] = {s.name: s for s in (
     Spec("imagegen_requests_total", "counter",
-         "Generation requests answered, by outcome (ok, rejected, blocked, failed) and code",
+         "Generation requests answered, by outcome (ok, rejected, blocked, failed, "
+         "cancelled) and code",
          ("tier", "model", "revision", "outcome", "code")),
     Spec("imagegen_images_total", "counter", "Images delivered to callers",
          ("tier", "model", "revision")),

@@ -6,6 +6,7 @@ Transports open the scope (HTTP middleware, gRPC servicer); stages annotate it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -33,6 +34,7 @@ class RequestRecord:
     request_id: str
     trace_id: str
     route: str
+    generation: bool = True  # a generation request: counted in the request metrics
     principal: str = "anonymous"
     tier: str = ""
     model: str = ""
@@ -50,6 +52,8 @@ class RequestRecord:
 
     @property
     def outcome(self) -> str:
+        if self.code == CLIENT_CLOSED:
+            return "cancelled"
         if self.code in BLOCKED_CODES:
             return "blocked"
         if self.status >= 500 or (self.code and not self.status):
@@ -58,6 +62,9 @@ class RequestRecord:
             return "rejected"
         return "ok"
 
+
+# The caller went away (disconnect, proxy timeout): not the service's failure.
+CLIENT_CLOSED = "client_closed"
 
 _current: ContextVar[RequestRecord | None] = ContextVar("imagegen_request", default=None)
 
@@ -73,7 +80,7 @@ def annotate(**facts: Any) -> None:
     if rec is None:
         return
     for key, value in facts.items():
-        if hasattr(rec, key) and key != "extra":
+        if key in RequestRecord.__dataclass_fields__ and key != "extra":
             setattr(rec, key, value)
         else:
             rec.extra[key] = value
@@ -82,7 +89,7 @@ def annotate(**facts: Any) -> None:
 @contextmanager
 def request_scope(
     name: str, *, request_id: str, route: str, carrier: Mapping[str, str] | None,
-    metrics: Metrics, log: bool = True,
+    metrics: Metrics, log: bool = True, generation: bool = True,
 ) -> Iterator[RequestRecord]:
     """Open the request's SERVER span (child of the caller's traceparent, if any).
     On exit: span attributes and status, one metrics update, one log line."""
@@ -92,11 +99,15 @@ def request_scope(
         set_status_on_exception=False,
     ) as span:
         trace_id, _ = span_ids(span)
-        rec = RequestRecord(request_id=request_id, trace_id=trace_id, route=route)
+        rec = RequestRecord(request_id=request_id, trace_id=trace_id, route=route,
+                            generation=generation)
         token = _current.set(rec)
         t0 = time.perf_counter()
         try:
             yield rec
+        except asyncio.CancelledError:
+            rec.code = rec.code or CLIENT_CLOSED
+            raise
         except BaseException as e:
             rec.code = rec.code or getattr(e, "code", "internal")
             span.record_exception(e)
@@ -127,6 +138,9 @@ def _finish_span(span, rec: RequestRecord) -> None:
 
 
 def _record(rec: RequestRecord, metrics: Metrics) -> None:
+    _log(rec)
+    if not rec.generation:
+        return
     tier, model = rec.tier or "none", rec.model or "none"
     metrics.inc("imagegen_requests_total", tier=tier, model=model,
                 revision=rec.revision or "none", outcome=rec.outcome, code=rec.code or "ok")
@@ -139,8 +153,12 @@ def _record(rec: RequestRecord, metrics: Metrics) -> None:
             metrics.inc("imagegen_cost_units_total", rec.cost_units, tier=tier, model=model)
         if rec.cache_hit:
             metrics.inc("imagegen_cache_hits_total", tier=tier)
+
+
+def _log(rec: RequestRecord) -> None:
     fields = asdict(rec)
-    fields.update(fields.pop("extra"))
+    if not fields["extra"]:  # stages' own facts stay nested: no clash with LogRecord
+        del fields["extra"]
     fields["outcome"] = rec.outcome
     level = logging.ERROR if rec.outcome == "failed" else logging.INFO
     access_log.log(level, "request", extra=fields)

@@ -172,3 +172,26 @@ def test_cli_serve_config_is_a_valid_serve_config(capsys):
     (app,) = doc["applications"]
     assert app["args"] == {"model_dir": "/models", "policy_file": "autoscaling/policy-gpu.yaml"}
     assert app["autoscaling_policy"]["policy_function"] == "autoscaling.serve_policy:BudgetPolicy"
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["plan", "--rate", "nope=1"], "unknown tier 'nope'"),
+        (["plan", "--route", "draft=ghost", "--rate", "draft=1"], "model 'ghost'"),
+        (["plan", "--rate", "draft"], "expected TIER=VALUE"),
+    ],
+)
+def test_cli_bad_input_is_an_error_not_a_traceback(argv, says, capsys):
+    try:
+        rc = main(["capacity", *argv])
+    except SystemExit as e:  # argparse-style refusals
+        rc, err = 2, str(e)
+    else:
+        err = capsys.readouterr().err
+    assert rc == 2 and says in err and "Traceback" not in err
+
+
+def test_cli_simulate_a_tier_without_traffic(capsys):
+    assert main(["capacity", "simulate", "--rate", "draft=0", "--rate", "final=1",
+                 "--duration", "300"]) == 0

@@ -225,7 +225,8 @@ def test_backend_failures(lock, routing, readiness, exc, status, code):
     assert r.headers["x-request-id"] == "rid-500"
     if code == "internal":
         assert r.json() == {"error": {"code": "internal",
-                                      "message": "internal error; see server logs"}}
+                                      "message": "internal error; see server logs",
+                                      "trace_id": r.headers["x-trace-id"]}}
         for leak in ("Traceback", "secret", "RuntimeError", "ValueError", ".py"):
             assert leak not in r.text
     if code == "overloaded":

@@ -4,11 +4,12 @@ AutoscalingContext objects, and the Serve config it is deployed with."""
 from __future__ import annotations
 
 import pytest
+import yaml
 from ray.serve._private.common import DeploymentID
 from ray.serve.config import AutoscalingContext
 from ray.serve.schema import ServeDeploySchema
 
-from autoscaling.policies import load_policy
+from autoscaling.policies import Policy, load_policy
 from autoscaling.serve_policy import (
     POLICY_FUNCTION,
     BudgetPolicy,
@@ -21,8 +22,8 @@ from serve.lockfile import load_lock
 from serve.routing import load_routing
 
 
-def st(name, *, held, images, prio=1, gpus=1.0, lo=1, hi=8, target=8.0, gpu="h200"):
-    return DeploymentState(name, gpu, gpus, prio, lo, hi, held, images, target)
+def st(name, *, held, images, prio=1, gpus=1.0, lo=1, hi=8, target=8.0, gpu="h200", now=-1):
+    return DeploymentState(name, gpu, gpus, prio, lo, hi, held, images, target, now)
 
 
 @pytest.mark.parametrize(
@@ -42,6 +43,10 @@ def st(name, *, held, images, prio=1, gpus=1.0, lo=1, hi=8, target=8.0, gpu="h20
         # Max replicas bound the claim; fractional GPUs per replica.
         ([st("a", held=1, images=800, hi=3, gpus=0.5)], 8, {"a": 3}),
         ([st("a", held=1, images=800, hi=100, gpus=0.5)], 8, {"a": 16}),
+        # lo's target is 1 but a replica of it is still stopping (held 2): load comes
+        # back, yet raising its target would ask for a 4th GPU of 3.
+        ([st("hi", held=1, images=8, prio=3), st("lo", held=2, images=24, now=1)], 3,
+         {"hi": 1, "lo": 1}),
         # Two GPU types are two budgets.
         ([st("a", held=1, images=80, gpu="h200"), st("b", held=1, images=80, gpu="l4")],
          {"h200": 2, "l4": 4}, {"a": 2, "b": 4}),
@@ -52,10 +57,10 @@ def test_decisions(states, budget, want):
     got = decide(states, budget)
     assert got == want
     for gpu, cap in budget.items():
-        # what the targets ask for, counting GPUs still held by pending downscales
-        asked = sum(max(got[s.name], s.held) * s.gpus_per_replica for s in states
-                    if s.gpu_type == gpu)
-        assert asked <= cap + 1e-9 or all(got[s.name] <= s.held for s in states)
+        # GPUs asked for: held ones, plus every step above a current target
+        asked = sum((s.held + max(0, got[s.name] - s.current_target)) * s.gpus_per_replica
+                    for s in states if s.gpu_type == gpu)
+        assert asked <= cap + 1e-9 or all(got[s.name] <= s.current_target for s in states)
 
 
 def test_repeated_ticks_converge_under_the_cap():
@@ -115,6 +120,15 @@ def test_serve_config_carries_the_policy_and_validates():
     assert final["priority"] == 3 > draft["priority"] == 2
     assert final["target_images"] == 8 and draft["target_images"] == 16
     BudgetPolicy(**kw)  # the kwargs construct the policy as Serve will
+    assert lock.models["tiny-spare"].deployment_name in kw["deployments"]
+    # A fixed-size GPU deployment takes its GPUs out of the budget first.
+    doc = yaml.safe_load((ROOT / "autoscaling" / "policy-gpu.yaml").read_text())
+    doc["models"]["tiny-spare"]["autoscaling"] = {"min_replicas": 6, "max_replicas": 6,
+                                                  "target_ongoing_requests": 4}
+    fixed = serve_config(Policy.model_validate(doc), lock, routing)
+    kw = fixed["autoscaling_policy"]["policy_kwargs"]
+    assert kw["budget"] == {"nvidia-h200": 10.0}
+    assert lock.models["tiny-spare"].deployment_name not in kw["deployments"]
     local = load_policy(ROOT / "autoscaling" / "policy.yaml")
     assert "autoscaling_policy" not in serve_config(local, lock, routing)
 

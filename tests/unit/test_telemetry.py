@@ -231,3 +231,46 @@ def test_spans_record_only_when_something_listens():
     sampler.listened = True
     with tracer.start_as_current_span("heard") as span:
         assert span.is_recording()
+
+
+class _Raising:
+    async def generate(self, model, jobs):
+        raise ValueError("secret detail")
+
+
+def test_unhandled_error_is_answered_logged_and_counted_in_its_trace(lock, routing, metrics,
+                                                                      logs):
+    from serve.service import ImageService
+
+    app = build_http_app(ImageService(lock, routing, _Raising()), _ready, max_body_bytes=4096,
+                         metrics=metrics)
+    r = TestClient(app, raise_server_exceptions=False).post("/v1/images", json={"prompt": "x"})
+    assert r.status_code == 500
+    assert r.json()["error"]["trace_id"] == r.headers["x-trace-id"]
+    (line,) = [x for x in logs() if x["logger"] == "imagegen.access"]
+    assert (line["status"], line["code"], line["outcome"], line["level"]) == (
+        500, "internal", "failed", "ERROR")
+    assert line["trace_id"] == r.headers["x-trace-id"]
+    failed = {dict(k)["code"]: v for k, v in samples(metrics, "imagegen_requests_total").items()}
+    assert failed == {"internal": 1}
+
+
+def test_only_generations_are_counted_as_requests(client, metrics, logs):
+    client.get("/v1/models")
+    client.get("/v1/nothing")
+    assert samples(metrics, "imagegen_requests_total") == {}
+    assert len([x for x in logs() if x["logger"] == "imagegen.access"]) == 2  # still logged
+
+
+def test_a_caller_that_went_away_is_not_a_failure(metrics):
+    from serve.telemetry import request_scope
+
+    async def main():
+        with request_scope("POST /v1/images", request_id="r", route="/v1/images", carrier={},
+                           metrics=metrics):
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(main())
+    (labels,) = samples(metrics, "imagegen_requests_total")
+    assert dict(labels)["outcome"] == "cancelled" and dict(labels)["code"] == "client_closed"
