@@ -106,7 +106,7 @@ class ModelFacts:
 def plan_inputs(
     policy: Policy, models: Mapping[str, ModelFacts], routes: Mapping[str, str],
     rates: Mapping[str, float], slos: Mapping[str, float], *, service_cv: float = 0.1,
-    target_utilisation: float = 0.85,
+    target_utilisation: float = 0.85, overhead_s: float = 0.0,
 ) -> planner.PlanInputs:
     """PlanInputs for the tiers in `rates` (tier -> model from `routes`). Each tier's
     requests are its model's default size and steps, one image each."""
@@ -147,7 +147,7 @@ def plan_inputs(
         )
     first = next(iter(tiers.values())).mix
     return planner.PlanInputs(tiers=tiers, revisions=revisions, nodes=nodes, mix=first,
-                              target_utilisation=target_utilisation)
+                              target_utilisation=target_utilisation, overhead_s=overhead_s)
 
 
 def _accelerators(p, node: NodeType) -> float:

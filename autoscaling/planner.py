@@ -140,6 +140,10 @@ class PlanInputs(_Strict):
     revisions: dict[str, RevisionSpec] = Field(description="revision -> spec")
     nodes: dict[str, NodeType] = Field(min_length=1, description="GPU type -> node type")
     mix: list[SizeMix] = Field(min_length=1, description="request sizes of every tier")
+    overhead_s: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="latency per request outside the pipeline (HTTP, ingress, handle "
+        "hop, encoding): `imagegen bench serve`'s added p50 at c=1"
+    )
     target_utilisation: Annotated[float, Field(gt=0, le=1)] = Field(
         0.85, description="highest demand / peak (full-batch) throughput a plan accepts"
     )
@@ -210,6 +214,7 @@ class _Load:
     mean_images: float
     mean_work: float
     work_var: float
+    overhead: float = 0.0  # seconds per request outside the pipeline
 
     def batch_seconds(self, requests: float) -> float:
         """Mean time of a batch of `requests` mean requests."""
@@ -237,6 +242,7 @@ def _load(inputs: PlanInputs, revision: str, gpu: str, rate_rps: float | None = 
         mean_images=sum(p * n for p, n, _ in entries),
         mean_work=mean_work,
         work_var=sum(p * (w - mean_work) ** 2 for p, _, w in entries),
+        overhead=inputs.overhead_s,
     )
 
 
@@ -298,9 +304,9 @@ def _performance(load: _Load, replicas: int) -> Performance:
         p_wait=pw,
         mean_wait_s=wait.mean,
         p95_wait_s=wait.quantile(0.95),
-        mean_latency_s=mean,
-        p50_s=solve_quantile(tail, 0.50, mean),
-        p95_s=solve_quantile(tail, 0.95, mean),
+        mean_latency_s=mean + load.overhead,
+        p50_s=solve_quantile(tail, 0.50, mean) + load.overhead,
+        p95_s=solve_quantile(tail, 0.95, mean) + load.overhead,
     )
 
 

@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
         p.add_argument("--profiles", type=Path, action="append", default=[],
                        help="extra lock-shaped TOML with [models.NAME.profiles.TYPE] tables")
         p.add_argument("--cv", type=float, default=0.1, help="batch time CV (default 0.1)")
+        p.add_argument("--overhead-ms", type=float, default=0.0,
+                       help="latency per request outside the pipeline (HTTP, ingress, "
+                            "encode): `imagegen bench serve`'s added p50 at c=1")
         if name == "plan":
             p.add_argument("--plots", type=Path, help="write latency/cost PNGs into DIR")
         else:
@@ -159,7 +162,8 @@ def _inputs(args, settings):
     if not rates:
         raise SystemExit("give at least one --rate TIER=RPS")
     slos = {t: DEFAULT_SLO_S.get(t, 60.0) for t in rates} | _pairs(args.slo, "slo")
-    return plan_inputs(policy, models, routes, rates, slos, service_cv=args.cv)
+    return plan_inputs(policy, models, routes, rates, slos, service_cv=args.cv,
+                       overhead_s=args.overhead_ms / 1e3)
 
 
 def _plan(args, settings) -> int:

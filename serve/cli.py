@@ -74,6 +74,10 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "capacity":
+        from . import capacity_bench
+
+        return capacity_bench.run(args, _settings(args))
     from .bench import run_bench
 
     return run_bench(args, _settings(args))
@@ -133,6 +137,14 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     bs.add_argument("--port", type=int, default=8123)
     bs.add_argument("--json", type=Path, help="also write the figures as JSON")
+    bc = bsub.add_parser("capacity", help="planner prediction vs the stack under Poisson load")
+    bc.add_argument("--tier", default="draft")
+    bc.add_argument("--rates", type=float, nargs="+", default=[10, 20, 40])
+    bc.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
+    bc.add_argument("--cv", type=float, default=0.1, help="planner's batch time CV")
+    bc.add_argument("--overhead-ms", type=float, default=15.0,
+                    help="planner's per-request stack overhead (bench serve's added p50)")
+    bc.add_argument("--port", type=int, default=8123)
     b.set_defaults(func=cmd_bench)
     return p
 

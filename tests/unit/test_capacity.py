@@ -195,3 +195,19 @@ def test_cli_bad_input_is_an_error_not_a_traceback(argv, says, capsys):
 def test_cli_simulate_a_tier_without_traffic(capsys):
     assert main(["capacity", "simulate", "--rate", "draft=0", "--rate", "final=1",
                  "--duration", "300"]) == 0
+
+
+def test_stack_overhead_shifts_every_latency_by_itself():
+    from autoscaling.planner import performance
+
+    lock = load_lock(ROOT / "models.lock")
+    models = {n: ModelFacts(e.defaults.width, e.defaults.height, e.defaults.steps, e.profiles)
+              for n, e in lock.models.items()}
+    policy = load_policy(ROOT / "autoscaling" / "policy.yaml")
+    plain, loaded = (
+        performance(plan_inputs(policy, models, TIERS, {"draft": 30}, {"draft": 1},
+                                overhead_s=o), "tiny-draft", 2, gpu="cpu")
+        for o in (0.0, 0.015))
+    assert loaded.p50_s == pytest.approx(plain.p50_s + 0.015)
+    assert loaded.p95_s == pytest.approx(plain.p95_s + 0.015)
+    assert loaded.mean_batch_images == plain.mean_batch_images  # queueing is unchanged
