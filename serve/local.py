@@ -24,6 +24,13 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
 
     # Build before Ray starts so a bad lock or routing fails fast and plainly.
     app = build_app(settings)
+    from autoscaling.policies import load_policy
+
+    if load_policy(settings.policy_file).cluster.budget_policy:
+        # serve.run cannot carry an application-level policy (Serve 2.60).
+        log.warning("cluster.budget_policy is set, but the budget autoscaling policy only "
+                    "runs when deployed through a Serve config (`imagegen capacity "
+                    "serve-config`); here each revision autoscales on its own")
     proxy_port = settings.port
     if settings.direct_ingress:
         # The ingress replica listens on `port` itself: the proxy hop cost ~7 ms per
