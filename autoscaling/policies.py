@@ -29,6 +29,16 @@ class Autoscaling(_Strict):
     target_ongoing_requests: Annotated[float, Field(gt=0)] = Field(
         description="requests per replica the autoscaler aims for"
     )
+    upscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        30.0, description="how long a scale-up must be wanted before it happens"
+    )
+    downscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        600.0,
+        description=(
+            "how long a scale-down must be wanted; under the budget policy also how long a "
+            "higher-priority tier waits for a lower one to give GPUs back"
+        ),
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> Autoscaling:

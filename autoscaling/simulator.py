@@ -414,7 +414,7 @@ class _Sim:
         ]
         targets = allocate(demands, budget)
         now = self.env.now
-        for rev, demand in zip(revs, demands, strict=True):
+        for rev in revs:
             held, target = len(rev.held()), targets[rev.name]
             if target > held:
                 rev.down_since = None
@@ -429,8 +429,9 @@ class _Sim:
             elif target < held:
                 rev.up_since = None
                 rev.down_since = now if rev.down_since is None else rev.down_since
-                forced = target < demand.wanted  # the budget, not the load, says so
-                if forced or now - rev.down_since >= cfg.downscale_delay_s:
+                # Serve applies downscale_delay_s to every decision, a budget-forced
+                # one too (its policy wrapper has no bypass), so the simulator does.
+                if now - rev.down_since >= cfg.downscale_delay_s:
                     self._stop(rev, held - target)
                     rev.down_since = None
             else:

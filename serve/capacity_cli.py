@@ -234,7 +234,15 @@ def _simulate(args, settings) -> int:
     p = planner.plan(inputs)
     arrivals = simulator.load_trace(args.trace) if args.trace else None
     duration = max(a.time_s for a in arrivals) + 1 if arrivals else args.duration
-    scaler = simulator.AutoscalerConfig(cold_start_s=args.cold_start) if args.autoscale else None
+    scaler = None
+    if args.autoscale:
+        policy = _policy(args, settings)
+        scaling = [policy.for_model(m).autoscaling for m in inputs.revisions]
+        scaler = simulator.AutoscalerConfig(
+            cold_start_s=args.cold_start,
+            upscale_delay_s=max(a.upscale_delay_s for a in scaling),
+            downscale_delay_s=max(a.downscale_delay_s for a in scaling),
+        )
     config = simulator.SimConfig(duration_s=duration, warmup_s=min(300.0, duration / 10),
                                  seed=args.seed, autoscaler=scaler)
     res = simulator.simulate(inputs, p, config, arrivals)

@@ -53,7 +53,10 @@ def test_shipped_final_override_keeps_default_wait(shipped):
 def test_shipped_unlisted_model_gets_defaults(shipped):
     raw = yaml.safe_load(SHIPPED.read_text())["defaults"]
     draft = shipped.for_model("tiny-spare")  # listed nowhere
-    assert draft.model_dump() == {"gpu_type": None, **raw}
+    want = {"gpu_type": None, **raw}
+    want["autoscaling"] = {"upscale_delay_s": 30.0, "downscale_delay_s": 600.0,
+                           **raw["autoscaling"]}  # Serve's defaults
+    assert draft.model_dump() == want
     assert draft.batching.max_batch_images == 8
 
 
@@ -102,7 +105,8 @@ def test_autoscaling_config_when_min_below_max(scaling):
     p = policy(m={"autoscaling": scaling}).for_model("m")
     opts = model_deployment_options(p)
     assert "num_replicas" not in opts
-    assert opts["autoscaling_config"] == {"target_ongoing_requests": 4, **scaling}
+    assert opts["autoscaling_config"] == {"target_ongoing_requests": 4, "upscale_delay_s": 30.0,
+                                          "downscale_delay_s": 600.0, **scaling}
 
 
 def test_deployment_options_carry_resources_and_batching():
