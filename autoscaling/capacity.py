@@ -103,13 +103,35 @@ class ModelFacts:
     profiles: Mapping[str, Any]
 
 
+def trace_load(arrivals, steps: Mapping[str, int]) -> tuple[dict[str, float],
+                                                             dict[str, list[planner.SizeMix]]]:
+    """Rates (requests/s over the trace's span) and size mixes per tier from a
+    trace's arrivals (simulator.Arrival); `steps`: tier -> steps when a row has none."""
+    if not arrivals:
+        raise ValueError("the trace has no requests")
+    span = max(a.time_s for a in arrivals) - min(a.time_s for a in arrivals)
+    if span <= 0:
+        raise ValueError("the trace spans no time: rates are undefined")
+    counts: dict[str, dict[tuple[int, int, int, int], int]] = {}
+    for a in arrivals:
+        shape = (a.width, a.height, a.n, a.steps or steps.get(a.tier, 1))
+        tier = counts.setdefault(a.tier, {})
+        tier[shape] = tier.get(shape, 0) + 1
+    rates = {t: sum(c.values()) / span for t, c in counts.items()}
+    mixes = {t: [planner.SizeMix(weight=k, width=w, height=h, images=n, steps=st)
+                 for (w, h, n, st), k in sorted(c.items())] for t, c in counts.items()}
+    return rates, mixes
+
+
 def plan_inputs(
     policy: Policy, models: Mapping[str, ModelFacts], routes: Mapping[str, str],
     rates: Mapping[str, float], slos: Mapping[str, float], *, service_cv: float = 0.1,
     target_utilisation: float = 0.85, overhead_s: float = 0.0,
+    mixes: Mapping[str, list[planner.SizeMix]] | None = None,
 ) -> planner.PlanInputs:
-    """PlanInputs for the tiers in `rates` (tier -> model from `routes`). Each tier's
-    requests are its model's default size and steps, one image each."""
+    """PlanInputs for the tiers in `rates` (tier -> model from `routes`). A tier's
+    requests follow `mixes[tier]` (from a trace), else its model's default size and
+    steps, one image each."""
     nodes = dict(policy.cluster.node_types)
     if not nodes:
         raise ValueError("the policy has no cluster.node_types: nothing to plan GPUs for")
@@ -142,8 +164,9 @@ def plan_inputs(
         tiers[tier] = planner.TierLoad(
             revision=model, rate_rps=rate, priority=policy.cluster.priorities.get(tier, 0),
             slo_p95_s=slos[tier],
-            mix=[planner.SizeMix(weight=1, width=facts.width, height=facts.height, images=1,
-                                 steps=facts.steps)],
+            mix=(mixes or {}).get(tier) or [
+                planner.SizeMix(weight=1, width=facts.width, height=facts.height, images=1,
+                                steps=facts.steps)],
         )
     first = next(iter(tiers.values())).mix
     return planner.PlanInputs(tiers=tiers, revisions=revisions, nodes=nodes, mix=first,

@@ -35,10 +35,12 @@ def add_parser(sub) -> None:
         p.add_argument("--overhead-ms", type=float, default=0.0,
                        help="latency per request outside the pipeline (HTTP, ingress, "
                             "encode): `imagegen bench serve`'s added p50 at c=1")
+        p.add_argument("--trace", type=Path, help="CSV/JSONL rows time_s,tier,width,height,n"
+                       "[,steps]: the rates and size mix per tier (and, to simulate, "
+                       "the arrivals themselves)")
         if name == "plan":
             p.add_argument("--plots", type=Path, help="write latency/cost PNGs into DIR")
         else:
-            p.add_argument("--trace", type=Path, help="CSV/JSONL: time_s,tier,width,height,n")
             p.add_argument("--duration", type=float, default=3600.0,
                            help="seconds of Poisson arrivals when no trace (default 3600)")
             p.add_argument("--autoscale", action="store_true",
@@ -158,12 +160,19 @@ def _inputs(args, settings):
                 first = next(iter(profiles.values()))
                 models[name] = ModelFacts(first.width, first.height, first.steps, profiles)
     routes = {t: r.model for t, r in routing.tiers.items()} | _pairs(args.route, "route", str)
-    rates = _pairs(args.rate, "rate")
+    rates, mixes = {}, None
+    if args.trace:
+        from autoscaling.capacity import trace_load
+        from autoscaling.simulator import load_trace
+
+        steps = {t: models[m].steps for t, m in routes.items() if m in models}
+        rates, mixes = trace_load(load_trace(args.trace), steps)
+    rates |= _pairs(args.rate, "rate")
     if not rates:
-        raise SystemExit("give at least one --rate TIER=RPS")
+        raise SystemExit("give --rate TIER=RPS (per tier) or --trace FILE")
     slos = {t: DEFAULT_SLO_S.get(t, 60.0) for t in rates} | _pairs(args.slo, "slo")
     return plan_inputs(policy, models, routes, rates, slos, service_cv=args.cv,
-                       overhead_s=args.overhead_ms / 1e3)
+                       overhead_s=args.overhead_ms / 1e3, mixes=mixes)
 
 
 def _plan(args, settings) -> int:

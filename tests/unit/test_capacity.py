@@ -211,3 +211,31 @@ def test_stack_overhead_shifts_every_latency_by_itself():
     assert loaded.p50_s == pytest.approx(plain.p50_s + 0.015)
     assert loaded.p95_s == pytest.approx(plain.p95_s + 0.015)
     assert loaded.mean_batch_images == plain.mean_batch_images  # queueing is unchanged
+
+
+def test_trace_gives_rates_and_size_mix_per_tier():
+    from autoscaling.capacity import trace_load
+    from autoscaling.simulator import Arrival
+
+    arrivals = ([Arrival(i * 0.5, "draft", 64, 64, 1) for i in range(201)]  # 100 s, 2 req/s
+                + [Arrival(i * 10.0, "final", 128, 64, 2, 8) for i in range(11)])
+    rates, mixes = trace_load(arrivals, {"draft": 2, "final": 4})
+    assert rates == pytest.approx({"draft": 2.01, "final": 0.11})
+    (draft,) = mixes["draft"]
+    assert (draft.width, draft.height, draft.images, draft.steps) == (64, 64, 1, 2)
+    (final,) = mixes["final"]
+    assert (final.images, final.steps, final.weight) == (2, 8, 11)
+    with pytest.raises(ValueError, match="spans no time"):
+        trace_load([Arrival(1.0, "draft", 64, 64, 1)], {})
+
+
+def test_cli_plans_from_a_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(
+        f'{{"time_s": {i * 0.05:.2f}, "tier": "draft", "width": 64, "height": 64, "n": 2}}\n'
+        for i in range(401)))
+    assert main(["capacity", "plan", "--trace", str(trace), "--slo", "draft=1"]) == 0
+    out = capsys.readouterr().out
+    row = next(x for x in out.splitlines() if x.startswith("draft"))
+    assert float(row.split()[2]) == pytest.approx(20.05, abs=0.01)  # req/s from the trace
+    assert main(["capacity", "simulate", "--trace", str(trace)]) == 0  # no --rate needed
