@@ -1,34 +1,11 @@
 """Capacity planner: replicas, GPUs, nodes and cost for tiers of traffic, from
 measured profiles and closed-form queueing. Pure: no Ray, no I/O.
 
-The model of one revision on one GPU type:
-
-* Work. A request of n images of M megapixels at s steps carries
-  w = n M s / profile.steps. A batch of b images and total work W takes
-  W * spmp(b) seconds (spmp interpolated between measured batch sizes, flat
-  beyond), times a noise of mean 1 and CV service_cv.
-* Batching. Continuous: a free replica takes up to K = max_batch / mean(n)
-  queued requests; a request that finds a replica free starts alone. The
-  queueing.bulk_queue chain gives the batch sizes for a given mean batch time m;
-  m is its own fixed point (m = mean time over those sizes). K = 1 is M/M/c.
-* Wait. The chain's law (none, or exponential), its rate scaled by
-  2 / (1 + cs^2) for a batch-time CV cs (Allen-Cunneen).
-* Latency. A request starts alone (no wait, its own work) or from the queue
-  (wait, then its work plus b - 1 mean others, b size-biased); p50 and p95 of
-  that mixture over the size mix, by bisection. One size, max batch 1 and
-  service_cv 1 give M/M/c exactly.
-* Headroom. Batches grow until replicas keep up, so a batching replica is busy
-  ~100% of the time long before it saturates; utilisation is therefore demand
-  over the throughput of full batches (the busy fraction is reported as `busy`).
-
-Limits, measured against simulator.py: at the planned points of
-tests/unit/test_simulator.py the p95 agrees within 10%. Away from them the model
-is conservative by up to ~20% on one busy batching replica, and optimistic by a
-third when exponential batch noise (cv 1) meets a wide size mix on two replicas
-(a long batch also gathers a long queue: the independent wait + service law
-misses that correlation). Serve routes to per-replica queues, not one shared
-queue, so real waits run somewhat longer. Time is taken as linear in steps
-(text encoding and VAE decoding are not).
+The inputs are the pydantic models below. For each revision the planner takes,
+on every GPU type it has a profile for, the fewest replicas whose latency
+(latency.py: the model of one revision on one GPU type, and its limits) meets
+the tightest SLO of its tiers and the utilisation target; it keeps the cheapest
+GPU type, then packs replicas onto nodes under each type's cap, by priority.
 """
 
 from __future__ import annotations
@@ -42,8 +19,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .budget import Demand, allocate
+from .latency import Load, Performance, load_of, predict
 from .policies import NodeType  # the node types and caps of the policy's cluster
-from .queueing import BulkQueue, ServiceDist, WaitTail, bulk_queue, solve_quantile
 
 
 class _Strict(BaseModel):
@@ -198,189 +175,20 @@ def revision_slo(inputs: PlanInputs, revision: str) -> float:
     return min(inputs.tiers[t].slo_p95_s for t in tiers_by_revision(inputs)[revision])
 
 
-# --- the model of one revision ---------------------------------------------------
+# --- GPU type and replicas per revision (the latency model: latency.py) ---------
 
 
-@dataclass(frozen=True, slots=True)
-class _Load:
-    """One revision's demand on one GPU type, reduced to what the formulas need."""
-
-    rate: float  # requests/s
-    probs: tuple[float, ...]  # per mix entry, summing to 1
-    images: tuple[int, ...]
-    work: tuple[float, ...]  # megapixel-steps at the profile's steps, per request
-    profile: Profile
-    max_batch: int  # images, memory-capped
-    mean_images: float
-    mean_work: float
-    work_var: float
-    overhead: float = 0.0  # seconds per request outside the pipeline
-
-    def batch_seconds(self, requests: float) -> float:
-        """Mean time of a batch of `requests` mean requests."""
-        return self.profile.spmp(requests * self.mean_images) * requests * self.mean_work
-
-
-def _load(inputs: PlanInputs, revision: str, gpu: str, rate_rps: float | None = None) -> _Load:
-    profile = inputs.revisions[revision].profiles[gpu]
-    tiers = [inputs.tiers[t] for t in tiers_by_revision(inputs)[revision]]
-    total = sum(t.rate_rps for t in tiers)
-    entries = []
-    for t in tiers:
-        mix = t.mix or inputs.mix
-        share = t.rate_rps / total if total > 0 else 1.0 / len(tiers)
-        weights = sum(m.weight for m in mix)
-        for m in mix:
-            work = m.images * m.megapixels * m.steps / profile.steps
-            entries.append((share * m.weight / weights, m.images, work))
-    probs, images, work = zip(*entries, strict=True)
-    mean_work = sum(p * w for p, _, w in entries)
-    return _Load(
-        rate=total if rate_rps is None else rate_rps,
-        probs=probs, images=images, work=work, profile=profile,
-        max_batch=profile.usable_batch(inputs.nodes[gpu]),
-        mean_images=sum(p * n for p, n, _ in entries),
-        mean_work=mean_work,
-        work_var=sum(p * (w - mean_work) ** 2 for p, _, w in entries),
-        overhead=inputs.overhead_s,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Performance:
-    """A revision's expected behaviour at one replica count (seconds, per second)."""
-
-    replicas: int
-    arrival_rps: float
-    images_per_s: float
-    utilisation: float  # demand / peak throughput (full batches): the headroom measure
-    busy: float  # fraction of time a replica is running a batch
-    mean_batch_images: float
-    p_wait: float  # probability that a request queues at all
-    mean_wait_s: float
-    p95_wait_s: float
-    mean_latency_s: float
-    p50_s: float
-    p95_s: float
-
-    @property
-    def stable(self) -> bool:
-        return math.isfinite(self.p95_s)
-
-
-def _performance(load: _Load, replicas: int) -> Performance:
-    images_per_s = load.rate * load.mean_images
-    k = max(1.0, load.max_batch / load.mean_images)
-    # Batches grow until replicas keep up, so the busy fraction nears 1 well before
-    # saturation; headroom is measured against the throughput of full batches.
-    utilisation = load.rate * load.batch_seconds(k) / (k * replicas) if replicas else math.inf
-    if replicas < 1 and load.rate == 0:  # no demand, no replicas: nothing to report
-        return Performance(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    chain = _batching(load, replicas, k) if load.max_batch >= 1 and replicas >= 1 else None
-    if chain is None or not chain.stable:
-        return Performance(replicas, load.rate, images_per_s, utilisation, 1.0,
-                           k * load.mean_images, 1.0, math.inf, math.inf, math.inf, math.inf,
-                           math.inf)
-    noise2 = load.profile.service_cv**2
-    b = chain.mean_batch
-    cs2 = (1.0 + load.work_var / (b * load.mean_work**2)) * (1.0 + noise2) - 1.0
-    wait = WaitTail(chain.wait.p_wait, chain.wait.rate * 2.0 / (1.0 + cs2))
-    alone, queued = _latency_parts(load, chain)
-    pw = wait.p_wait
-
-    def tail(t: float) -> float:
-        return ((1.0 - pw) * sum(p * d.tail(t) for p, d in alone)
-                + pw * sum(p * d.tail_after_wait(t, wait.rate) for p, d in queued))
-
-    mean = (wait.mean + (1.0 - pw) * sum(p * d.mean for p, d in alone)
-            + pw * sum(p * d.mean for p, d in queued))
-    return Performance(
-        replicas=replicas,
-        arrival_rps=load.rate,
-        images_per_s=images_per_s,
-        utilisation=utilisation,
-        busy=chain.busy / replicas,
-        mean_batch_images=b * load.mean_images,
-        p_wait=pw,
-        mean_wait_s=wait.mean,
-        p95_wait_s=wait.quantile(0.95),
-        mean_latency_s=mean + load.overhead,
-        p50_s=solve_quantile(tail, 0.50, mean) + load.overhead,
-        p95_s=solve_quantile(tail, 0.95, mean) + load.overhead,
-    )
-
-
-def _batching(load: _Load, replicas: int, k: float) -> BulkQueue:
-    """The bulk chain at its self-consistent service time m: the mean time of a
-    batch over the batch sizes the chain at rate 1/m produces. (A slower batch
-    lets more queue, so batches grow and take longer: the map is increasing and
-    bisection between the lone and the full batch finds its fixed point.)"""
-
-    def chain(m: float) -> BulkQueue:
-        return bulk_queue(replicas, load.rate, 1.0 / m, k)
-
-    def excess(m: float) -> float:
-        q = chain(m)
-        if not q.stable:
-            return 1.0
-        return sum(p * load.batch_seconds(b) for p, b in q.batch_sizes()) - m
-
-    lo, hi = load.batch_seconds(1.0), load.batch_seconds(k)
-    if k == 1 or load.rate == 0 or excess(lo) <= 0:
-        return chain(lo)
-    if excess(hi) >= 0:
-        return chain(hi)
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if excess(mid) >= 0:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-9 * hi:
-            break
-    return chain(0.5 * (lo + hi))
-
-
-def _latency_parts(
-    load: _Load, chain: BulkQueue
-) -> tuple[list[tuple[float, ServiceDist]], list[tuple[float, ServiceDist]]]:
-    """Service-time laws, weighted, of a request that starts alone (its own work)
-    and of one taken from the queue (its work plus b - 1 others of mean work, b
-    drawn from the request-weighted sizes of queued batches)."""
-    cv = load.profile.service_cv
-    entries = list(zip(load.probs, load.images, load.work, strict=True))
-    alone = [(p, ServiceDist.fit(load.profile.spmp(n) * w, cv)) for p, n, w in entries]
-    sizes = _coarse([(p * b, b) for p, b in chain.queued_sizes()])
-    queued = []
-    for pb, b in sizes:
-        for p, n, w in entries:
-            images = min(n + (b - 1.0) * load.mean_images, max(n, load.max_batch))
-            total = w + (b - 1.0) * load.mean_work
-            mix2 = (b - 1.0) * load.work_var / total**2  # the others' sizes vary too
-            queued_cv = math.sqrt((1.0 + mix2) * (1.0 + cv * cv) - 1.0)
-            queued.append((pb * p, ServiceDist.fit(load.profile.spmp(images) * total, queued_cv)))
-    return alone, queued
-
-
-def _coarse(sizes: list[tuple[float, float]], most: int = 12) -> list[tuple[float, float]]:
-    """Normalised (probability, size) pairs, adjacent sizes merged into at most
-    `most` groups: big batch limits would otherwise cost a term each per tail."""
-    total = sum(p for p, _ in sizes)
-    step = math.ceil(len(sizes) / most)
-    out = []
-    for i in range(0, len(sizes), step):
-        group = sizes[i:i + step]
-        mass = sum(p for p, _ in group)
-        if mass > 0:
-            out.append((mass / total, sum(p * b for p, b in group) / mass))
-    return out
+def _load(inputs: PlanInputs, revision: str, gpu: str, rate_rps: float | None = None) -> Load:
+    return load_of(inputs.revisions[revision].profiles[gpu], inputs.nodes[gpu],
+                   [inputs.tiers[t] for t in tiers_by_revision(inputs)[revision]], inputs.mix,
+                   overhead_s=inputs.overhead_s, rate_rps=rate_rps)
 
 
 def _meets(perf: Performance, slo_s: float, target: float) -> bool:
     return perf.stable and perf.p95_s <= slo_s and perf.utilisation <= target
 
 
-def _required(load: _Load, slo_s: float, target: float, lo: int, hi: int) -> int:
+def _required(load: Load, slo_s: float, target: float, lo: int, hi: int) -> int:
     """Smallest replica count in [lo, hi] meeting the SLO and the utilisation
     target (both improve with replicas). When even hi misses the SLO, replicas
     cannot buy it (the service alone is too slow): the target alone decides."""
@@ -389,17 +197,17 @@ def _required(load: _Load, slo_s: float, target: float, lo: int, hi: int) -> int
     # Utilisation falls as 1/c, so this is the first count meeting the target.
     k = max(1.0, load.max_batch / load.mean_images)
     floor = max(lo, 1, math.ceil(load.rate * load.batch_seconds(k) / (k * target) - 1e-9))
-    if floor >= hi or not _meets(_performance(load, hi), slo_s, target):
+    if floor >= hi or not _meets(predict(load, hi), slo_s, target):
         return min(floor, hi)
     bad, good, step = floor - 1, hi, 1
     while bad + step < good:  # gallop: SLOs are usually met a few replicas above the floor
-        if _meets(_performance(load, bad + step), slo_s, target):
+        if _meets(predict(load, bad + step), slo_s, target):
             good = bad + step
             break
         bad, step = bad + step, step * 2
     while good - bad > 1:
         mid = (bad + good) // 2
-        if _meets(_performance(load, mid), slo_s, target):
+        if _meets(predict(load, mid), slo_s, target):
             good = mid
         else:
             bad = mid
@@ -413,7 +221,7 @@ def performance(
     """Expected behaviour of `revision` with `replicas` replicas on `gpu` (default:
     the planner's choice), at its tiers' rates or at `rate_rps` with the same mix."""
     gpu = gpu or _choose(inputs, revision)[0]
-    return _performance(_load(inputs, revision, gpu, rate_rps), replicas)
+    return predict(_load(inputs, revision, gpu, rate_rps), replicas)
 
 
 def _choose(inputs: PlanInputs, revision: str) -> tuple[str, int]:
@@ -427,7 +235,7 @@ def _choose(inputs: PlanInputs, revision: str) -> tuple[str, int]:
         if load.max_batch < 1:
             continue  # the model does not fit this GPU's memory
         c = _required(load, slo, target, spec.min_replicas, spec.max_replicas)
-        perf = _performance(load, c)
+        perf = predict(load, c)
         node = inputs.nodes[gpu]
         cost = c * spec.profiles[gpu].gpus_per_replica * node.cost_per_hour / node.gpus_per_node
         key = (0, cost) if _meets(perf, slo, target) else (1, perf.p95_s)
@@ -581,7 +389,7 @@ def _pack(sizes: list[float], node: NodeType) -> int:
 
 
 def _revision_plan(inputs: PlanInputs, rev: str, gpu: str, required: int, granted: int) -> RevisionPlan:
-    perf = _performance(_load(inputs, rev, gpu), granted)
+    perf = predict(_load(inputs, rev, gpu), granted)
     slo = revision_slo(inputs, rev)
     return RevisionPlan(
         revision=rev, gpu=gpu, priority=revision_priority(inputs, rev), slo_p95_s=slo,
