@@ -102,6 +102,13 @@ class ModelFacts:
     # seconds_per_megapixel, peak_memory_gb)
     profiles: Mapping[str, Any]
 
+    @classmethod
+    def of_lock(cls, models: Mapping[str, Any]) -> dict[str, ModelFacts]:
+        """From models.lock entries (serve.lockfile.ModelEntry): their defaults and
+        profiles."""
+        return {n: cls(e.defaults.width, e.defaults.height, e.defaults.steps, e.profiles)
+                for n, e in models.items()}
+
 
 def trace_load(arrivals, steps: Mapping[str, int]) -> tuple[dict[str, float],
                                                              dict[str, list[planner.SizeMix]]]:

@@ -64,8 +64,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     model = routing.resolve(args.tier)
     policy = load_policy(settings.policy_file)
     replicas = policy.for_model(model).autoscaling.max_replicas
-    facts = {n: ModelFacts(e.defaults.width, e.defaults.height, e.defaults.steps, e.profiles)
-             for n, e in lock.models.items()}
+    facts = ModelFacts.of_lock(lock.models)
     url = local.start(settings.model_copy(update={"port": args.port})) + "/v1/images"
     rows = []
     try:

@@ -147,8 +147,7 @@ def _inputs(args, settings):
     policy = _policy(args, settings)
     lock = load_lock(settings.lock_file)
     routing = load_routing(settings.routing_file, lock)
-    models = {n: ModelFacts(e.defaults.width, e.defaults.height, e.defaults.steps,
-                            e.profiles) for n, e in lock.models.items()}
+    models = ModelFacts.of_lock(lock.models)
     for path in args.profiles:
         for name, table in tomllib.loads(path.read_text())["models"].items():
             profiles = {k: Profile.model_validate(v) for k, v in table["profiles"].items()}

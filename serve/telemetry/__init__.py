@@ -1,10 +1,11 @@
 """Telemetry: OpenTelemetry traces, Prometheus metrics (through Ray's exporter) and
-structured JSON logs. A stage adds its span with `stage(...)`, its counts with
-`metrics().inc(...)`, and its facts about the request with `annotate(...)`."""
+structured JSON logs. A stage adds its span with `stage(...)` and its facts about
+the request with `annotate(...)`; the request's one metrics update and log line
+carry them. Each deployment records its own series through the `Metrics` it made."""
 
 from .logs import setup_logging
-from .metrics import CATALOGUE, Metrics, metrics
-from .requests import RequestRecord, annotate, current_request, request_scope
+from .metrics import CATALOGUE, Metrics
+from .requests import RequestRecord, annotate, request_scope
 from .tracing import (
     context_from,
     current_trace_id,
@@ -20,9 +21,7 @@ __all__ = [
     "RequestRecord",
     "annotate",
     "context_from",
-    "current_request",
     "current_trace_id",
-    "metrics",
     "request_scope",
     "setup",
     "setup_logging",

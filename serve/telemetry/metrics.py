@@ -99,32 +99,28 @@ class Metrics:
         self._refresher: threading.Thread | None = None
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        m = self._get(name, "counter")
-        if self.backend == "ray":
-            m.inc(value, tags=_tags(labels))
-        else:
-            (m.labels(**labels) if labels else m).inc(value)
+        self._record(name, "counter", "inc", value, labels)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        m = self._get(name, "histogram")
-        if self.backend == "ray":
-            m.observe(value, tags=_tags(labels))
-        else:
-            (m.labels(**labels) if labels else m).observe(value)
+        self._record(name, "histogram", "observe", value, labels)
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        m = self._get(name, "gauge")
+        self._record(name, "gauge", "set", value, labels)
         if self.backend == "ray":
-            tags = _tags(labels)
-            m.set(value, tags=tags)
-            self._gauges[(name, tuple(sorted(tags.items())))] = value
+            self._gauges[(name, tuple(sorted(_tags(labels).items())))] = value
             if self._refresher is None:
                 self._refresher = threading.Thread(
                     target=self._refresh, name="imagegen-gauges", daemon=True
                 )
                 self._refresher.start()
+
+    def _record(self, name: str, kind: str, method: str, value: float,
+                labels: dict[str, str]) -> None:
+        m = self._get(name, kind)
+        if self.backend == "ray":
+            getattr(m, method)(value, tags=_tags(labels))
         else:
-            (m.labels(**labels) if labels else m).set(value)
+            getattr(m.labels(**labels) if labels else m, method)(value)
 
     def _refresh(self) -> None:
         while True:
@@ -176,17 +172,3 @@ def _ray_initialized() -> bool:
     except ImportError:
         return False
     return ray.is_initialized()
-
-
-_metrics: Metrics | None = None
-_metrics_lock = threading.Lock()
-
-
-def metrics() -> Metrics:
-    """This process's recorder (Ray's inside a Ray worker, else prometheus_client)."""
-    global _metrics
-    if _metrics is None:
-        with _metrics_lock:
-            if _metrics is None:
-                _metrics = Metrics()
-    return _metrics

@@ -69,10 +69,6 @@ CLIENT_CLOSED = "client_closed"
 _current: ContextVar[RequestRecord | None] = ContextVar("imagegen_request", default=None)
 
 
-def current_request() -> RequestRecord | None:
-    return _current.get()
-
-
 def annotate(**facts: Any) -> None:
     """Record facts a stage learned (tier, model, revision, images, ...) on the
     current request and its server span. A no-op outside a request."""

@@ -69,8 +69,7 @@ def facts(profiles: dict[str, Profile]) -> ModelFacts:
 
 def test_plan_inputs_from_the_shipped_policy_and_lock():
     lock = load_lock(ROOT / "models.lock")
-    models = {n: ModelFacts(e.defaults.width, e.defaults.height, e.defaults.steps, e.profiles)
-              for n, e in lock.models.items()}
+    models = ModelFacts.of_lock(lock.models)
     policy = load_policy(ROOT / "autoscaling" / "policy.yaml")
     inputs = plan_inputs(policy, models, TIERS, {"draft": 10, "final": 1},
                          {"draft": 5, "final": 30})
@@ -201,8 +200,7 @@ def test_stack_overhead_shifts_every_latency_by_itself():
     from autoscaling.planner import performance
 
     lock = load_lock(ROOT / "models.lock")
-    models = {n: ModelFacts(e.defaults.width, e.defaults.height, e.defaults.steps, e.profiles)
-              for n, e in lock.models.items()}
+    models = ModelFacts.of_lock(lock.models)
     policy = load_policy(ROOT / "autoscaling" / "policy.yaml")
     plain, loaded = (
         performance(plan_inputs(policy, models, TIERS, {"draft": 30}, {"draft": 1},
