@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import planner
+from . import inputs
 from .policies import NodeType, Policy
 
 
@@ -111,7 +111,7 @@ class ModelFacts:
 
 
 def trace_load(arrivals, steps: Mapping[str, int]) -> tuple[dict[str, float],
-                                                             dict[str, list[planner.SizeMix]]]:
+                                                             dict[str, list[inputs.SizeMix]]]:
     """Rates (requests/s over the trace's span) and size mixes per tier from a
     trace's arrivals (simulator.Arrival); `steps`: tier -> steps when a row has none."""
     if not arrivals:
@@ -125,7 +125,7 @@ def trace_load(arrivals, steps: Mapping[str, int]) -> tuple[dict[str, float],
         tier = counts.setdefault(a.tier, {})
         tier[shape] = tier.get(shape, 0) + 1
     rates = {t: sum(c.values()) / span for t, c in counts.items()}
-    mixes = {t: [planner.SizeMix(weight=k, width=w, height=h, images=n, steps=st)
+    mixes = {t: [inputs.SizeMix(weight=k, width=w, height=h, images=n, steps=st)
                  for (w, h, n, st), k in sorted(c.items())] for t, c in counts.items()}
     return rates, mixes
 
@@ -134,8 +134,8 @@ def plan_inputs(
     policy: Policy, models: Mapping[str, ModelFacts], routes: Mapping[str, str],
     rates: Mapping[str, float], slos: Mapping[str, float], *, service_cv: float = 0.1,
     target_utilisation: float = 0.85, overhead_s: float = 0.0,
-    mixes: Mapping[str, list[planner.SizeMix]] | None = None,
-) -> planner.PlanInputs:
+    mixes: Mapping[str, list[inputs.SizeMix]] | None = None,
+) -> inputs.PlanInputs:
     """PlanInputs for the tiers in `rates` (tier -> model from `routes`). A tier's
     requests follow `mixes[tier]` (from a trace), else its model's default size and
     steps, one image each."""
@@ -157,8 +157,8 @@ def plan_inputs(
         if not usable:
             raise ValueError(f"model {model} has no profile for {sorted(nodes)} "
                              f"(has {sorted(facts.profiles)}); run `imagegen capacity profile`")
-        revisions[model] = planner.RevisionSpec(
-            profiles={key: planner.Profile(
+        revisions[model] = inputs.RevisionSpec(
+            profiles={key: inputs.Profile(
                 steps=prof.steps,
                 seconds_per_megapixel=prof.seconds_per_megapixel,
                 peak_memory_gb={b: max(g, 1e-3) for b, g in prof.peak_memory_gb.items()},
@@ -168,15 +168,15 @@ def plan_inputs(
             ) for key, prof in usable.items()},
             min_replicas=p.autoscaling.min_replicas, max_replicas=p.autoscaling.max_replicas,
         )
-        tiers[tier] = planner.TierLoad(
+        tiers[tier] = inputs.TierLoad(
             revision=model, rate_rps=rate, priority=policy.cluster.priorities.get(tier, 0),
             slo_p95_s=slos[tier],
             mix=(mixes or {}).get(tier) or [
-                planner.SizeMix(weight=1, width=facts.width, height=facts.height, images=1,
+                inputs.SizeMix(weight=1, width=facts.width, height=facts.height, images=1,
                                 steps=facts.steps)],
         )
     first = next(iter(tiers.values())).mix
-    return planner.PlanInputs(tiers=tiers, revisions=revisions, nodes=nodes, mix=first,
+    return inputs.PlanInputs(tiers=tiers, revisions=revisions, nodes=nodes, mix=first,
                               target_utilisation=target_utilisation, overhead_s=overhead_s)
 
 

@@ -35,13 +35,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from .inputs import Profile, SizeMix, TierLoad
+from .policies import NodeType
 from .queueing import BulkQueue, ServiceDist, WaitTail, bulk_queue, solve_quantile
-
-if TYPE_CHECKING:  # planner.py imports this module: types only, no cycle at run time
-    from .planner import Profile, SizeMix, TierLoad
-    from .policies import NodeType
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .planner import Performance, SloPoint
+from .latency import Performance
+from .planner import SloPoint
 
 
 def plot_latency_vs_load(

@@ -3,7 +3,7 @@ or Poisson, continuous batching per replica, and an optional autoscaler under
 the shared GPU budget. It checks the planner's closed forms and shows what the
 closed forms leave out: cold starts, scaling delays, queue limits.
 
-Same model of work as the planner (planner.Profile): a batch of b images with
+Same model of work as the planner (inputs.Profile): a batch of b images with
 total work W takes W * spmp(b) seconds times a Gamma noise of mean 1 and CV
 service_cv. One shared FIFO queue per revision; a free replica takes queued
 requests up to max_batch images (a request is never split; one heavier than the
@@ -29,7 +29,8 @@ import simpy
 from pydantic import BaseModel, ConfigDict, Field
 
 from .budget import Demand, allocate, desired_replicas
-from .planner import Plan, PlanInputs, Profile, revision_priority, tiers_by_revision
+from .inputs import PlanInputs, Profile
+from .planner import Plan, revision_priority, tiers_by_revision
 
 # request status codes
 _PENDING, _DONE, _DROPPED, _TIMED_OUT = 0, 1, 2, 3

@@ -9,19 +9,15 @@ from fractions import Fraction
 import pytest
 from pydantic import ValidationError
 
+from autoscaling.inputs import PlanInputs, Profile, RevisionSpec, SizeMix, TierLoad
 from autoscaling.planner import (
-    NodeType,
-    PlanInputs,
-    Profile,
-    RevisionSpec,
-    SizeMix,
-    TierLoad,
     performance,
     plan,
     sweep_load,
     sweep_slo,
 )
 from autoscaling.plots import plot_cost_vs_slo, plot_latency_vs_load
+from autoscaling.policies import NodeType
 
 ONE_MP = SizeMix(weight=1, width=1000, height=1000, images=1, steps=30)
 MIX = [

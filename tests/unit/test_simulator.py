@@ -9,15 +9,9 @@ import time
 
 import pytest
 
-from autoscaling.planner import (
-    NodeType,
-    PlanInputs,
-    Profile,
-    RevisionSpec,
-    SizeMix,
-    TierLoad,
-    plan,
-)
+from autoscaling.inputs import PlanInputs, Profile, RevisionSpec, SizeMix, TierLoad
+from autoscaling.planner import plan
+from autoscaling.policies import NodeType
 from autoscaling.simulator import (
     Arrival,
     AutoscalerConfig,
