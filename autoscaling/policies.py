@@ -144,6 +144,12 @@ def load_policy(path: Path) -> Policy:
         raise ValueError(f"invalid autoscaling policy {path}: {e}") from None
 
 
+# How often a stopping replica looks for requests still in flight. Serve's 2 s
+# default is paid even by an idle replica, once for the ingress and once more
+# for the model deployments behind it, on every stop and rolling update.
+DRAIN_POLL_S = 0.2
+
+
 def model_deployment_options(p: ModelPolicy) -> dict[str, Any]:
     """Keyword arguments for `Deployment.options(...)` of one model revision."""
     scaling = p.autoscaling
@@ -152,6 +158,7 @@ def model_deployment_options(p: ModelPolicy) -> dict[str, Any]:
         "max_ongoing_requests": p.max_ongoing_requests,
         "max_queued_requests": p.max_queued_requests,
         "user_config": p.batching.model_dump(),
+        "graceful_shutdown_wait_loop_s": DRAIN_POLL_S,
     }
     if scaling.min_replicas == scaling.max_replicas:
         opts["num_replicas"] = scaling.max_replicas
@@ -165,4 +172,5 @@ def ingress_deployment_options(p: IngressPolicy) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": p.num_cpus},
         "num_replicas": p.replicas,
         "max_ongoing_requests": p.max_ongoing_requests,
+        "graceful_shutdown_wait_loop_s": DRAIN_POLL_S,
     }

@@ -2,8 +2,11 @@
 namespace can be reached on the host's 127.0.0.1 (a Unix socket is a file, and
 files cross network namespaces).
 
-    uds_bridge.py tcp-to-unix HOST:PORT SOCKET   # host side: listen TCP, dial socket
-    uds_bridge.py unix-to-tcp SOCKET HOST:PORT   # namespace side: listen socket, dial TCP
+    uds_bridge.py tcp-to-unix HOST:PORT SOCKET [READY]  # host side: listen TCP, dial socket
+    uds_bridge.py unix-to-tcp SOCKET HOST:PORT          # namespace side: listen socket, dial TCP
+
+READY: a file created once the TCP port is bound (scripts/loopback-serve waits for
+it). A port already in use is one line on stderr and exit 2.
 """
 
 import asyncio
@@ -36,11 +39,17 @@ def _handler(dial):
     return handle
 
 
-async def main(mode: str, a: str, b: str) -> None:
+async def main(mode: str, a: str, b: str, ready: str | None = None) -> None:
     if mode == "tcp-to-unix":
         host, port = a.rsplit(":", 1)
-        server = await asyncio.start_server(
-            _handler(lambda: asyncio.open_unix_connection(b)), host, int(port))
+        try:
+            server = await asyncio.start_server(
+                _handler(lambda: asyncio.open_unix_connection(b)), host, int(port))
+        except OSError as e:
+            sys.exit(f"error: port {port} on {host} is in use ({e.strerror}); "
+                     "choose another with IMAGEGEN_PORT / IMAGEGEN_METRICS_PORT")
+        if ready:
+            open(ready, "w").close()
     elif mode == "unix-to-tcp":
         host, port = b.rsplit(":", 1)
         with contextlib.suppress(FileNotFoundError):
@@ -54,7 +63,7 @@ async def main(mode: str, a: str, b: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) not in (4, 5):
         raise SystemExit(__doc__)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main(*sys.argv[1:]))

@@ -1,27 +1,106 @@
-"""The local service: Ray + Serve on this machine, embedded defaults."""
+"""The local service: Ray + Serve on this machine, embedded defaults. It serves
+exactly on the ports it was given or fails naming the one that is taken (Ray
+Serve's direct ingress would silently take the next free port)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
-import time
+from typing import Any
 
 from .config import Settings
+from .errors import ConfigError
 
 log = logging.getLogger("imagegen")
 
 DIRECT_INGRESS_PORTS = 8  # ingress replicas that can listen directly, from `port` up
+STOP_GRACE_S = 4.0  # Serve's graceful shutdown on stop, before Ray stops everything
+
+
+def ports(settings: Settings) -> dict[str, int]:
+    """Every port the local service listens on, by what it serves."""
+    out = {"HTTP": settings.port, "metrics": settings.metrics_port}
+    if settings.direct_ingress:
+        out["Serve proxy"] = settings.port + DIRECT_INGRESS_PORTS
+    return out
+
+
+def check_ports(settings: Settings) -> None:
+    """ConfigError naming the first port that is taken (or given twice)."""
+    seen: dict[int, str] = {}
+    for what, port in ports(settings).items():
+        if port in seen:
+            raise ConfigError(f"the {what} port and the {seen[port]} port are both {port}")
+        seen[port] = what
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            settings.host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            # As the servers bind: a port whose old connections linger in TIME_WAIT is free.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise ConfigError(f"{what} port {port} on {settings.host} is in use "
+                                  f"({e.strerror}); {_flag(what)}") from None
+
+
+def _flag(what: str) -> str:
+    return {"metrics": "choose another with --metrics-port",
+            "Serve proxy": "it is --port + 8; choose another --port"}.get(
+        what, "choose another with --port")
+
+
+def _check_listeners(settings: Settings) -> None:
+    """After start: each port is held by this process tree, not by another program
+    that took it meanwhile."""
+    import psutil
+
+    me = psutil.Process()
+    ours = {me.pid, *(c.pid for c in me.children(recursive=True))}
+    held = {c.laddr.port: c.pid for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN}
+    for what, port in ports(settings).items():
+        if held.get(port) not in ours:
+            raise ConfigError(f"{what} port {port} was taken by another process while the "
+                              f"service started; {_flag(what)}")
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them to the caller's
+    handlers. For ray.init: a node interrupted while it starts leaves its agents
+    running, orphaned, and Ray's driver replaces the SIGTERM handler with a crash
+    handler that aborts (the caller's is restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    held: list[int] = []
+    for sig in kept:
+        signal.signal(sig, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def start(settings: Settings, *, num_cpus: int | None = None) -> str:
-    """Start Ray and Serve, deploy the app, wait until it runs; returns the base URL."""
+    """Start Ray and Serve, deploy the app, wait until it runs; returns the base URL.
+    ConfigError (and nothing left running) when a port is taken."""
     import ray
     from ray import serve as ray_serve
 
     from .app import APP_NAME, build_app
 
+    check_ports(settings)
     # Build before Ray starts so a bad lock or routing fails fast and plainly.
     app = build_app(settings)
     from autoscaling.policies import load_policy
@@ -42,19 +121,12 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
             RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(settings.port),
             RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(proxy_port),
         )
-        # Serve drains a direct ingress 30 s on shutdown so a load balancer can
+        # Serve holds a stopping direct ingress open 30 s so a load balancer can
         # notice; locally there is none.
-        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
-            # Ray's metrics agent serves every process's metrics (ours included,
-            # as ray_imagegen_*) here.
-            _metrics_export_port=settings.metrics_port,
-            logging_level=logging.WARNING,
-            configure_logging=True,
-        )
+        with _signals_held():
+            _init_ray(settings, num_cpus)
     ray_serve.start(
         http_options={
             "host": settings.host,
@@ -64,34 +136,47 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
         logging_config={"enable_access_log": settings.log_requests},
     )
     ray_serve.run(app, name=APP_NAME, route_prefix="/")
+    try:
+        _check_listeners(settings)
+    except ConfigError:
+        stop()
+        raise
     return f"http://{settings.host}:{settings.port}"
 
 
-def stop() -> None:
+def _init_ray(settings: Settings, num_cpus: int | None) -> None:
+    import ray
+
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        # Ray's metrics agent serves every process's metrics (ours included,
+        # as ray_imagegen_*) here.
+        _metrics_export_port=settings.metrics_port,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+
+
+def stop(grace_s: float = STOP_GRACE_S) -> None:
+    """Shut Serve down gracefully (requests in flight may finish) for at most
+    `grace_s`, then stop Ray and whatever still runs."""
     import ray
     from ray import serve as ray_serve
 
-    if ray.is_initialized():
-        ray_serve.shutdown()
-        ray.shutdown()
+    if not ray.is_initialized():
+        return
+    try:
+        asyncio.run(asyncio.wait_for(ray_serve.shutdown_async(), grace_s))
+    except TimeoutError:
+        # Under steady load the ingress never drains (keep-alive clients keep
+        # sending), and Serve floors its wait at 5 s plus the draining period.
+        log.warning("Serve did not stop within %.0f s; stopping Ray", grace_s)
+    ray.shutdown()
 
 
-def run_local(settings: Settings) -> int:
-    """`imagegen serve`: build missing tiny models, serve until SIGINT/SIGTERM."""
-    if settings.build_missing and settings.engine == "diffusers":
-        from .models_cli import build_missing
+def readiness(url: str) -> dict[str, Any]:
+    """/readyz of the running service: per revision `ready`, `reason`, `tiers`."""
+    import httpx
 
-        build_missing(settings)
-    t0 = time.perf_counter()
-    print("starting Ray and Serve (about 20 s)...", flush=True)
-    url = start(settings)
-    print(f"imagegen ready in {time.perf_counter() - t0:.0f} s at {url}", flush=True)
-    print(f"  metrics: http://{settings.host}:{settings.metrics_port}/metrics", flush=True)
-    print(f"  try: imagegen generate 'a red fox' --url {url} -o fox.png", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    print("stopping...", flush=True)
-    stop()
-    return 0
+    return httpx.get(f"{url}/readyz", timeout=10).json()["models"]

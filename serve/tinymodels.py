@@ -4,18 +4,22 @@
 `from_pretrained(out_dir, local_files_only=True)` loads. The bytes are a pure
 function of (recipe, seed) under one minor version of torch, diffusers and
 transformers, whatever the CPU, so models.lock can pin a built model by sha256 like any other.
-torch, diffusers and transformers are imported inside functions: importing this
-module stays cheap.
+`build_missing` builds the lock's builtin entries that are not on disk yet (what
+`imagegen serve` and `imagegen models build` do). torch, diffusers and transformers
+are imported inside functions: importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lockfile import hash_tree
+from .errors import ModelVerificationError
+from .lockfile import BuiltinSource, ModelEntry, hash_tree, load_lock, verify
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -241,3 +245,41 @@ def _strip_versions(value):
     if isinstance(value, list):
         return [_strip_versions(v) for v in value]
     return value
+
+
+def build_entry(entry: ModelEntry, model_dir: Path, *, force: bool = False) -> Path:
+    """Build one builtin entry into its locked directory; verify it matches the lock."""
+    assert isinstance(entry.source, BuiltinSource)
+    dest = entry.local_dir(model_dir)
+    if dest.exists() and not force:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        out = Path(tmp) / "model"
+        build(entry.source.recipe, entry.source.seed, out)
+        try:
+            verify(entry, out)
+        except ModelVerificationError as e:
+            raise ModelVerificationError(
+                f"{e.message}. The builder no longer reproduces the lock: pinned torch/"
+                "diffusers/transformers changed? Rebuild and re-hash with "
+                f"`imagegen models hash {entry.name} DIR`"
+            ) from None
+        if dest.exists():
+            shutil.rmtree(dest)
+        out.rename(dest)  # atomic on one filesystem: no half-built model is ever visible
+    return dest
+
+
+def build_missing(lock_file: Path, model_dir: Path, *, force: bool = False) -> list[str]:
+    """Build every builtin entry of the lock not yet under `model_dir`; their names."""
+    from tqdm import tqdm
+
+    lock = load_lock(lock_file)
+    todo = [
+        e for e in lock.models.values()
+        if isinstance(e.source, BuiltinSource) and (force or not e.local_dir(model_dir).exists())
+    ]
+    for entry in tqdm(todo, desc="building tiny models", unit="model", disable=not todo):
+        build_entry(entry, model_dir, force=force)
+    return [e.name for e in todo]

@@ -46,6 +46,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def service_ports() -> dict[str, int]:
+    """Free `port` and `metrics_port` for a local service (its Serve proxy takes
+    port + 8: that one must be free too)."""
+    from serve.local import DIRECT_INGRESS_PORTS
+
+    while True:
+        port = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + DIRECT_INGRESS_PORTS))
+            except OSError:
+                continue
+        return {"port": port, "metrics_port": _free_port()}
+
+
 class SpanStore:
     """In-memory spans received over OTLP/HTTP from every Serve process (the real
     exporter path, configured by the standard OTEL_* variables)."""
@@ -113,33 +128,45 @@ def otlp():
     server.shutdown()
 
 
-@pytest.fixture(scope="session")
-def stack_settings(tmp_path_factory):
-    return {"metrics_port": _free_port()}
-
-
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory, otlp, stack_settings):
-    """Base URL of a running stack; torn down at the end of the session."""
+def _loopback_only() -> None:
     if os.environ.get("LOOPBACK_NS") != "1":
         pytest.skip("Serve tests run inside scripts/loopback (Ray binds wildcard sockets)")
-    from serve import local
-    from serve.models_cli import build_missing
 
-    tmp = tmp_path_factory.mktemp("stack")
+
+@pytest.fixture(scope="session")
+def served_models(tmp_path_factory) -> tuple[Path, Path]:
+    """(models.lock, model_dir): the real lock plus a `broken` revision whose file
+    fails verification; the builtin tiny models built once per session."""
+    from serve.tinymodels import build_missing
+
+    tmp = tmp_path_factory.mktemp("models")
     models = tmp / "models"
     (models / "broken").mkdir(parents=True)
     (models / "broken" / "model_index.json").write_text("{}\n")
     wrong = hashlib.sha256(b"what the lock expected").hexdigest()
     lock = tmp / "models.lock"
     lock.write_text((ROOT / "models.lock").read_text() + BROKEN.format(sha=wrong))
-    routing = tmp / "routing.yaml"
+    build_missing(lock, models)  # the builtin tiny models; `broken` is a path source
+    return lock, models
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory):
+    return service_ports()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, otlp, stack_settings, served_models):
+    """Base URL of a running stack; torn down at the end of the session."""
+    _loopback_only()
+    from serve import local
+
+    lock, models = served_models
+    routing = tmp_path_factory.mktemp("stack") / "routing.yaml"
     routing.write_text(ROUTING)
     settings = load_settings(
-        lock_file=lock, routing_file=routing, model_dir=models, port=_free_port(), threads=1,
-        **stack_settings,
+        lock_file=lock, routing_file=routing, model_dir=models, threads=1, **stack_settings,
     )
-    build_missing(settings)  # the builtin tiny models; `broken` is a path source
     # Ray's workers inherit the environment Ray starts with; this test process
     # keeps its own (its unit-test spans must not go to the receiver).
     telemetry_env = {
@@ -185,3 +212,8 @@ def lock_entries():
     from serve.lockfile import load_lock
 
     return load_lock(Path(ROOT / "models.lock")).models
+
+
+@pytest.fixture
+def free_ports() -> dict[str, int]:
+    return service_ports()

@@ -11,8 +11,8 @@ import yaml
 
 from autoscaling.capacity import ModelFacts, check, plan_inputs
 from autoscaling.policies import Policy, load_policy
-from serve.capacity_cli import record_profile
-from serve.cli import main
+from serve.cli.capacity import record_profile
+from serve.cli.main import main
 from serve.config import ROOT
 from serve.lockfile import Profile, load_lock
 

@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from autoscaling.policies import (
+    DRAIN_POLL_S,
     Policy,
     ingress_deployment_options,
     load_policy,
@@ -128,6 +129,7 @@ def test_shipped_deployment_options(shipped):
 def test_ingress_options():
     assert ingress_deployment_options(policy().ingress) == {
         "ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 2, "max_ongoing_requests": 100,
+        "graceful_shutdown_wait_loop_s": DRAIN_POLL_S,
     }
 
 

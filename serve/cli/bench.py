@@ -1,4 +1,5 @@
-"""`imagegen bench serve`: the tiny pipeline in-process vs the full HTTP stack.
+"""`imagegen bench serve`: the tiny pipeline in-process vs the full HTTP stack
+(`imagegen bench capacity`: bench_capacity.py).
 
 Both halves run in one command on the same thread count, so the ratios compare
 like with like. Timings are printed, never asserted.
@@ -17,10 +18,41 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import Settings
-from .engines.base import EngineSpec, Job
-from .lockfile import load_lock
-from .routing import load_routing
+from ..config import Settings
+from ..engines.base import EngineSpec, Job
+from ..lockfile import load_lock
+from ..routing import load_routing
+from .common import settings as settings_of
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    b = sub.add_parser("bench", help="benchmarks (not tests)")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    bs = bsub.add_parser("serve", help="in-process pipeline vs the full HTTP stack")
+    bs.add_argument("--model", default="tiny-draft")
+    bs.add_argument("--requests", type=int, default=200, help="requests per measured point")
+    bs.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    bs.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    bs.add_argument("--port", type=int, default=8123)
+    bs.add_argument("--json", type=Path, help="also write the figures as JSON")
+    bc = bsub.add_parser("capacity", help="planner prediction vs the stack under Poisson load")
+    bc.add_argument("--tier", default="draft")
+    bc.add_argument("--rates", type=float, nargs="+", default=[10, 20, 40])
+    bc.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
+    bc.add_argument("--cv", type=float, default=0.1, help="planner's batch time CV")
+    bc.add_argument("--overhead-ms", type=float, default=15.0,
+                    help="planner's per-request stack overhead (bench serve's added p50)")
+    bc.add_argument("--port", type=int, default=8123)
+    return b
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
+    if args.bench_command == "capacity":
+        from . import bench_capacity
+
+        return bench_capacity.run(args, settings)
+    return run_serve(args, settings)
 
 
 @dataclass
@@ -44,7 +76,7 @@ def _point(name: str, c: int, lat: list[float], images: int, wall: float, batch=
 
 
 def bench_in_process(entry, settings: Settings, threads: int, n: int, batch: int) -> list[Point]:
-    from .engines.diffusers_engine import DiffusersEngine
+    from ..engines.diffusers_engine import DiffusersEngine
 
     spec = EngineSpec(entry.name, entry.revision, entry.local_dir(settings.model_dir),
                       entry.pipeline, entry.dtype, {"threads": threads})
@@ -103,7 +135,7 @@ async def _load(url: str, body: dict, n: int, c: int) -> tuple[list[float], floa
 
 
 def bench_stack(settings: Settings, tier: str, n: int, levels: list[int]) -> list[Point]:
-    from . import local
+    from .. import local
 
     url = local.start(settings) + "/v1/images"
     try:
@@ -141,12 +173,12 @@ def _report(points: list[Point], threads: int, batch: int, layout: str) -> dict:
     return ratios
 
 
-def run_bench(args: argparse.Namespace, settings: Settings) -> int:
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     from autoscaling.policies import load_policy
 
-    from .models_cli import build_missing
+    from ..tinymodels import build_missing
 
-    build_missing(settings)
+    build_missing(settings.lock_file, settings.model_dir)
     lock = load_lock(settings.lock_file)
     entry = lock.get(args.model)
     tiers = load_routing(settings.routing_file, lock).tiers_of(entry.name)

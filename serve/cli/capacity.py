@@ -8,14 +8,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import ROOT, Settings
-from .lockfile import Profile, load_lock, verify
-from .routing import load_routing
+from ..config import ROOT
+from ..lockfile import Profile, load_lock, verify
+from ..routing import load_routing
+from .common import settings as settings_of
 
 DEFAULT_SLO_S = {"draft": 10.0, "final": 60.0, "batch": 3600.0}
 
 
-def add_parser(sub) -> None:
+def add_parser(sub) -> argparse.ArgumentParser:
     c = sub.add_parser("capacity", help="SRE capacity: check, plan, simulate, profile")
     c.add_argument("--policy", type=Path, help="autoscaling policy (default: settings)")
     csub = c.add_subparsers(dest="capacity_command", required=True)
@@ -64,9 +65,11 @@ def add_parser(sub) -> None:
     pr.add_argument("--key", help="profile key (default: this accelerator's type)")
     pr.add_argument("--write", action="store_true", help="record it in models.lock")
     pr.add_argument("--out", type=Path, help="record it in this lock-shaped TOML instead")
+    return c
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
     commands = {"check": _check, "plan": _plan, "simulate": _simulate, "profile": _profile,
                 "serve-config": _serve_config}
     try:
@@ -275,8 +278,8 @@ def _profile(args, settings) -> int:
 
     from autoscaling.profiler import measure
 
-    from .engines.base import EngineSpec, Job
-    from .engines.diffusers_engine import DiffusersEngine, accelerator
+    from ..engines.base import EngineSpec, Job
+    from ..engines.diffusers_engine import DiffusersEngine, accelerator
 
     key, device, software = accelerator()
     options: dict = {"compile": args.compile}
@@ -287,7 +290,7 @@ def _profile(args, settings) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         if args.recipe:
-            from .archmodels import ARCHS, build_arch
+            from ..archmodels import ARCHS, build_arch
 
             cuda = key != "cpu"
             dtype = "float16" if cuda else "float32"

@@ -11,9 +11,9 @@ import time
 
 from tqdm import tqdm
 
-from .config import Settings
-from .lockfile import load_lock
-from .routing import load_routing
+from ..config import Settings
+from ..lockfile import load_lock
+from ..routing import load_routing
 
 
 async def _poisson(url: str, body: dict, rate: float, duration: float, seed: int) -> list[float]:
@@ -54,11 +54,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from autoscaling.capacity import ModelFacts, plan_inputs
     from autoscaling.policies import load_policy
 
-    from . import local
+    from .. import local
+    from ..tinymodels import build_missing
     from .bench import _pct
-    from .models_cli import build_missing
 
-    build_missing(settings)
+    build_missing(settings.lock_file, settings.model_dir)
     lock = load_lock(settings.lock_file)
     routing = load_routing(settings.routing_file, lock)
     model = routing.resolve(args.tier)

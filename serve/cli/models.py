@@ -3,53 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from .config import Settings
-from .errors import ImagegenError, ModelVerificationError
-from .lockfile import BuiltinSource, HubSource, Lock, ModelEntry, hash_tree, load_lock, verify
+from ..errors import ImagegenError
+from ..lockfile import HubSource, Lock, ModelEntry, hash_tree, load_lock, verify
+from .common import settings as settings_of
 
 
-def build_entry(entry: ModelEntry, model_dir: Path, *, force: bool = False) -> Path:
-    """Build one builtin entry into its locked directory; verify it matches the lock."""
-    from .tinymodels import build
-
-    assert isinstance(entry.source, BuiltinSource)
-    dest = entry.local_dir(model_dir)
-    if dest.exists() and not force:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        out = Path(tmp) / "model"
-        build(entry.source.recipe, entry.source.seed, out)
-        try:
-            verify(entry, out)
-        except ModelVerificationError as e:
-            raise ModelVerificationError(
-                f"{e.message}. The builder no longer reproduces the lock: pinned torch/"
-                "diffusers/transformers changed? Rebuild and re-hash with "
-                f"`imagegen models hash {entry.name} DIR`"
-            ) from None
-        if dest.exists():
-            shutil.rmtree(dest)
-        out.rename(dest)  # atomic on one filesystem: no half-built model is ever visible
-    return dest
-
-
-def build_missing(settings: Settings, *, force: bool = False) -> list[str]:
-    from tqdm import tqdm
-
-    lock = load_lock(settings.lock_file)
-    todo = [
-        e for e in lock.models.values()
-        if isinstance(e.source, BuiltinSource) and (force or not e.local_dir(settings.model_dir).exists())
-    ]
-    for entry in tqdm(todo, desc="building tiny models", unit="model", disable=not todo):
-        build_entry(entry, settings.model_dir, force=force)
-    return [e.name for e in todo]
+def add_parser(sub) -> argparse.ArgumentParser:
+    m = sub.add_parser("models", help="build, list, verify, hash or fetch models.lock entries")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    mb = msub.add_parser("build", help="build the builtin tiny models (deterministic)")
+    mb.add_argument("--force", action="store_true", help="rebuild even if present")
+    msub.add_parser("list", help="every revision with its source, licence and state")
+    msub.add_parser("verify", help="check every file's sha256 against the lock")
+    mh = msub.add_parser("hash", help="print a [models.NAME.files] table for a directory")
+    mh.add_argument("name")
+    mh.add_argument("directory", type=Path)
+    mf = msub.add_parser("fetch", help="download hub entries at their pinned commit")
+    mf.add_argument("names", nargs="*")
+    return m
 
 
 def _state(entry: ModelEntry, model_dir: Path) -> str:
@@ -94,7 +68,7 @@ def fetch(entry: ModelEntry, model_dir: Path) -> Path:
     return dest
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def run(args: argparse.Namespace) -> int:
     cmd = args.models_command
     if cmd == "hash":
         files = hash_tree(args.directory)
@@ -102,9 +76,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for rel, digest in files.items():
             print(f'"{rel}" = "{digest}"')
         return 0
+    settings = settings_of(args)
     lock = load_lock(settings.lock_file)
     if cmd == "build":
-        built = build_missing(settings, force=args.force)
+        from ..tinymodels import build_missing
+
+        built = build_missing(settings.lock_file, settings.model_dir, force=args.force)
         print(f"built {len(built)} model(s) into {settings.model_dir}" if built
               else "every builtin model is already built")
         return 0

@@ -1,0 +1,87 @@
+"""`imagegen serve` without Ray: the port check before start-up and the start-up
+summary (tests/serve/test_cli_serve.py runs the real process)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from serve.cli.serve import _summary
+from serve.config import load_settings
+from serve.errors import ConfigError
+from serve.local import DIRECT_INGRESS_PORTS, check_ports
+
+URL = "http://127.0.0.1:8000"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def held():
+    """A port another program listens on."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    yield s.getsockname()[1]
+    s.close()
+
+
+@pytest.mark.parametrize("field, what, flag", [
+    ("port", "HTTP", "--port"),
+    ("metrics_port", "metrics", "--metrics-port"),
+    ("proxy", "Serve proxy", "--port + 8"),
+])
+def test_a_busy_port_is_named(held, field, what, flag):
+    ports = {"port": _free_port(), "metrics_port": _free_port()}
+    if field == "proxy":
+        ports["port"] = held - DIRECT_INGRESS_PORTS
+    else:
+        ports[field] = held
+    with pytest.raises(ConfigError) as e:
+        check_ports(load_settings(**ports))
+    assert f"{what} port {held} on 127.0.0.1 is in use" in e.value.message
+    assert flag in e.value.message
+
+
+def test_free_ports_pass_and_a_port_given_twice_does_not():
+    port = _free_port()
+    check_ports(load_settings(port=port, metrics_port=_free_port(), direct_ingress=False))
+    with pytest.raises(ConfigError, match=f"metrics port and the HTTP port are both {port}"):
+        check_ports(load_settings(port=port, metrics_port=port))
+
+
+def _rev(ready: bool, *tiers: str, reason: str | None = None) -> dict:
+    return {"ready": ready, "reason": reason, "tiers": list(tiers)}
+
+
+def test_summary_all_ready(capsys):
+    assert _summary({"a": _rev(True, "draft"), "b": _rev(True)}, URL, 12.3, 8080)
+    out = capsys.readouterr().out
+    assert "imagegen ready in 12 s at http://127.0.0.1:8000" in out
+    assert "metrics: http://127.0.0.1:8080/metrics" in out
+
+
+def test_summary_names_each_unready_revision_with_its_reason(capsys):
+    models = {"a": _rev(True, "draft"), "b": _rev(False, "final", reason="sha256 mismatch for x"),
+              "c": _rev(False, reason="no such file")}
+    assert _summary(models, URL, 9, 8080)  # draft still serves
+    out = capsys.readouterr().out
+    assert "1 routed revision(s) NOT READY: b" in out and "imagegen ready" not in out
+    line = {name: next(x for x in out.splitlines() if f" {name} " in x) for name in "abc"}
+    assert line["a"].endswith(" ready")
+    assert "NOT READY: sha256 mismatch for x" in line["b"]
+    assert "NOT READY: no such file" in line["c"] and "(no tier)" in line["c"]
+
+
+def test_summary_fails_when_nothing_routed_can_serve(capsys):
+    models = {"a": _rev(False, "draft", reason="boom"), "spare": _rev(True)}
+    assert not _summary(models, URL, 9, 8080)
+    captured = capsys.readouterr()
+    assert "error: no routed revision is ready" in captured.err
+    assert "NOT READY: boom" in captured.out and "metrics:" not in captured.out
