@@ -13,7 +13,7 @@ from autoscaling.policies import (
 )
 
 from .config import Settings, load_settings
-from .deployments.ingress import Coalescing, Ingress
+from .deployments.ingress import Coalescing, Ingress, RoutingSource
 from .deployments.model import ModelDeployment
 from .engines.base import Engine
 from .lockfile import load_lock
@@ -63,6 +63,11 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
             logging_config=logging_config,
             **model_deployment_options(p),
         ).bind(entry, engine_cls, str(settings.model_dir), options)
+    source = RoutingSource(
+        file=str(settings.routing_file), configmap=settings.routing_configmap,
+        namespace=settings.routing_namespace, key=settings.routing_key,
+        kubeconfig=settings.kubeconfig,
+    )
     return Ingress.options(
         logging_config=logging_config, **ingress_deployment_options(policy.ingress)
-    ).bind(lock, routing, models, coalescing, settings.max_body_bytes)
+    ).bind(lock, routing, models, coalescing, settings.max_body_bytes, source)

@@ -44,8 +44,19 @@ class Settings(BaseSettings):
     )
     lock_file: Path = Field(ROOT / "models.lock", description="the models.lock to serve")
     routing_file: Path = Field(
-        ROOT / "serve" / "routing.yaml", description="tier -> model routing table (YAML)"
+        ROOT / "serve" / "routing.yaml",
+        description="the routing document (YAML), watched: edits apply without a restart; "
+        "also the start-up default when routing_configmap is set",
     )
+    routing_configmap: str | None = Field(
+        None, description="follow this ConfigMap through the Kubernetes API instead of the "
+        "file (applied within about a second of a change)",
+    )
+    routing_namespace: str | None = Field(
+        None, description="the ConfigMap's namespace (default: the pod's own)")
+    routing_key: str = Field("routing.yaml", description="the ConfigMap key holding the document")
+    kubeconfig: str | None = Field(
+        None, description="kubeconfig for the API outside a pod (in a pod: its service account)")
     policy_file: Path = Field(
         ROOT / "autoscaling" / "policy.yaml",
         description="per-model replica, batching and autoscaling policy (YAML)",

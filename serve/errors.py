@@ -15,6 +15,7 @@ class ImagegenError(Exception):
     """Base of every error a client may see. `code` is stable API."""
 
     code = "internal"
+    retry_after_s: int | None = None  # sent as Retry-After: worth retrying later
 
     def __init__(self, message: str, *, details: Any = None) -> None:
         super().__init__(message)
@@ -68,15 +69,24 @@ class PayloadTooLarge(ImagegenError):
 
 
 class ModelUnavailable(ImagegenError):
-    """The routed revision cannot serve now (unhealthy, failed to load, overloaded)."""
+    """No revision of the tier can serve now (unhealthy, failed to load, unanswered)."""
 
     code = "model_unavailable"
+    retry_after_s = 5
 
 
 class Overloaded(ModelUnavailable):
     """The model's queue is full; retry later (Retry-After)."""
 
     code = "overloaded"
+    retry_after_s = 1
+
+
+class TierDisabled(ImagegenError):
+    """An operator disabled the tier in the routing document (the message says why)."""
+
+    code = "tier_disabled"
+    retry_after_s = 60
 
 
 class GenerationFailed(ImagegenError):
@@ -111,6 +121,7 @@ STATUS: dict[type[ImagegenError], tuple[int, str]] = {
     PayloadTooLarge: (413, "INVALID_ARGUMENT"),
     ModelUnavailable: (503, "UNAVAILABLE"),
     Overloaded: (503, "RESOURCE_EXHAUSTED"),
+    TierDisabled: (503, "UNAVAILABLE"),
     GenerationFailed: (500, "INTERNAL"),
     ConfigError: (500, "FAILED_PRECONDITION"),
     ModelVerificationError: (500, "FAILED_PRECONDITION"),

@@ -176,7 +176,8 @@ def stop(grace_s: float = STOP_GRACE_S) -> None:
 
 
 def readiness(url: str) -> dict[str, Any]:
-    """/readyz of the running service: per revision `ready`, `reason`, `tiers`."""
+    """/readyz of the running service: `tiers` (each ready or not) and `models` (per
+    revision `ready`, `reason`, the `tiers` it is primary of and those it `backs`)."""
     import httpx
 
-    return httpx.get(f"{url}/readyz", timeout=10).json()["models"]
+    return httpx.get(f"{url}/readyz", timeout=10).json()

@@ -88,10 +88,12 @@ class GenerateResponse(BaseModel):
     trace_id: str = Field(description="OpenTelemetry trace id (also the X-Trace-Id header)")
     created: int = Field(description="unix seconds")
     tier: str
-    model: str = Field(description="models.lock name")
+    model: str = Field(description="models.lock name of the revision that served it")
     revision: str = Field(description="immutable revision from models.lock")
+    fallback: bool = Field(False, description="served by a fallback, not the tier's primary")
     batch_images: int = Field(description="images in the pipeline call that ran this request")
-    cost_units: float = Field(description="charged: tier weight x images x megapixels")
+    cost_units: float = Field(description="charged: cost weight x images x megapixels (a "
+                              "fallback never costs more than the tier)")
     images: list[Image]
     timings: Timings
 

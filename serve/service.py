@@ -1,7 +1,8 @@
 """The transport-free request path (DESIGN.md stages). Transports call this.
 
-Stages present now: validate -> route -> resolve request against the revision's
-defaults and limits -> generate on the model deployment -> encode -> answer. Each
+Stages present now: validate -> route -> resolve request against the tier's
+primary (defaults and limits; every fallback accepts at least as much) ->
+generate on the first usable revision, failing over -> encode -> answer. Each
 stage has its span (`stage`) and tells the request's record what it learned
 (`annotate`): the log line and the metrics are written once, by the transport.
 """
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .engines.base import Generated, Job
-from .errors import LimitExceeded
+from .errors import GenerationFailed, LimitExceeded, ModelUnavailable, Overloaded
 from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
-from .routing import RoutingTable
+from .routing import LiveRouting, RoutingTable
 from .schemas import MAX_SEED, GenerateRequest, GenerateResponse, Image, ModelInfo, Timings
 from .telemetry import annotate, current_trace_id, stage
 
@@ -38,14 +39,17 @@ class Plan:
     """A request resolved against its model: exactly what will be generated."""
 
     tier: str
-    entry: ModelEntry
+    entry: ModelEntry  # the tier's primary: its defaults and limits applied
     jobs: list[Job]
     cost_units: float  # tier weight x images x megapixels
 
+    def megapixels(self) -> float:
+        return sum(j.width * j.height for j in self.jobs) / 1e6
+
 
 def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable) -> Plan:
-    """Route the tier and apply the model's defaults and limits. Pure."""
-    entry = lock.get(routing.resolve(req.tier))
+    """Route the tier and apply its primary's defaults and limits. Pure."""
+    entry = lock.get(routing.route(req.tier).model)
     d, lim = entry.defaults, entry.limits
     width, height = req.dimensions() or (d.width, d.height)
     for side, value, most in (("width", width, lim.max_width), ("height", height, lim.max_height)):
@@ -73,10 +77,15 @@ def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable) -> Plan:
     return Plan(req.tier, entry, jobs, round(weight * req.n * width * height / 1e6, 6))
 
 
+# A revision that answered these may serve the request on a retry or elsewhere; bad
+# input and the ingress's own overload refusal never are retried.
+_RETRYABLE = (ModelUnavailable, GenerationFailed)
+
+
 class ImageService:
     """Stages 2-12 of the request path for one ingress replica."""
 
-    def __init__(self, lock: Lock, routing: RoutingTable, backend: Backend) -> None:
+    def __init__(self, lock: Lock, routing: LiveRouting, backend: Backend) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
@@ -86,7 +95,7 @@ class ImageService:
             ModelInfo(
                 name=e.name, revision=e.revision, deployment=e.deployment_name,
                 pipeline=e.pipeline, dtype=e.dtype, license=e.license,
-                commercial_use=e.commercial_use, tiers=self.routing.tiers_of(e.name),
+                commercial_use=e.commercial_use, tiers=self.routing.table.tiers_of(e.name),
                 defaults=e.defaults, limits=e.limits,
             )
             for e in self.lock.models.values()
@@ -94,17 +103,21 @@ class ImageService:
 
     async def generate(self, req: GenerateRequest, request_id: str) -> GenerateResponse:
         t0 = time.perf_counter()
+        table = self.routing.table  # one document for the whole request
         with stage("route", **{"imagegen.tier": req.tier}) as span:
-            p = plan(req, self.lock, self.routing)
-            e = p.entry
-            span.set_attributes({"gen_ai.request.model": e.name, "imagegen.revision": e.revision})
-        annotate(tier=p.tier, model=e.name, revision=e.revision, images=len(p.jobs),
-                 cost_units=p.cost_units)
+            p = plan(req, self.lock, table)
+            span.set_attributes({"gen_ai.request.model": p.entry.name,
+                                 "imagegen.revision": p.entry.revision})
+        annotate(tier=p.tier, model=p.entry.name, revision=p.entry.revision, images=len(p.jobs))
         with stage("generate", **_genai_attributes(p)) as span:
-            out = await self.backend.generate(e.name, p.jobs)
+            out, e = await self._failover(p)
+            fallback = e.name != p.entry.name
             span.set_attributes({"imagegen.batch_images": out.batch_images,
-                                 "imagegen.queue_ms": out.queue_s * 1e3})
-        annotate(queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3)
+                                 "imagegen.queue_ms": out.queue_s * 1e3,
+                                 "imagegen.fallback": fallback, "imagegen.served_by": e.name})
+        cost = round(table.cost_weight(p.tier, e.name) * p.megapixels(), 6)
+        annotate(model=e.name, revision=e.revision, cost_units=cost, fallback=fallback,
+                 queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3)
         with stage("encode", **{"imagegen.images": len(p.jobs)}):
             if p.jobs[0].width * p.jobs[0].height * len(p.jobs) > _ENCODE_INLINE_PIXELS:
                 encoded = await asyncio.to_thread(lambda: [encode_png(i) for i in out.images])
@@ -117,14 +130,41 @@ class ImageService:
         ]
         return GenerateResponse(
             id=request_id, trace_id=current_trace_id(), created=int(time.time()), tier=p.tier,
-            model=e.name, revision=e.revision, batch_images=out.batch_images,
-            cost_units=p.cost_units, images=images,
+            model=e.name, revision=e.revision, fallback=fallback,
+            batch_images=out.batch_images, cost_units=cost, images=images,
             timings=Timings(
                 queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3,
                 total_ms=(time.perf_counter() - t0) * 1e3,
             ),
         )
 
+    async def _failover(self, p: Plan) -> tuple[Generated, ModelEntry]:
+        """Generate on the tier's first usable revision (ready, breaker closed or
+        probing). A revision that fails is tried once more (Ray's router drops a
+        dead replica, and the same revision and seed give the same image), then the
+        next one. With nothing usable, the first candidate still gets the request
+        (its error is the answer)."""
+        order = self.routing.candidates(p.tier)
+        err: Exception | None = None
+        tried = 0
+        for model in order:
+            for _ in range(2):
+                if not self.routing.allow(model):
+                    break
+                tried += 1
+                try:
+                    out = await self.backend.generate(model, p.jobs)
+                except Overloaded:
+                    raise
+                except _RETRYABLE as e:
+                    self.routing.record(model, ok=False)
+                    err = e
+                    continue
+                self.routing.record(model, ok=True)
+                return out, self.lock.get(model)
+        if not tried:
+            return await self.backend.generate(order[0], p.jobs), self.lock.get(order[0])
+        raise err
 
 def _genai_attributes(p: Plan) -> dict[str, object]:
     """GenAI semantic conventions where they fit, imagegen.* for the rest. The prompt
@@ -143,5 +183,4 @@ def _genai_attributes(p: Plan) -> dict[str, object]:
         "imagegen.height": j.height,
         "imagegen.steps": j.steps,
         "imagegen.cache_hit": False,
-        "imagegen.fallback": False,
     }

@@ -1,5 +1,5 @@
-"""`imagegen ...`: serve, generate, models, capacity, bench. Heavy imports stay
-inside each verb's `run`."""
+"""`imagegen ...`: serve, generate, models, routing, fallback, capacity, bench.
+Heavy imports stay inside each verb's `run`."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from ..errors import ImagegenError
-from . import bench, capacity, generate, models
+from . import bench, capacity, fallback, generate, models, routing
 from . import serve as serve_verb
 
-VERBS = (serve_verb, generate, models, capacity, bench)
+VERBS = (serve_verb, generate, models, routing, fallback, capacity, bench)
 
 
 def parser() -> argparse.ArgumentParser:

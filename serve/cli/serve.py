@@ -2,7 +2,7 @@
 
 The first signal stops it cleanly at any moment, start-up included; a second one
 while it stops exits at once. It says which revisions are not ready and why, and
-exits non-zero when no routed revision can serve.
+exits non-zero when no tier has a ready revision.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         print("starting Ray and Serve (about 20 s)...", flush=True)
         url = local.start(settings)
-        models = local.readiness(url)
-        if not _summary(models, url, time.perf_counter() - t0, settings.metrics_port):
+        if not _summary(local.readiness(url), url, time.perf_counter() - t0,
+                        settings.metrics_port):
             return 1
         serving = True
         while True:
@@ -80,24 +80,28 @@ def run(args: argparse.Namespace) -> int:
         local.stop()
 
 
-def _summary(models: dict[str, dict[str, Any]], url: str, took_s: float,
-             metrics_port: int) -> bool:
-    """Print what serves and what does not; False when no routed revision is ready."""
-    routed = {n: m for n, m in models.items() if m["tiers"]}
-    down = sorted(n for n, m in routed.items() if not m["ready"])
-    if routed and len(down) == len(routed):
-        print(f"error: no routed revision is ready after {took_s:.0f} s; stopping",
+def _summary(ready: dict[str, Any], url: str, took_s: float, metrics_port: int) -> bool:
+    """Print what serves and what does not (the /readyz body); False when no tier
+    has a ready revision."""
+    tiers, models = ready["tiers"], ready["models"]
+    down = sorted(n for n, m in models.items() if m["tiers"] and not m["ready"])
+    serving = [t for t, ok in tiers.items() if ok]
+    if not serving:
+        print(f"error: no tier has a ready revision after {took_s:.0f} s; stopping",
               file=sys.stderr)
     elif down:
-        print(f"imagegen serving in {took_s:.0f} s at {url}, but {len(down)} routed "
+        print(f"imagegen serving in {took_s:.0f} s at {url}, but {len(down)} primary "
               f"revision(s) NOT READY: {', '.join(down)}", flush=True)
     else:
         print(f"imagegen ready in {took_s:.0f} s at {url}", flush=True)
     for name, m in models.items():
-        tiers = ",".join(m["tiers"]) or "(no tier)"
+        role = ",".join(m["tiers"]) or (f"backs {','.join(m['backs'])}" if m["backs"]
+                                         else "(no tier)")
         state = "ready" if m["ready"] else f"NOT READY: {m['reason']}"
-        print(f"  {tiers:<12} {name:<16} {state}", flush=True)
-    if routed and len(down) == len(routed):
+        print(f"  {role:<18} {name:<16} {state}", flush=True)
+    for tier in sorted(set(tiers) - set(serving)):
+        print(f"  tier {tier}: nothing ready to serve it", flush=True)
+    if not serving:
         return False
     host = url.rsplit(":", 1)[0]
     print(f"  metrics: {host}:{metrics_port}/metrics", flush=True)

@@ -1,11 +1,15 @@
 """The ingress deployment: the HTTP app over ImageService, with Serve handles to
-one model deployment per revision as its backend."""
+one model deployment per revision as its backend, and the live routing: the
+document from its source, each revision's readiness polled every second."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from opentelemetry.trace import SpanKind
@@ -19,12 +23,33 @@ from ..engines.base import Generated, Job
 from ..errors import GenerationFailed, ImagegenError, ModelUnavailable, Overloaded
 from ..ingress.http import build_http_app
 from ..lockfile import Lock
-from ..routing import RoutingTable
+from ..routing import LiveRouting, RoutingTable
+from ..routing.sources import ConfigMapSource, watch_file
 from ..service import ImageService
 from ..telemetry import Metrics, setup, stage, traceparent
 from .model import ModelCall
 
+log = logging.getLogger("imagegen.ingress")
+
 STATUS_TIMEOUT_S = 2.0
+READY_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class RoutingSource:
+    """Where the ingress follows the routing document: a file (or a mounted
+    ConfigMap), or one ConfigMap through the Kubernetes API."""
+
+    file: str | None = None
+    configmap: str | None = None
+    namespace: str | None = None
+    key: str = "routing.yaml"
+    kubeconfig: str | None = None
+
+    def describe(self) -> str:
+        if self.configmap:
+            return f"configmap {self.namespace or '(pod namespace)'}/{self.configmap}"
+        return f"file {self.file}"
 
 
 @dataclass(frozen=True)
@@ -43,8 +68,9 @@ class HandleBackend:
 
     def __init__(
         self, handles: dict[str, DeploymentHandle], coalescing: dict[str, Coalescing],
-        metrics: Metrics | None = None,
+        metrics: Metrics | None = None, timeout_s: Callable[[], float] = lambda: 120.0,
     ):
+        self.timeout_s = timeout_s  # live: the routing document's breaker.timeout_s
         self.handles = {name: h.options(method_name="generate") for name, h in handles.items()}
         self.batchers: dict[str, Batcher[ModelCall, Generated]] = {
             name: Batcher(
@@ -69,8 +95,12 @@ class HandleBackend:
         if self.metrics is not None:
             self.metrics.set("imagegen_queued_images", self.batchers[model].queued,
                              model=model, where="ingress")
+        timeout = self.timeout_s()
         try:
-            return await self.handles[model].remote(requests)
+            # Ray waits forever for a deployment with no replica: bound every call.
+            return await asyncio.wait_for(self.handles[model].remote(requests), timeout)
+        except TimeoutError:
+            raise ModelUnavailable(f"model {model} did not answer within {timeout:g} s") from None
         except BackPressureError:
             raise Overloaded(f"model {model} is at capacity; retry shortly") from None
         except RayTaskError as e:
@@ -84,23 +114,36 @@ class HandleBackend:
 @ray_serve.deployment
 @ray_serve.ingress()
 class Ingress:
-    def __init__(
+    async def __init__(
         self,
         lock: Lock,
         routing: RoutingTable,
         models: dict[str, DeploymentHandle],
         coalescing: dict[str, Coalescing],
         max_body_bytes: int,
+        source: RoutingSource | None = None,
     ) -> None:
         setup("ingress")
-        self.routing = routing
         self.metrics = Metrics()
-        for tier in routing.tiers:
-            self.metrics.set("imagegen_fallback_active", 0, tier=tier)
+        source = source or RoutingSource()
+        self.routing = LiveRouting(routing, lock, source.describe(), metrics=self.metrics)
         self.status_handles = {n: h.options(method_name="status") for n, h in models.items()}
-        backend = HandleBackend(models, coalescing, self.metrics)
-        self.service = ImageService(lock, routing, backend)
+        backend = HandleBackend(models, coalescing, self.metrics,
+                                timeout_s=lambda: self.routing.table.breaker.timeout_s)
+        self.service = ImageService(lock, self.routing, backend)
         self.max_body_bytes = max_body_bytes
+        self.statuses: dict[str, dict[str, Any]] = {}
+        self._tasks = [asyncio.create_task(self._poll_readiness(), name="imagegen-readiness")]
+        self._watch = None
+        if source.configmap:
+            self._watch = ConfigMapSource(
+                source.namespace, source.configmap, source.key, self.routing.apply_text,
+                self.routing.unreachable, asyncio.get_running_loop(), source.kubeconfig)
+            self._watch.start()
+        elif source.file:
+            self._tasks.append(asyncio.create_task(watch_file(
+                Path(source.file), self.routing.apply_text, self.routing.unreachable)))
+        await self._refresh_readiness()
 
     def __serve_build_asgi_app__(self):
         return build_http_app(
@@ -108,18 +151,42 @@ class Ingress:
             metrics=self.metrics, echo_request_id=False,
         )
 
-    async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when every routed revision is ready; reports every revision."""
+    async def _poll_readiness(self) -> None:
+        while True:
+            await asyncio.sleep(READY_POLL_S)
+            try:
+                await self._refresh_readiness()
+            except Exception:  # keep polling whatever one round hit
+                log.exception("readiness poll failed")
+
+    async def _refresh_readiness(self) -> None:
         names = list(self.status_handles)
         results = await asyncio.gather(
             *(asyncio.wait_for(self.status_handles[n].remote(), STATUS_TIMEOUT_S) for n in names),
             return_exceptions=True,
         )
-        models = {}
         for name, res in zip(names, results, strict=True):
             if isinstance(res, BaseException):
                 res = {"ready": False, "reason": f"status unavailable: {type(res).__name__}"}
-            res["tiers"] = self.routing.tiers_of(name)
-            models[name] = res
-        ready = all(models[n]["ready"] for n in self.routing.routed_models())
-        return ready, models
+            self.statuses[name] = res
+            self.routing.set_ready(name, res["ready"], res.get("reason"))
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready while every enabled tier has a ready revision; reports every revision
+        (and the routing source's last error)."""
+        await self._refresh_readiness()
+        table = self.routing.table
+        models = {}
+        for name, res in self.statuses.items():
+            models[name] = {**res, "tiers": table.tiers_of(name),
+                            "backs": [t for t in table.backed_by(name)
+                                      if t not in table.tiers_of(name)]}
+        tiers = {t: self.routing.tier_ready(t) for t, r in table.tiers.items() if not r.disabled}
+        return all(tiers.values()), {"models": models, "tiers": tiers, "routing": {
+            "version": table.version, "source": self.routing.source, "error": self.routing.error}}
+
+    def __del__(self) -> None:
+        for task in getattr(self, "_tasks", []):
+            task.cancel()
+        if getattr(self, "_watch", None) is not None:
+            self._watch.stop()

@@ -28,6 +28,10 @@ from ..telemetry import Metrics, context_from, setup, tracer
 
 log = logging.getLogger("imagegen.model")
 
+# Pipeline calls failing in a row before check_health fails and Serve replaces the
+# replica (a CUDA error leaves the context unusable: one is enough).
+UNHEALTHY_AFTER_FAILURES = 3
+
 
 @dataclass(frozen=True, slots=True)
 class ModelCall:
@@ -86,6 +90,8 @@ class ModelDeployment:
         self.load_s = time.perf_counter() - t0
         self.batcher = PipelineBatcher(self._run, max_images=8)
         self.running_images = 0
+        self.failures_in_row = 0
+        self.fatal: str | None = None
         self.metrics.set("imagegen_model_load_seconds", self.load_s, **self.labels)
         self.metrics.set("imagegen_model_ready", float(self.engine is not None), **self.labels)
         self._record_memory()
@@ -138,10 +144,16 @@ class ModelDeployment:
         t0 = time.perf_counter()
         self.running_images = len(jobs)
         try:
-            return await loop.run_in_executor(self._pool, self.engine.generate, jobs)
+            out = await loop.run_in_executor(self._pool, self.engine.generate, jobs)
         except Exception as e:
             log.exception("generation failed on %s", self.entry.deployment_name)
+            self.failures_in_row += 1
+            if "CUDA error" in str(e) or self.failures_in_row >= UNHEALTHY_AFTER_FAILURES:
+                self.fatal = f"{self.failures_in_row} pipeline failure(s) in a row, last: {e}"
             raise GenerationFailed(f"generation failed on {self.entry.name}: {e}") from None
+        else:
+            self.failures_in_row = 0
+            return out
         finally:
             self.running_images = 0
             self.metrics.observe("imagegen_pipeline_seconds", time.perf_counter() - t0,
@@ -178,6 +190,8 @@ class ModelDeployment:
         }
 
     def check_health(self) -> None:
-        # Liveness only. An unready revision is alive and says why in status();
-        # failing here would make Serve restart it in a loop.
-        return None
+        # A revision whose files failed verification is alive and says why in
+        # status(): a restart cannot fix a file. A broken engine (a CUDA error,
+        # pipeline failures in a row) is not: failing makes Serve replace it.
+        if self.fatal:
+            raise RuntimeError(f"model {self.entry.name} unhealthy: {self.fatal}")

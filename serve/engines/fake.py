@@ -17,7 +17,9 @@ from .base import Engine, Job
 
 class FakeEngine(Engine):
     """Options: `seconds_per_image` (simulated work, default 0), `seconds_per_batch`
-    (fixed cost per call, default 0), `fail_load` (a message: load raises it)."""
+    (fixed cost per call, default 0), `fail_load` (a message: load raises it).
+    A file named FAULT in the revision's directory makes every call fail while it
+    exists: a fault a test can inject into one revision, every replica at once."""
 
     kind = "fake"
 
@@ -27,6 +29,8 @@ class FakeEngine(Engine):
             raise RuntimeError(str(reason))
 
     def generate(self, jobs: list[Job]) -> list[np.ndarray]:
+        if self.spec.path is not None and (self.spec.path / "FAULT").exists():
+            raise RuntimeError(f"injected fault: {self.spec.path / 'FAULT'} exists")
         per_image = float(self.spec.options.get("seconds_per_image", 0.0))
         per_batch = float(self.spec.options.get("seconds_per_batch", 0.0))
         if per_image or per_batch:

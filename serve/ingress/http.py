@@ -16,7 +16,6 @@ from ..errors import (
     ImagegenError,
     MethodNotAllowed,
     NotFound,
-    Overloaded,
     PayloadTooLarge,
     UnsupportedMediaType,
     http_status,
@@ -34,7 +33,7 @@ from ..telemetry import Metrics, annotate, current_trace_id, request_scope, stag
 log = logging.getLogger("imagegen.http")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_ROUTES = frozenset({"/v1/images", "/v1/models", "/healthz", "/readyz"})  # span names
+_ROUTES = frozenset({"/v1/images", "/v1/models", "/v1/routing", "/healthz", "/readyz"})
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 404, 413, 415, 422, 503)
 }
@@ -57,8 +56,8 @@ def error_response(
     request: Request, err: ImagegenError, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     headers = {**(headers or {}), **_id_header(request)}
-    if isinstance(err, Overloaded):
-        headers["Retry-After"] = "1"
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
     annotate(code=err.code)
     body = err.envelope()
     if trace_id := current_trace_id():
@@ -113,14 +112,20 @@ def build_http_app(
     async def models() -> ModelList:
         return ModelList(models=service.models())
 
+    @app.get("/v1/routing")
+    async def routing() -> dict[str, Any]:
+        """The routing document this ingress applies, where it came from, and each
+        tier's and revision's state (readiness, breaker)."""
+        return service.routing.snapshot()
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        ready, models = await readiness()
-        return JSONResponse({"ready": ready, "models": models}, status_code=200 if ready else 503)
+        ready, detail = await readiness()
+        return JSONResponse({"ready": ready, **detail}, status_code=200 if ready else 503)
 
     @app.exception_handler(ImagegenError)
     async def _imagegen_error(request: Request, err: ImagegenError) -> JSONResponse:

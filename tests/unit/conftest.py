@@ -13,7 +13,7 @@ import pytest
 from serve.engines.base import EngineSpec, Generated, Job
 from serve.engines.fake import FakeEngine
 from serve.lockfile import Lock, parse_lock
-from serve.routing import RoutingTable, parse_routing
+from serve.routing import LiveRouting, RoutingTable, parse_routing
 from serve.service import ImageService
 from serve.telemetry import Metrics
 
@@ -142,7 +142,7 @@ def backend(lock: Lock) -> FakeBackend:
 
 @pytest.fixture
 def service(lock: Lock, routing: RoutingTable, backend: FakeBackend) -> ImageService:
-    return ImageService(lock, routing, backend)
+    return ImageService(lock, LiveRouting(routing, lock, "file test"), backend)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ CLIENT = {
 }
 SERVER = {
     "internal", "model_unavailable", "overloaded", "generation_failed", "config_error",
-    "model_verification_failed",
+    "model_verification_failed", "tier_disabled",
 }
 GRPC_CODES = {
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from serve.errors import GenerationFailed, LimitExceeded, Overloaded
 from serve.ingress.http import build_http_app
+from serve.routing import LiveRouting
 from serve.service import ImageService
 from serve.telemetry import Metrics
 
@@ -24,7 +25,7 @@ class Readiness:
         self.models = {"tiny-draft": "RUNNING", "tiny-final": "RUNNING"}
 
     async def __call__(self):
-        return self.ready, dict(self.models)
+        return self.ready, {"models": dict(self.models)}
 
 
 @pytest.fixture
@@ -218,7 +219,7 @@ class RaisingBackend:
     ],
 )
 def test_backend_failures(lock, routing, readiness, exc, status, code):
-    client = make_client(ImageService(lock, routing, RaisingBackend(exc)), readiness)
+    client = make_client(ImageService(lock, LiveRouting(routing, lock, "file test"), RaisingBackend(exc)), readiness)
     r = client.post("/v1/images", json=GOOD, headers={"x-request-id": "rid-500"})
     assert r.status_code == status
     assert r.json()["error"]["code"] == code
@@ -238,7 +239,7 @@ def test_ray_style_dynamic_subclass_keeps_its_status(lock, routing, readiness):
         pass
 
     dyn = type("RayTaskError(LimitExceeded)", (RayTaskError, LimitExceeded), {})
-    client = make_client(ImageService(lock, routing, RaisingBackend(dyn("remote"))), readiness)
+    client = make_client(ImageService(lock, LiveRouting(routing, lock, "file test"), RaisingBackend(dyn("remote"))), readiness)
     r = client.post("/v1/images", json=GOOD)
     assert (r.status_code, r.json()["error"]["code"]) == (422, "limit_exceeded")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from serve.errors import ConfigError, UnknownTier
-from serve.lockfile import parse_lock
+from serve.lockfile import load_lock, parse_lock
 from serve.routing import load_routing, parse_routing
 
 SHIPPED = Path(__file__).resolve().parents[2] / "serve" / "routing.yaml"
@@ -98,11 +98,13 @@ def test_tier_names_at_the_pattern_edges_are_accepted(lock):
     assert table.resolve("z" * 32) == "tiny-final"
 
 
-def test_shipped_routing_validates_against_its_models(lock):
+def test_shipped_routing_validates_against_the_shipped_lock():
+    lock = load_lock(SHIPPED.parent.parent / "models.lock")
     table = load_routing(SHIPPED, lock)
     assert set(table.routed_models()) <= set(lock.models)
     assert table.resolve("draft") == "tiny-draft"
     assert table.resolve("final") == "tiny-final"
+    assert table.tiers["final"].fallbacks == ["tiny-spare"]
 
 
 def test_shipped_routing_rejects_a_lock_without_its_models(toml_lock, entry_dicts):

@@ -56,32 +56,45 @@ def test_free_ports_pass_and_a_port_given_twice_does_not():
         check_ports(load_settings(port=port, metrics_port=port))
 
 
-def _rev(ready: bool, *tiers: str, reason: str | None = None) -> dict:
-    return {"ready": ready, "reason": reason, "tiers": list(tiers)}
+def _rev(ready: bool, *tiers: str, reason: str | None = None, backs=()) -> dict:
+    return {"ready": ready, "reason": reason, "tiers": list(tiers), "backs": list(backs)}
+
+
+def _body(models: dict, **tiers: bool) -> dict:
+    return {"models": models, "tiers": tiers}
 
 
 def test_summary_all_ready(capsys):
-    assert _summary({"a": _rev(True, "draft"), "b": _rev(True)}, URL, 12.3, 8080)
+    body = _body({"a": _rev(True, "draft"), "b": _rev(True, backs=["draft"])}, draft=True)
+    assert _summary(body, URL, 12.3, 8080)
     out = capsys.readouterr().out
     assert "imagegen ready in 12 s at http://127.0.0.1:8000" in out
+    assert "backs draft" in out
     assert "metrics: http://127.0.0.1:8080/metrics" in out
 
 
 def test_summary_names_each_unready_revision_with_its_reason(capsys):
     models = {"a": _rev(True, "draft"), "b": _rev(False, "final", reason="sha256 mismatch for x"),
               "c": _rev(False, reason="no such file")}
-    assert _summary(models, URL, 9, 8080)  # draft still serves
+    assert _summary(_body(models, draft=True, final=False), URL, 9, 8080)  # draft serves
     out = capsys.readouterr().out
-    assert "1 routed revision(s) NOT READY: b" in out and "imagegen ready" not in out
+    assert "1 primary revision(s) NOT READY: b" in out and "imagegen ready" not in out
     line = {name: next(x for x in out.splitlines() if f" {name} " in x) for name in "abc"}
     assert line["a"].endswith(" ready")
     assert "NOT READY: sha256 mismatch for x" in line["b"]
     assert "NOT READY: no such file" in line["c"] and "(no tier)" in line["c"]
+    assert "tier final: nothing ready to serve it" in out
 
 
-def test_summary_fails_when_nothing_routed_can_serve(capsys):
+def test_a_primary_down_behind_a_ready_fallback_still_serves(capsys):
+    models = {"a": _rev(False, "draft", reason="boom"), "spare": _rev(True, backs=["draft"])}
+    assert _summary(_body(models, draft=True), URL, 9, 8080)
+    assert "NOT READY: a" in capsys.readouterr().out
+
+
+def test_summary_fails_when_no_tier_can_serve(capsys):
     models = {"a": _rev(False, "draft", reason="boom"), "spare": _rev(True)}
-    assert not _summary(models, URL, 9, 8080)
+    assert not _summary(_body(models, draft=False), URL, 9, 8080)
     captured = capsys.readouterr()
-    assert "error: no routed revision is ready" in captured.err
+    assert "error: no tier has a ready revision" in captured.err
     assert "NOT READY: boom" in captured.out and "metrics:" not in captured.out

@@ -240,10 +240,11 @@ class _Raising:
 
 def test_unhandled_error_is_answered_logged_and_counted_in_its_trace(lock, routing, metrics,
                                                                       logs):
+    from serve.routing import LiveRouting
     from serve.service import ImageService
 
-    app = build_http_app(ImageService(lock, routing, _Raising()), _ready, max_body_bytes=4096,
-                         metrics=metrics)
+    service = ImageService(lock, LiveRouting(routing, lock, "file test"), _Raising())
+    app = build_http_app(service, _ready, max_body_bytes=4096, metrics=metrics)
     r = TestClient(app, raise_server_exceptions=False).post("/v1/images", json={"prompt": "x"})
     assert r.status_code == 500
     assert r.json()["error"]["trace_id"] == r.headers["x-trace-id"]

@@ -1,0 +1,88 @@
+"""Where routing documents come from, for an ingress replica to apply live.
+
+* A file, watched by polling what its path resolves to: an editor's atomic
+  replace makes a new inode, and the kubelet updates a mounted ConfigMap by
+  swapping the volume's `..data` symlink to a new timestamped directory, so the
+  same path resolves to another file. A mounted volume changes only when the
+  kubelet syncs (typically within a minute).
+* One ConfigMap through the Kubernetes API (serve/routing/kube.py: list + watch,
+  resume, relist on 410 Gone, reconnect with backoff): applied within about a
+  second of the API event, the fast path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("imagegen.routing")
+
+FILE_POLL_S = 0.5
+
+
+def _fingerprint(path: Path) -> tuple | None:
+    try:
+        st = path.stat()  # follows symlinks: a swapped ..data shows as a new inode
+    except OSError:
+        return None
+    return st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size, os.path.realpath(path)
+
+
+async def watch_file(path: Path, apply: Callable[[str, str], bool],
+                     unreachable: Callable[[str], None], poll_s: float = FILE_POLL_S) -> None:
+    """Apply `path` whenever what it resolves to changes; runs until cancelled."""
+    seen = _fingerprint(path)  # what the ingress started with
+    while True:
+        await asyncio.sleep(poll_s)
+        now = _fingerprint(path)
+        if now == seen:
+            continue
+        seen = now
+        if now is None:
+            unreachable(f"routing file {path} is missing; keeping the applied document")
+            continue
+        try:
+            text = path.read_text()
+        except OSError as e:
+            unreachable(f"cannot read routing file {path}: {e}")
+            continue
+        apply(text, f"file {path}")
+
+
+class ConfigMapSource:
+    """The Kubernetes API watch of one ConfigMap key, applied on the event loop."""
+
+    def __init__(self, namespace: str | None, name: str, key: str,
+                 apply: Callable[[str, str], bool], unreachable: Callable[[str], None],
+                 loop: asyncio.AbstractEventLoop, kubeconfig: str | None = None) -> None:
+        from .kube import ConfigMapWatch, api_client, pod_namespace
+
+        self.namespace = namespace or pod_namespace()
+        self.name, self.key = name, key
+        self._apply, self._unreachable, self._loop = apply, unreachable, loop
+        self.describe = f"configmap {self.namespace}/{name} key {key}"
+        self.watch = ConfigMapWatch(api_client(kubeconfig), self.namespace, name,
+                                    on_change=self._changed, on_error=self._failed)
+
+    def start(self) -> None:
+        self.watch.start()
+
+    def stop(self) -> None:
+        self.watch.stop()
+
+    # Called on the watch thread: hand over to the event loop.
+    def _changed(self, data: dict[str, str] | None, resource_version: str) -> None:
+        if data is None or self.key not in data:
+            msg = (f"{self.describe}: no such ConfigMap or key (resourceVersion "
+                   f"{resource_version}); keeping the applied document")
+            self._loop.call_soon_threadsafe(self._unreachable, msg)
+            return
+        origin = f"{self.describe} resourceVersion {resource_version}"
+        self._loop.call_soon_threadsafe(self._apply, data[self.key], origin)
+
+    def _failed(self, message: str) -> None:
+        log.warning("%s: %s", self.describe, message)
+        self._loop.call_soon_threadsafe(self._unreachable, f"{self.describe}: {message}")
