@@ -163,7 +163,9 @@ def serve_config(
             # not autoscaled: its GPUs are taken before the policy divides the rest
             fixed[p.gpu_type] = fixed.get(p.gpu_type, 0.0) + p.num_gpus * p.autoscaling.max_replicas
             continue
-        tiers = routing.tiers_of(model)
+        # A fallback gets the priority of the tiers it backs: under the cap it must
+        # not starve just when a switch sends a tier to it.
+        tiers = routing.backed_by(model)
         deployments[entry.deployment_name] = {
             "gpu_type": p.gpu_type, "gpus": p.num_gpus,
             "priority": max((policy.cluster.priorities.get(t, 0) for t in tiers), default=0),

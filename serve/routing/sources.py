@@ -33,23 +33,27 @@ def _fingerprint(path: Path) -> tuple | None:
 
 async def watch_file(path: Path, apply: Callable[[str, str], bool],
                      unreachable: Callable[[str], None], poll_s: float = FILE_POLL_S) -> None:
-    """Apply `path` whenever what it resolves to changes; runs until cancelled."""
-    seen = _fingerprint(path)  # what the ingress started with
+    """Apply `path` now (it may have changed since the ingress loaded it) and
+    whenever what it resolves to changes; runs until cancelled."""
+    seen: tuple | None | bool = False
     while True:
-        await asyncio.sleep(poll_s)
         now = _fingerprint(path)
-        if now == seen:
-            continue
-        seen = now
-        if now is None:
-            unreachable(f"routing file {path} is missing; keeping the applied document")
-            continue
-        try:
-            text = path.read_text()
-        except OSError as e:
-            unreachable(f"cannot read routing file {path}: {e}")
-            continue
-        apply(text, f"file {path}")
+        if now != seen:
+            seen = now
+            _read_and_apply(path, now is not None, apply, unreachable)
+        await asyncio.sleep(poll_s)
+
+
+def _read_and_apply(path: Path, exists: bool, apply, unreachable) -> None:
+    if not exists:
+        unreachable(f"routing file {path} is missing; keeping the applied document")
+        return
+    try:
+        text = path.read_text()
+    except OSError as e:
+        unreachable(f"cannot read routing file {path}: {e}")
+        return
+    apply(text, f"file {path}")
 
 
 class ConfigMapSource:

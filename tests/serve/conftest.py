@@ -217,3 +217,9 @@ def lock_entries():
 @pytest.fixture
 def free_ports() -> dict[str, int]:
     return service_ports()
+
+
+@pytest.fixture(scope="session")
+def new_ports():
+    """service_ports itself, for fixtures wider than one test."""
+    return service_ports

@@ -22,7 +22,8 @@ STOP_WITHIN_S = 10
 class Service:
     """One real `imagegen serve` process; its output collected line by line."""
 
-    def __init__(self, tmp_path, served_models, ports, routing, *, sigint_ignored=False):
+    def __init__(self, tmp_path, served_models, ports, routing, *, sigint_ignored=False,
+                 settings: dict | None = None):
         if os.environ.get("LOOPBACK_NS") != "1":
             pytest.skip("Serve tests run inside scripts/loopback (Ray binds wildcard sockets)")
         lock, models = served_models
@@ -31,7 +32,7 @@ class Service:
         self.config = config = tmp_path / "imagegen.yaml"
         config.write_text(yaml.safe_dump({
             "lock_file": str(lock), "model_dir": str(models), "engine": "fake",
-            "routing_file": str(self.routing_file),
+            "routing_file": str(self.routing_file), **(settings or {}),
         }))
         self.url = f"http://127.0.0.1:{ports['port']}"
         self.lines: list[str] = []
@@ -50,7 +51,8 @@ class Service:
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         """`imagegen --config <this service's settings> ARGS`, as an operator runs it."""
         return subprocess.run([sys.executable, "-m", "serve.cli", "--config", str(self.config),
-                               *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                               *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              check=False)
 
     def _read(self) -> None:
         for line in self.proc.stdout:

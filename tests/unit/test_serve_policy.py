@@ -120,7 +120,9 @@ def test_serve_config_carries_the_policy_and_validates():
     assert final["priority"] == 3 > draft["priority"] == 2
     assert final["target_images"] == 8 and draft["target_images"] == 16
     BudgetPolicy(**kw)  # the kwargs construct the policy as Serve will
-    assert lock.models["tiny-spare"].deployment_name in kw["deployments"]
+    # tiny-spare serves no tier as primary but backs final: it gets final's priority,
+    # so the switch to it does not meet a fallback starved of GPUs.
+    assert kw["deployments"][lock.models["tiny-spare"].deployment_name]["priority"] == 3
     # A fixed-size GPU deployment takes its GPUs out of the budget first.
     doc = yaml.safe_load((ROOT / "autoscaling" / "policy-gpu.yaml").read_text())
     doc["models"]["tiny-spare"]["autoscaling"] = {"min_replicas": 6, "max_replicas": 6,
