@@ -1,34 +1,56 @@
-"""Wire types shared by every transport (HTTP today; gRPC and OpenAI shapes later)."""
+"""Wire types shared by every transport, and the one strict parser of a request.
+
+Strict: no bool-to-number, float-to-int or string-to-number coercion; sizes in
+ASCII digits; duplicate JSON keys, NaN and Infinity refused; in text, newline,
+carriage return and tab are the only control characters allowed. Bounds that hold
+for every model live in the types (and so in the OpenAPI document); per-model
+limits are in GET /v1/models.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+import unicodedata
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidRequest, MalformedBody
 from .lockfile import Defaults, Limits
 
 MAX_SEED = 2**32 - 1
+_ALLOWED_CONTROLS = frozenset("\n\r\t")
+
+
+def _printable(v: str) -> str:
+    for ch in v:
+        # Cc: control characters (NUL included); Cs: lone surrogates (JSON "\ud800").
+        if unicodedata.category(ch) in ("Cc", "Cs") and ch not in _ALLOWED_CONTROLS:
+            raise ValueError(f"contains the control character U+{ord(ch):04X}")
+    return v
+
+
+PRINTABLE = AfterValidator(_printable)  # after the length constraints: their error types stay
 
 
 class GenerateRequest(BaseModel):
     """POST /v1/images. Size, steps and guidance default per model (GET /v1/models)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    prompt: Annotated[str, Field(min_length=1, max_length=2000)] = Field(
-        description="what to draw"
+    prompt: Annotated[str, Field(min_length=1, max_length=2000), PRINTABLE] = Field(
+        description="what to draw (newline and tab allowed, no other control characters)"
     )
-    negative_prompt: Annotated[str, Field(max_length=2000)] = Field(
+    negative_prompt: Annotated[str, Field(max_length=2000), PRINTABLE] = Field(
         "", description="what to steer away from"
     )
     tier: Annotated[str, Field(min_length=1, max_length=32)] = Field(
         "draft", description="routing tier: draft (small, fast) or final (frontier)"
     )
     n: Annotated[int, Field(ge=1, le=8)] = Field(1, description="number of images")
-    size: str | None = Field(
-        None, description='"WIDTHxHEIGHT", multiples of 8 within the model limits'
+    size: Annotated[str, Field(pattern=r"^[0-9]{1,5}x[0-9]{1,5}$")] | None = Field(
+        None, description='"WIDTHxHEIGHT" in ASCII digits, multiples of 8, within the '
+        "model's limits (GET /v1/models)"
     )
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
         None, description="seed of the first image; image i uses seed+i. Drawn when absent"
@@ -55,9 +77,7 @@ class GenerateRequest(BaseModel):
     def _size(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        w, sep, h = v.partition("x")
-        if not (sep and w.isdigit() and h.isdigit() and len(w) <= 5 and len(h) <= 5):
-            raise ValueError(f'size {v!r} is not "WIDTHxHEIGHT"')
+        w, _, h = v.partition("x")  # the pattern made both ASCII digits
         if int(w) % 8 or int(h) % 8:
             raise ValueError(f"size {v!r}: width and height must be multiples of 8")
         return v
@@ -126,17 +146,42 @@ class ErrorEnvelope(BaseModel):
     error: ErrorBody
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return out
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN or Infinity; MalformedBody
+    naming the problem (deep nesting and 5,000-digit numbers included)."""
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise MalformedBody(f"body is not valid JSON: {why}") from None
+
+
 def parse_request(raw: bytes | dict) -> GenerateRequest:
     """Validate a request body; MalformedBody for bad JSON, InvalidRequest with
     one entry per bad field otherwise."""
+    data = raw if isinstance(raw, dict) else load_json(raw)
+    return validate(GenerateRequest, data)
+
+
+def validate(model: type[BaseModel], data: Any) -> Any:
+    """`model` from parsed JSON; InvalidRequest listing every bad field."""
     try:
-        if isinstance(raw, dict):
-            return GenerateRequest.model_validate(raw)
-        return GenerateRequest.model_validate_json(raw)
+        return model.model_validate(data)
     except ValidationError as e:
         errors = e.errors(include_url=False, include_input=False)
-        if any(err["type"] == "json_invalid" for err in errors):
-            raise MalformedBody(f"body is not valid JSON: {errors[0]['msg']}") from None
         fields = [
             {"field": ".".join(map(str, err["loc"])) or "body", "type": err["type"],
              "message": err["msg"]}

@@ -52,12 +52,12 @@ INVALID = [
     pytest.param({"prompt": "x", "negative_prompt": "x" * 2001}, "negative_prompt",
                  "string_too_long", id="2001-char-negative"),
     pytest.param({"prompt": "x", "size": "64x63"}, "size", "value_error", id="size-64x63"),
-    pytest.param({"prompt": "x", "size": "abc"}, "size", "value_error", id="size-abc"),
-    pytest.param({"prompt": "x", "size": "64"}, "size", "value_error", id="size-one-side"),
-    pytest.param({"prompt": "x", "size": "64X64"}, "size", "value_error", id="size-upper-x"),
-    pytest.param({"prompt": "x", "size": "-64x64"}, "size", "value_error", id="size-negative"),
-    pytest.param({"prompt": "x", "size": " 64x64"}, "size", "value_error", id="size-space"),
-    pytest.param({"prompt": "x", "size": "640000x64"}, "size", "value_error", id="size-6-digits"),
+    pytest.param({"prompt": "x", "size": "abc"}, "size", "string_pattern_mismatch", id="size-abc"),
+    pytest.param({"prompt": "x", "size": "64"}, "size", "string_pattern_mismatch", id="size-one-side"),
+    pytest.param({"prompt": "x", "size": "64X64"}, "size", "string_pattern_mismatch", id="size-upper-x"),
+    pytest.param({"prompt": "x", "size": "-64x64"}, "size", "string_pattern_mismatch", id="size-negative"),
+    pytest.param({"prompt": "x", "size": " 64x64"}, "size", "string_pattern_mismatch", id="size-space"),
+    pytest.param({"prompt": "x", "size": "640000x64"}, "size", "string_pattern_mismatch", id="size-6-digits"),
     pytest.param({"prompt": "x", "size": 64}, "size", "string_type", id="size-int"),
     pytest.param({"prompt": "x", "steps": 0}, "steps", "greater_than_equal", id="steps-0"),
     pytest.param({"prompt": "x", "steps": 501}, "steps", "less_than_equal", id="steps-501"),
@@ -68,8 +68,47 @@ INVALID = [
     pytest.param({"prompt": "x", "seed": -1}, "seed", "greater_than_equal", id="seed-neg"),
     pytest.param({"prompt": "x", "seed": 2**32}, "seed", "less_than_equal", id="seed-2**32"),
     pytest.param({"prompt": "x", "tier": ""}, "tier", "string_too_short", id="tier-empty"),
-    pytest.param({"prompt": "x", "n": 1.5}, "n", "int_from_float", id="n-fraction"),
+    pytest.param({"prompt": "x", "n": 1.5}, "n", "int_type", id="n-fraction"),
+    # The strict wire: no coercion between bools, numbers and strings.
+    pytest.param({"prompt": "x", "guidance": False}, "guidance", "float_type", id="guidance-bool"),
+    pytest.param({"prompt": "x", "seed": 383385.0}, "seed", "int_type", id="seed-float"),
+    pytest.param({"prompt": "x", "n": True}, "n", "int_type", id="n-bool"),
+    pytest.param({"prompt": "x", "steps": "4"}, "steps", "int_type", id="steps-string"),
+    pytest.param({"prompt": "x", "size": "\u0666\u0664x\u0666\u0664"}, "size",
+                 "string_pattern_mismatch", id="size-arabic-indic-digits"),
+    pytest.param({"prompt": "x", "size": "\uff16\uff14x64"}, "size", "string_pattern_mismatch",
+                 id="size-fullwidth-digits"),
+    pytest.param({"prompt": "a\x00b"}, "prompt", "value_error", id="prompt-nul"),
+    pytest.param({"prompt": "a\x1bb"}, "prompt", "value_error", id="prompt-escape"),
+    pytest.param({"prompt": "a\x85b"}, "prompt", "value_error", id="prompt-c1-control"),
+    pytest.param({"prompt": "a", "negative_prompt": "\x07"}, "negative_prompt", "value_error",
+                 id="negative-bell"),
 ]
+
+
+def test_newline_and_tab_are_text():
+    assert parse_request({"prompt": "a fox\n\tin snow\r\n"}).prompt == "a fox\n\tin snow\r\n"
+
+
+@pytest.mark.parametrize(("raw", "needle"), [
+    pytest.param(b'{"prompt": "x", "seed": 1, "seed": 2}', "duplicate key 'seed'", id="dup-key"),
+    pytest.param(b'{"prompt": "x", "guidance": NaN}', "NaN", id="nan"),
+    pytest.param(b'{"prompt": "x", "guidance": Infinity}', "Infinity", id="infinity"),
+    pytest.param(b'{"prompt": "x", "guidance": -Infinity}', "Infinity", id="minus-infinity"),
+    pytest.param(b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "digits", id="5000-digits"),
+    pytest.param(b'{"prompt": "\xff\xfe"}', "utf-8", id="invalid-utf8"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, "nested too deeply", id="deep-nesting"),
+])
+def test_hostile_json_is_a_malformed_body(raw, needle):
+    with pytest.raises(MalformedBody) as info:
+        parse_request(raw)
+    assert needle.lower() in info.value.message.lower()
+
+
+def test_a_lone_surrogate_is_refused():
+    with pytest.raises(InvalidRequest) as info:
+        parse_request(b'{"prompt": "a\\ud800b"}')
+    assert info.value.details[0]["field"] == "prompt"
 
 
 @pytest.mark.parametrize(("body", "field", "kind"), INVALID)
