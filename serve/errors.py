@@ -6,7 +6,7 @@ Transports never choose statuses themselves: they look the class up in STATUS.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -107,28 +107,38 @@ class ModelVerificationError(ConfigError):
     code = "model_verification_failed"
 
 
-# (HTTP status, gRPC status code name). Looked up by exact class; a test proves
-# every subclass of ImagegenError has a row.
-STATUS: dict[type[ImagegenError], tuple[int, str]] = {
-    ImagegenError: (500, "INTERNAL"),
-    InvalidRequest: (422, "INVALID_ARGUMENT"),
-    MalformedBody: (400, "INVALID_ARGUMENT"),
-    UnsupportedMediaType: (415, "INVALID_ARGUMENT"),
-    UnknownTier: (422, "INVALID_ARGUMENT"),
-    LimitExceeded: (422, "OUT_OF_RANGE"),
-    NotFound: (404, "NOT_FOUND"),
-    MethodNotAllowed: (405, "UNIMPLEMENTED"),
-    PayloadTooLarge: (413, "INVALID_ARGUMENT"),
-    ModelUnavailable: (503, "UNAVAILABLE"),
-    Overloaded: (503, "RESOURCE_EXHAUSTED"),
-    TierDisabled: (503, "UNAVAILABLE"),
-    GenerationFailed: (500, "INTERNAL"),
-    ConfigError: (500, "FAILED_PRECONDITION"),
-    ModelVerificationError: (500, "FAILED_PRECONDITION"),
+class Row(NamedTuple):
+    http: int  # the native API's status
+    grpc: str  # a grpc.StatusCode name
+    openai: int  # /v1/images/generations: the status OpenAI's API gives (its client picks
+    openai_type: str  # the exception type from the status alone) and its error type
+
+
+_BAD = (400, "invalid_request_error")  # OpenAI answers 400 where the native API says 422
+_DOWN = (503, "server_error")
+_FAILED = (500, "server_error")
+
+# Looked up by exact class; a test proves every subclass of ImagegenError has a row.
+STATUS: dict[type[ImagegenError], Row] = {
+    ImagegenError: Row(500, "INTERNAL", *_FAILED),
+    InvalidRequest: Row(422, "INVALID_ARGUMENT", *_BAD),
+    MalformedBody: Row(400, "INVALID_ARGUMENT", *_BAD),
+    UnsupportedMediaType: Row(415, "INVALID_ARGUMENT", *_BAD),
+    UnknownTier: Row(422, "INVALID_ARGUMENT", *_BAD),
+    LimitExceeded: Row(422, "OUT_OF_RANGE", *_BAD),
+    NotFound: Row(404, "NOT_FOUND", 404, "not_found_error"),
+    MethodNotAllowed: Row(405, "UNIMPLEMENTED", 405, "invalid_request_error"),
+    PayloadTooLarge: Row(413, "INVALID_ARGUMENT", *_BAD),
+    ModelUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
+    Overloaded: Row(503, "RESOURCE_EXHAUSTED", *_DOWN),
+    TierDisabled: Row(503, "UNAVAILABLE", *_DOWN),
+    GenerationFailed: Row(500, "INTERNAL", *_FAILED),
+    ConfigError: Row(500, "FAILED_PRECONDITION", *_FAILED),
+    ModelVerificationError: Row(500, "FAILED_PRECONDITION", *_FAILED),
 }
 
 
-def _row(err: ImagegenError) -> tuple[int, str]:
+def row(err: ImagegenError) -> Row:
     # Walk the MRO: Ray re-raises a remote error as a dynamic subclass of it.
     for cls in type(err).__mro__:
         if cls in STATUS:
@@ -137,11 +147,11 @@ def _row(err: ImagegenError) -> tuple[int, str]:
 
 
 def http_status(err: ImagegenError) -> int:
-    return _row(err)[0]
+    return row(err).http
 
 
 def grpc_status(err: ImagegenError) -> str:
-    return _row(err)[1]
+    return row(err).grpc
 
 
 def describe(e: ValidationError) -> str:

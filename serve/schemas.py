@@ -13,7 +13,15 @@ import json
 import unicodedata
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidRequest, MalformedBody
 from .lockfile import Defaults, Limits
@@ -61,9 +69,19 @@ class GenerateRequest(BaseModel):
     guidance: Annotated[float, Field(ge=0, le=50)] | None = Field(
         None, description="classifier-free guidance scale"
     )
+    quality: Literal["low", "standard", "high"] | None = Field(
+        None, description="scales the model's default steps: low 0.5x, standard 1x, high 2x "
+        "(at most the model's max_steps); give steps or quality, not both"
+    )
     response_format: Literal["b64_json"] = Field(
         "b64_json", description="how images come back (URLs arrive with object storage)"
     )
+
+    @model_validator(mode="after")
+    def _steps_or_quality(self) -> GenerateRequest:
+        if self.steps is not None and self.quality is not None:
+            raise ValueError("give steps or quality, not both")
+        return self
 
     @field_validator("prompt")
     @classmethod

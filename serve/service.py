@@ -57,7 +57,10 @@ def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable) -> Plan:
             raise LimitExceeded(
                 f"{side} {value} is outside {lim.min_size}..{most} for model {entry.name}"
             )
-    steps = d.steps if req.steps is None else req.steps
+    steps = req.steps
+    if steps is None:
+        factor = QUALITY_STEPS[req.quality or "standard"]
+        steps = min(lim.max_steps, max(1, round(d.steps * factor)))
     if steps > lim.max_steps:
         raise LimitExceeded(f"steps {steps} exceeds {lim.max_steps} for model {entry.name}")
     guidance = d.guidance if req.guidance is None else req.guidance
@@ -76,6 +79,9 @@ def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable) -> Plan:
     weight = routing.tiers[req.tier].cost_weight
     return Plan(req.tier, entry, jobs, round(weight * req.n * width * height / 1e6, 6))
 
+
+# `quality` as a multiple of the model's default steps (capped at its max_steps).
+QUALITY_STEPS = {"low": 0.5, "standard": 1.0, "high": 2.0}
 
 # A revision that answered these may serve the request on a retry or elsewhere; bad
 # input and the ingress's own overload refusal never are retried.

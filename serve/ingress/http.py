@@ -33,7 +33,9 @@ from ..telemetry import Metrics, annotate, current_trace_id, request_scope, stag
 log = logging.getLogger("imagegen.http")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_ROUTES = frozenset({"/v1/images", "/v1/models", "/v1/routing", "/healthz", "/readyz"})
+_ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/models", "/v1/routing",
+                     "/healthz", "/readyz"})  # span names
+_GENERATION = frozenset({("POST", "/v1/images"), ("POST", "/v1/images/generations")})
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 404, 413, 415, 422, 503)
 }
@@ -55,7 +57,7 @@ def _request_id(given: str) -> str:
 def error_response(
     request: Request, err: ImagegenError, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    headers = {**(headers or {}), **_id_header(request)}
+    headers = {**(headers or {}), **id_header(request)}
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(err.retry_after_s)
     annotate(code=err.code)
@@ -65,7 +67,7 @@ def error_response(
     return JSONResponse(body, status_code=http_status(err), headers=headers)
 
 
-def _id_header(request: Request) -> dict[str, str]:
+def id_header(request: Request) -> dict[str, str]:
     if request.app.state.echo_request_id:
         return {"X-Request-Id": request_id(request)}
     return {}
@@ -101,12 +103,16 @@ def build_http_app(
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise UnsupportedMediaType(f"content-type must be application/json, got {ctype!r}")
-        body = await _read_body(request, max_body_bytes)
+        body = await read_body(request, max_body_bytes)
         with stage("validate"):
             req = parse_request(body)
         resp = await service.generate(req, request_id(request))
         return Response(resp.model_dump_json(), media_type="application/json",
-                        headers=_id_header(request))
+                        headers=id_header(request))
+
+    from . import openai  # it imports this module's helpers
+
+    openai.add_routes(app, service, max_body_bytes=max_body_bytes)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
@@ -147,7 +153,7 @@ def build_http_app(
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds {limit}")
@@ -180,7 +186,7 @@ class Telemetry:
         with request_scope(
             f"{method} {path}" if path in _ROUTES else method, request_id=rid, route=path,
             carrier=headers, metrics=self.metrics, log=path.startswith("/v1/"),
-            generation=(method, path) == ("POST", "/v1/images"),
+            generation=(method, path) in _GENERATION,
         ) as rec:
 
             async def send_with_trace(message) -> None:

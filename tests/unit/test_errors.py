@@ -29,6 +29,9 @@ SERVER = {
     "internal", "model_unavailable", "overloaded", "generation_failed", "config_error",
     "model_verification_failed", "tier_disabled",
 }
+# The error types OpenAI's API answers with (its client maps the status to the
+# exception class: 400 BadRequestError, 404 NotFoundError, 5xx InternalServerError).
+OPENAI_TYPES = {"invalid_request_error", "not_found_error", "server_error"}
 GRPC_CODES = {
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
     "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
@@ -54,13 +57,16 @@ def test_every_subclass_has_a_status_row(cls):
 
 @pytest.mark.parametrize("cls", [ImagegenError, *TREE], ids=lambda c: c.__name__)
 def test_status_class_matches_code(cls):
-    status, grpc = STATUS[cls]
+    status, grpc, openai, openai_type = STATUS[cls]
     assert grpc in GRPC_CODES
+    assert openai_type in OPENAI_TYPES
     if cls.code in CLIENT:
         assert 400 <= status < 500, (cls.__name__, status)
+        assert 400 <= openai < 500 and openai != 422, (cls.__name__, openai)
     else:
         assert cls.code in SERVER, f"classify {cls.code!r} as client or server"
         assert 500 <= status < 600, (cls.__name__, status)
+        assert openai == status and openai_type == "server_error", cls.__name__
 
 
 def test_every_listed_code_is_used():
@@ -95,7 +101,7 @@ def test_envelope_carries_class_code(cls):
 @pytest.mark.parametrize("cls", [ImagegenError, *TREE], ids=lambda c: c.__name__)
 def test_status_functions_read_the_table(cls):
     err = cls("x")
-    assert (http_status(err), grpc_status(err)) == STATUS[cls]
+    assert (http_status(err), grpc_status(err)) == STATUS[cls][:2]
 
 
 class _RayTaskError(Exception):
@@ -112,7 +118,7 @@ def test_dynamic_subclass_resolves_to_its_base_row(base):
     dyn = type(f"RayTaskError({base.__name__})", (_RayTaskError, base), {})
     err = dyn("remote")
     assert dyn not in STATUS
-    assert (http_status(err), grpc_status(err)) == STATUS[base]
+    assert (http_status(err), grpc_status(err)) == STATUS[base][:2]
     assert err.envelope()["error"]["code"] == base.code
 
 

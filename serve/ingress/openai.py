@@ -1,0 +1,146 @@
+"""OpenAI-compatible `POST /v1/images/generations`: a thin adapter over ImageService.
+
+It translates OpenAI's request fields to a GenerateRequest and the answer to
+OpenAI's response shape, so the official `openai` client works with `base_url`.
+Every field is honoured or refused with a 400 naming it, never ignored; errors
+come back in OpenAI's shape with OpenAI's statuses (its client picks the
+exception type from the status alone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import ImagegenError, InvalidRequest, UnsupportedMediaType, row
+from ..schemas import PRINTABLE, GenerateRequest, GenerateResponse, load_json, validate
+from ..service import ImageService
+from ..telemetry import annotate, current_trace_id, stage
+from .http import id_header, read_body, request_id
+
+ROUTE = "/v1/images/generations"
+# `model` -> tier. A tier's own name works too. OpenAI's model names map to the
+# tier nearest in spirit, so tools that hard-code one work unchanged.
+MODEL_ALIASES = {"dall-e-2": "draft", "gpt-image-1-mini": "draft",
+                 "dall-e-3": "final", "gpt-image-1": "final", "gpt-image-1.5": "final"}
+# OpenAI's quality vocabulary onto imagegen's (GenerateRequest.quality).
+QUALITY = {"low": "low", "medium": "standard", "standard": "standard", "auto": "standard",
+           "high": "high", "hd": "high"}
+# The quality word the answer reports, in OpenAI's vocabulary.
+QUALITY_NAME = {"low": "low", "medium": "medium", "standard": "medium", "auto": "medium",
+                "high": "high", "hd": "high"}
+# OpenAI fields imagegen honours only in part (or not yet): the values it can honour,
+# and why the others are refused. A later feature widens its entry.
+_PARTLY = {
+    "response_format": ({"b64_json"}, "url responses arrive with object storage; use b64_json"),
+    "output_format": ({"png"}, "only png for now; webp and jpeg arrive with object storage"),
+    "output_compression": (set(), "it applies to webp/jpeg output, not offered yet"),
+    "background": ({"auto", "opaque"}, "images are opaque"),
+    "moderation": (set(), "moderation levels arrive with prompt and image safety"),
+    "style": (set(), "vivid/natural styles are not offered; templates will carry styles"),
+    "partial_images": (set(), "streaming partial images is not offered"),
+}
+
+
+class OpenAIImageRequest(BaseModel):
+    """OpenAI's image generation fields, plus imagegen extensions (seed,
+    negative_prompt, tier) as extra body fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Annotated[str, Field(min_length=1, max_length=2000), PRINTABLE]
+    model: str | None = Field(None, description="a tier, or an alias (MODEL_ALIASES)")
+    n: Annotated[int, Field(ge=1, le=8)] = 1
+    size: Annotated[str, Field(pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$")] | None = None
+    quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "webp", "jpeg"] | None = None
+    output_compression: int | None = None
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    partial_images: int | None = None
+    stream: Literal[False] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = None
+    # imagegen extensions
+    seed: int | None = None
+    negative_prompt: str | None = None
+    tier: str | None = None
+
+
+def to_generate_request(o: OpenAIImageRequest) -> GenerateRequest:
+    """The native request for an OpenAI one; InvalidRequest naming a refused field."""
+    for name, (honoured, why) in _PARTLY.items():
+        value = getattr(o, name)
+        if value is not None and value not in honoured:
+            _refuse(name, f"{name} {value!r} is not supported: {why}")
+    tier = MODEL_ALIASES.get(o.model or "", o.model)
+    if o.tier is not None and tier is not None and o.tier != tier:
+        _refuse("tier", f"model {o.model!r} means tier {tier!r}, but tier {o.tier!r} was given")
+    fields: dict[str, Any] = {
+        "prompt": o.prompt, "n": o.n, "tier": o.tier or tier or "draft", "seed": o.seed,
+        "negative_prompt": o.negative_prompt, "quality": QUALITY.get(o.quality or ""),
+        "size": None if o.size in (None, "auto") else o.size,
+    }
+    return validate(GenerateRequest, {k: v for k, v in fields.items() if v is not None})
+
+
+def _refuse(param: str, message: str) -> None:
+    raise InvalidRequest(message, details=[{"field": param, "type": "unsupported",
+                                            "message": message}])
+
+
+def to_openai(resp: GenerateResponse, quality: str | None) -> dict[str, Any]:
+    first = resp.images[0]
+    return {
+        "created": resp.created,
+        "data": [{"b64_json": i.b64_json} for i in resp.images],
+        "output_format": "png", "background": "opaque", "size": f"{first.width}x{first.height}",
+        **({"quality": quality} if quality else {}),
+        # What OpenAI's shape has no place for; clients ignore unknown fields.
+        "imagegen": {"id": resp.id, "trace_id": resp.trace_id, "tier": resp.tier,
+                     "model": resp.model, "revision": resp.revision, "fallback": resp.fallback,
+                     "seeds": [i.seed for i in resp.images], "cost_units": resp.cost_units,
+                     "timings": resp.timings.model_dump()},
+    }
+
+
+def error(request: Request, err: ImagegenError) -> JSONResponse:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    annotate(code=err.code)
+    r = row(err)
+    details = err.details if isinstance(err.details, list) else []
+    headers = id_header(request)
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
+    body = {"error": {"message": err.message, "type": r.openai_type, "code": err.code,
+                      "param": details[0]["field"] if details else None,
+                      "trace_id": current_trace_id()}}
+    return JSONResponse(body, status_code=r.openai, headers=headers)
+
+
+def add_routes(app: FastAPI, service: ImageService, *, max_body_bytes: int) -> None:
+    @app.post(ROUTE, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": OpenAIImageRequest.model_json_schema()}}}})
+    async def generations(request: Request) -> JSONResponse:
+        """OpenAI's images API shape over the same service (README § OpenAI-compatible)."""
+        try:
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise UnsupportedMediaType(f"content-type must be application/json, got {ctype!r}")
+            body = await read_body(request, max_body_bytes)
+            with stage("validate"):
+                o = validate(OpenAIImageRequest, load_json(body))
+                req = to_generate_request(o)
+            if who := o.safety_identifier or o.user:
+                annotate(openai_user=hashlib.sha256(who.encode()).hexdigest()[:16])
+            resp = await service.generate(req, request_id(request))
+        except ImagegenError as e:
+            return error(request, e)
+        return JSONResponse(to_openai(resp, QUALITY_NAME.get(o.quality or "")),
+                            headers=id_header(request))

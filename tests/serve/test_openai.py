@@ -1,0 +1,73 @@
+"""The official `openai` client against the real local stack's
+POST /v1/images/generations: OpenAI's shapes both ways, its statuses and error
+types (the client picks its exception class from the status alone)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import openai
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.serve
+
+
+@pytest.fixture
+def client(stack):
+    return openai.OpenAI(base_url=f"{stack}/v1", api_key="not-checked-yet", max_retries=0)
+
+
+def _png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_n_images_as_b64_json(client):
+    r = client.images.generate(prompt="a red fox in snow", n=2, response_format="b64_json")
+    assert len(r.data) == 2 and r.output_format == "png" and r.size == "64x64"
+    assert all(_png(d.b64_json).size == (64, 64) for d in r.data)
+    extra = r.model_extra["imagegen"]
+    assert extra["tier"] == "draft" and extra["model"] == "tiny-draft"
+    assert extra["seeds"][1] == extra["seeds"][0] + 1
+
+
+def test_model_alias_quality_and_extensions(client):
+    kw = {"prompt": "a lighthouse", "model": "dall-e-3", "quality": "hd",
+          "extra_body": {"seed": 11, "negative_prompt": "fog"}}
+    a, b = client.images.generate(**kw), client.images.generate(**kw)
+    assert a.data[0].b64_json == b.data[0].b64_json  # same seed, same image
+    extra = a.model_extra["imagegen"]
+    assert (extra["tier"], extra["model"], extra["seeds"]) == ("final", "tiny-final", [11])
+    assert a.quality == "high"
+
+
+@pytest.mark.parametrize(("kw", "param"), [
+    ({"response_format": "url"}, "response_format"),
+    ({"output_format": "webp"}, "output_format"),
+    ({"output_compression": 50}, "output_compression"),
+    ({"background": "transparent"}, "background"),
+    ({"moderation": "low"}, "moderation"),
+    ({"style": "vivid"}, "style"),
+    ({"quality": "xhigh"}, "quality"),
+    ({"size": "1024x1024"}, None),                      # beyond tiny-draft's limits
+    ({"model": "no-such-model"}, None),                 # neither a tier nor an alias
+    ({"n": 9}, "n"),
+    ({"extra_body": {"complexity": "low"}}, "complexity"),  # no field is ignored
+    ({"extra_body": {"seed": 1.5}}, "seed"),                # the strict wire
+])
+def test_every_refused_field_is_a_bad_request_naming_it(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(prompt="a fox", **kw)
+    err = info.value.body
+    assert info.value.status_code == 400 and err["type"] == "invalid_request_error"
+    if param:
+        assert err["param"] == param and param in err["message"]
+
+
+def test_an_unavailable_tier_is_a_server_error(client):
+    with pytest.raises(openai.InternalServerError) as info:
+        client.images.generate(prompt="a fox", extra_body={"tier": "broken"})
+    assert info.value.status_code == 503
+    assert info.value.body["code"] == "model_unavailable"
+    assert info.value.response.headers["retry-after"] == "5"
