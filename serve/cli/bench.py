@@ -64,6 +64,7 @@ class Point:
     p50_ms: float
     p95_ms: float
     mean_batch: float | None = None
+    route: str = ""  # the stack's points: HTTP (/v1/images) or OpenAI (/v1/images/generations)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -111,7 +112,7 @@ async def _load(url: str, body: dict, n: int, c: int) -> tuple[list[float], floa
 
     lat: list[float] = []
     batch_sizes: list[int] = []
-    bar = tqdm(total=n, desc=f"HTTP stack, concurrency {c}", leave=False)
+    bar = tqdm(total=n, desc=f"{url.split('/', 3)[-1]}, concurrency {c}", leave=False)
     remaining = iter(range(n))
 
     async def worker(session: aiohttp.ClientSession) -> None:
@@ -122,7 +123,7 @@ async def _load(url: str, body: dict, n: int, c: int) -> tuple[list[float], floa
                 if r.status != 200:
                     raise RuntimeError(f"HTTP {r.status}: {data}")
             lat.append(time.perf_counter() - t)
-            batch_sizes.append(data["batch_images"])
+            batch_sizes.append(data.get("batch_images") or data["imagegen"]["batch_images"])
             bar.update()
 
     conn = aiohttp.TCPConnector(limit=c)
@@ -134,18 +135,25 @@ async def _load(url: str, body: dict, n: int, c: int) -> tuple[list[float], floa
     return lat, wall, batch_sizes
 
 
+# The transports measured side by side: every level on the native route, the
+# lowest and highest on the others (added latency at c=1, throughput under load).
+ROUTES = (("HTTP", "/v1/images"), ("OpenAI", "/v1/images/generations"))
+
+
 def bench_stack(settings: Settings, tier: str, n: int, levels: list[int]) -> list[Point]:
     from .. import local
 
-    url = local.start(settings) + "/v1/images"
+    base = local.start(settings)
     try:
         body = {"prompt": "a lighthouse at dusk", "tier": tier}
-        asyncio.run(_load(url, body, 10, 1))  # warm the proxy, handles and replica
         points = []
-        for c in levels:
-            lat, wall, sizes = asyncio.run(_load(url, body, max(n, 4 * c), c))
-            points.append(_point(f"HTTP stack c={c}", c, lat, len(lat), wall,
-                                 statistics.fmean(sizes)))
+        for i, (route, path) in enumerate(ROUTES):
+            asyncio.run(_load(base + path, body, 10, 1))  # warm the handles and replica
+            for c in levels if i == 0 else sorted({min(levels), max(levels)}):
+                lat, wall, sizes = asyncio.run(_load(base + path, body, max(n, 4 * c), c))
+                points.append(_point(f"{route} c={c}", c, lat, len(lat), wall,
+                                     statistics.fmean(sizes)))
+                points[-1].route = route
         return points
     finally:
         local.stop()
@@ -162,13 +170,14 @@ def _report(points: list[Point], threads: int, batch: int, layout: str) -> dict:
     ratios = {}
     print()
     for p in stack:
+        key = "" if p.route == "HTTP" else f"{p.route.lower()}_"
         if p.concurrency == 1:
-            ratios["added_p50_ms_c1"] = p.p50_ms - single.p50_ms
-            print(f"added latency at c=1, p50: {ratios['added_p50_ms_c1']:+.1f} ms "
-                  f"(target <= 10 ms)")
-        ratios[f"throughput_ratio_c{p.concurrency}"] = p.images_per_s / batched.images_per_s
-        print(f"throughput c={p.concurrency} / in-process batched: "
-              f"{ratios[f'throughput_ratio_c{p.concurrency}']:.2f}x"
+            ratios[f"{key}added_p50_ms_c1"] = p.p50_ms - single.p50_ms
+            print(f"{p.route}: added latency at c=1, p50: "
+                  f"{ratios[f'{key}added_p50_ms_c1']:+.1f} ms (target <= 10 ms)")
+        ratio = ratios[f"{key}throughput_ratio_c{p.concurrency}"] = (
+            p.images_per_s / batched.images_per_s)
+        print(f"{p.route}: throughput c={p.concurrency} / in-process batched: {ratio:.2f}x"
               + (" (target >= 0.9x)" if p.concurrency == 32 else ""))
     return ratios
 

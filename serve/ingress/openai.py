@@ -106,6 +106,7 @@ def to_openai(resp: GenerateResponse, quality: str | None) -> dict[str, Any]:
         "imagegen": {"id": resp.id, "trace_id": resp.trace_id, "tier": resp.tier,
                      "model": resp.model, "revision": resp.revision, "fallback": resp.fallback,
                      "seeds": [i.seed for i in resp.images], "cost_units": resp.cost_units,
+                     "batch_images": resp.batch_images,
                      "timings": resp.timings.model_dump()},
     }
 
