@@ -133,22 +133,28 @@ def build_http_app(
         ready, detail = await readiness()
         return JSONResponse({"ready": ready, **detail}, status_code=200 if ready else 503)
 
+    def answer(request: Request, err: ImagegenError, headers=None) -> JSONResponse:
+        # Each route answers in its own envelope: OpenAI's on its route.
+        if request.url.path == openai.ROUTE:
+            return openai.error(request, err, headers)
+        return error_response(request, err, headers)
+
     @app.exception_handler(ImagegenError)
     async def _imagegen_error(request: Request, err: ImagegenError) -> JSONResponse:
-        return error_response(request, err)
+        return answer(request, err)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 405:
-            return error_response(
+            return answer(
                 request, MethodNotAllowed(f"{request.method} not allowed here"), exc.headers
             )
-        return error_response(request, NotFound(f"no route {request.url.path}"))
+        return answer(request, NotFound(f"no route {request.url.path}"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request, ImagegenError("internal error; see server logs"))
+        return answer(request, ImagegenError("internal error; see server logs"))
 
     return app
 

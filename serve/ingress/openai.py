@@ -43,6 +43,7 @@ _PARTLY = {
     "moderation": (set(), "moderation levels arrive with prompt and image safety"),
     "style": (set(), "vivid/natural styles are not offered; templates will carry styles"),
     "partial_images": (set(), "streaming partial images is not offered"),
+    "stream": ({False}, "streaming is not offered"),
 }
 
 
@@ -64,7 +65,7 @@ class OpenAIImageRequest(BaseModel):
     moderation: Literal["low", "auto"] | None = None
     style: Literal["vivid", "natural"] | None = None
     partial_images: int | None = None
-    stream: Literal[False] | None = None
+    stream: bool | None = None  # not Literal[False]: a literal matches 0 by equality
     user: Annotated[str, Field(max_length=256)] | None = None
     safety_identifier: Annotated[str, Field(max_length=256)] | None = None
     # imagegen extensions
@@ -111,12 +112,13 @@ def to_openai(resp: GenerateResponse, quality: str | None) -> dict[str, Any]:
     }
 
 
-def error(request: Request, err: ImagegenError) -> JSONResponse:
+def error(request: Request, err: ImagegenError,
+          headers: dict[str, str] | None = None) -> JSONResponse:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     annotate(code=err.code)
     r = row(err)
     details = err.details if isinstance(err.details, list) else []
-    headers = id_header(request)
+    headers = {**(headers or {}), **id_header(request)}
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(err.retry_after_s)
     body = {"error": {"message": err.message, "type": r.openai_type, "code": err.code,
