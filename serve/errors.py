@@ -75,6 +75,13 @@ class ModelUnavailable(ImagegenError):
     retry_after_s = 5
 
 
+class ModelTimeout(ModelUnavailable):
+    """A model call went unanswered for the routing document's breaker.timeout_s
+    (cancelled; the request moves to the next revision)."""
+
+    code = "model_timeout"
+
+
 class Overloaded(ModelUnavailable):
     """The model's queue is full; retry later (Retry-After)."""
 
@@ -130,6 +137,7 @@ STATUS: dict[type[ImagegenError], Row] = {
     MethodNotAllowed: Row(405, "UNIMPLEMENTED", 405, "invalid_request_error"),
     PayloadTooLarge: Row(413, "INVALID_ARGUMENT", *_BAD),
     ModelUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
+    ModelTimeout: Row(503, "DEADLINE_EXCEEDED", *_DOWN),
     Overloaded: Row(503, "RESOURCE_EXHAUSTED", *_DOWN),
     TierDisabled: Row(503, "UNAVAILABLE", *_DOWN),
     GenerationFailed: Row(500, "INTERNAL", *_FAILED),

@@ -146,16 +146,25 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
 
 def _init_ray(settings: Settings, num_cpus: int | None) -> None:
     import ray
+    from ray._private import utils as ray_utils
 
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        # Ray's metrics agent serves every process's metrics (ours included,
-        # as ray_imagegen_*) here.
-        _metrics_export_port=settings.metrics_port,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-    )
+    # ray.init first installs sys.exit as the SIGTERM handler, then starts the node:
+    # a SIGTERM then would interrupt it halfway. Keep the held one (Ray 2.60's
+    # worker.py looks the installer up on this module at call time).
+    install = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            # Ray's metrics agent serves every process's metrics (ours included,
+            # as ray_imagegen_*) here.
+            _metrics_export_port=settings.metrics_port,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    finally:
+        ray_utils.set_sigterm_handler = install
 
 
 def stop(grace_s: float = STOP_GRACE_S) -> None:
@@ -172,7 +181,8 @@ def stop(grace_s: float = STOP_GRACE_S) -> None:
         # Under steady load the ingress never drains (keep-alive clients keep
         # sending), and Serve floors its wait at 5 s plus the draining period.
         log.warning("Serve did not stop within %.0f s; stopping Ray", grace_s)
-    ray.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def readiness(url: str) -> dict[str, Any]:

@@ -181,7 +181,9 @@ def load_json(raw: bytes) -> Any:
     """Strict JSON: UTF-8, no duplicate keys, no NaN or Infinity; MalformedBody
     naming the problem (deep nesting and 5,000-digit numbers included)."""
     try:
-        return json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        # Decode first: json.loads(bytes) would also take UTF-16 and UTF-32.
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                          parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
         raise MalformedBody(f"body is not valid JSON: {why}") from None

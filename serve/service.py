@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .engines.base import Generated, Job
-from .errors import GenerationFailed, LimitExceeded, ModelUnavailable, Overloaded
+from .errors import GenerationFailed, LimitExceeded, ModelTimeout, ModelUnavailable, Overloaded
 from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
 from .routing import LiveRouting, RoutingTable
@@ -117,7 +117,7 @@ class ImageService:
         annotate(tier=p.tier, model=p.entry.name, revision=p.entry.revision, images=len(p.jobs))
         with stage("generate", **_genai_attributes(p)) as span:
             out, e = await self._failover(p)
-            fallback = e.name != p.entry.name
+            fallback = e.name in table.tiers[p.tier].fallbacks  # a canary is no fallback
             span.set_attributes({"imagegen.batch_images": out.batch_images,
                                  "imagegen.queue_ms": out.queue_s * 1e3,
                                  "imagegen.fallback": fallback, "imagegen.served_by": e.name})
@@ -147,30 +147,48 @@ class ImageService:
     async def _failover(self, p: Plan) -> tuple[Generated, ModelEntry]:
         """Generate on the tier's first usable revision (ready, breaker closed or
         probing). A revision that fails is tried once more (Ray's router drops a
-        dead replica, and the same revision and seed give the same image), then the
-        next one. With nothing usable, the first candidate still gets the request
-        (its error is the answer)."""
+        dead replica, and the same revision and seed give the same image), unless
+        it timed out (its call is cancelled; a second one would wait as long), then
+        the next one. With nothing usable, the first candidate still gets the
+        request (its error is the answer)."""
         order = self.routing.candidates(p.tier)
         err: Exception | None = None
-        tried = 0
         for model in order:
             for _ in range(2):
                 if not self.routing.allow(model):
                     break
-                tried += 1
                 try:
-                    out = await self.backend.generate(model, p.jobs)
-                except Overloaded:
+                    out = await self._attempt(model, p.jobs)
+                except Overloaded:  # a ModelUnavailable, but never retried
                     raise
                 except _RETRYABLE as e:
-                    self.routing.record(model, ok=False)
                     err = e
+                    if isinstance(e, ModelTimeout):
+                        break
                     continue
-                self.routing.record(model, ok=True)
                 return out, self.lock.get(model)
-        if not tried:
+        if err is None:
             return await self.backend.generate(order[0], p.jobs), self.lock.get(order[0])
         raise err
+
+    async def _attempt(self, model: str, jobs: list[Job]) -> Generated:
+        """One call, its outcome told to the breaker; an exit with no outcome
+        (overload, bad input, the caller gone) gives the breaker's probe slot back."""
+        outcome = None
+        try:
+            out = await self.backend.generate(model, jobs)
+            outcome = True
+            return out
+        except Overloaded:
+            raise
+        except _RETRYABLE:
+            outcome = False
+            raise
+        finally:
+            if outcome is None:
+                self.routing.release(model)
+            else:
+                self.routing.record(model, ok=outcome)
 
 def _genai_attributes(p: Plan) -> dict[str, object]:
     """GenAI semantic conventions where they fit, imagegen.* for the rest. The prompt

@@ -43,7 +43,7 @@ class Document:
         if self.kube:
             from ..routing.kube import api_client, pod_namespace
 
-            self.api = api_client(args.kubeconfig or settings.kubeconfig, args.context)
+            self.api = _kube(api_client, args.kubeconfig or settings.kubeconfig, args.context)
             self.namespace = args.namespace or settings.routing_namespace or pod_namespace()
             self.name = args.configmap or settings.routing_configmap or "imagegen-routing"
             self.where = f"configmap {self.namespace}/{self.name} key {self.key}"
@@ -55,7 +55,7 @@ class Document:
         if self.kube:
             from ..routing.kube import read_configmap
 
-            data, _ = read_configmap(self.api, self.namespace, self.name)
+            data, _ = _kube(read_configmap, self.api, self.namespace, self.name)
             if self.key not in data:
                 raise ConfigError(f"{self.where}: no such key")
             text = data[self.key]
@@ -75,13 +75,34 @@ class Document:
         if self.kube:
             from ..routing.kube import patch_configmap
 
-            patch_configmap(self.api, self.namespace, self.name, {self.key: text})
+            _kube(patch_configmap, self.api, self.namespace, self.name, {self.key: text})
             return table
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".routing-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.path)
+        try:
+            mode = self.path.stat().st_mode & 0o777
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".routing-")
+        except OSError as e:
+            raise ConfigError(f"cannot write {self.where}: {e}") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)  # mkstemp makes 0600: the ingress may run as another user
+            os.replace(tmp, self.path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise ConfigError(f"cannot write {self.where}: {e}") from None
         return table
+
+
+def _kube(call, *args):
+    """A Kubernetes API call; its KubeError as the CLI's one-line ConfigError."""
+    from ..routing.kube import KubeError
+
+    try:
+        return call(*args)
+    except KubeError as e:
+        raise ConfigError(str(e)) from None
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -15,12 +15,12 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 from ray import serve as ray_serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from ..batching import Batcher, QueueFull
 from ..engines.base import Generated, Job
-from ..errors import GenerationFailed, ImagegenError, ModelUnavailable, Overloaded
+from ..errors import GenerationFailed, ImagegenError, ModelTimeout, ModelUnavailable, Overloaded
 from ..ingress.http import build_http_app
 from ..lockfile import Lock
 from ..routing import LiveRouting, RoutingTable
@@ -96,11 +96,15 @@ class HandleBackend:
             self.metrics.set("imagegen_queued_images", self.batchers[model].queued,
                              model=model, where="ingress")
         timeout = self.timeout_s()
+        response = self.handles[model].remote(requests)
         try:
             # Ray waits forever for a deployment with no replica: bound every call.
-            return await asyncio.wait_for(self.handles[model].remote(requests), timeout)
+            return await asyncio.wait_for(response, timeout)
         except TimeoutError:
-            raise ModelUnavailable(f"model {model} did not answer within {timeout:g} s") from None
+            response.cancel()  # awaiting stops; the replica's work must stop too
+            raise ModelTimeout(f"model {model} did not answer within {timeout:g} s") from None
+        except DeploymentUnavailableError as e:
+            raise ModelUnavailable(f"model {model} is unavailable: {e}") from None
         except BackPressureError:
             raise Overloaded(f"model {model} is at capacity; retry shortly") from None
         except RayTaskError as e:

@@ -43,6 +43,12 @@ class Breaker:
             return True
         return False
 
+    def release(self) -> None:
+        """A request let through ended without an outcome (cancelled, overloaded, bad
+        input): give its probe slot back, or a half-open breaker would wait forever."""
+        if self.state is State.HALF_OPEN:
+            self._probes = max(0, self._probes - 1)
+
     def record(self, ok: bool, now: float) -> None:
         if self.state is State.HALF_OPEN:
             self._probes = max(0, self._probes - 1)

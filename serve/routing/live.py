@@ -97,6 +97,10 @@ class LiveRouting:
             log.warning("breaker of %s: %s -> %s", model, before.name, b.state.name)
             self._publish()
 
+    def release(self, model: str) -> None:
+        """The request `allow` let through ended without an outcome."""
+        self._breaker(model).release()
+
     def _breaker(self, model: str) -> Breaker:
         return self.breakers.setdefault(model, Breaker(self.table.breaker))
 

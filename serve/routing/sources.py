@@ -40,7 +40,10 @@ async def watch_file(path: Path, apply: Callable[[str, str], bool],
         now = _fingerprint(path)
         if now != seen:
             seen = now
-            _read_and_apply(path, now is not None, apply, unreachable)
+            try:
+                _read_and_apply(path, now is not None, apply, unreachable)
+            except Exception:  # the watch must outlive any one bad read
+                log.exception("routing file %s: cannot apply", path)
         await asyncio.sleep(poll_s)
 
 
@@ -49,8 +52,8 @@ def _read_and_apply(path: Path, exists: bool, apply, unreachable) -> None:
         unreachable(f"routing file {path} is missing; keeping the applied document")
         return
     try:
-        text = path.read_text()
-    except OSError as e:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8
         unreachable(f"cannot read routing file {path}: {e}")
         return
     apply(text, f"file {path}")

@@ -124,8 +124,11 @@ class RoutingTable(_Strict):
         """What a megapixel costs on `tier` when `model` served it: the tier's weight,
         or less when the model is the primary of a cheaper tier (a fallback never
         charges more than the tier, nor more than its own tier)."""
+        route = self.tiers[tier]
+        if model == route.model:
+            return route.cost_weight
         own = [r.cost_weight for r in self.tiers.values() if r.model == model]
-        return min([self.tiers[tier].cost_weight, *own])
+        return min([route.cost_weight, *own])
 
 
 def _narrower(fallback: ModelEntry, primary: ModelEntry) -> list[str]:

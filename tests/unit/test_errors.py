@@ -27,7 +27,7 @@ CLIENT = {
 }
 SERVER = {
     "internal", "model_unavailable", "overloaded", "generation_failed", "config_error",
-    "model_verification_failed", "tier_disabled",
+    "model_verification_failed", "tier_disabled", "model_timeout",
 }
 # The error types OpenAI's API answers with (its client maps the status to the
 # exception class: 400 BadRequestError, 404 NotFoundError, 5xx InternalServerError).

@@ -14,6 +14,7 @@ from serve.errors import (
     ConfigError,
     GenerationFailed,
     LimitExceeded,
+    ModelTimeout,
     ModelUnavailable,
     Overloaded,
     TierDisabled,
@@ -271,3 +272,39 @@ def test_limits_are_the_primarys_even_when_a_fallback_serves(svc, flaky, live):
     assert (r.model, r.images[0].width, r.images[0].height) == ("spare", 64, 48)
     with pytest.raises(LimitExceeded, match="tiny-draft"):
         gen(svc, size="512x512")
+
+
+def test_probes_that_end_without_an_outcome_give_their_slot_back(svc, flaky, live, clock):
+    flaky.always["tiny-draft"] = GenerationFailed("boom")
+    gen(svc)
+    assert live.breakers["tiny-draft"].state is State.OPEN
+    clock.t = 61
+    flaky.always["tiny-draft"] = Overloaded("full")
+    for _ in range(3):  # more than half_open_probes requests end with no outcome
+        with pytest.raises(Overloaded):
+            gen(svc)
+    del flaky.always["tiny-draft"]
+    r1, r2 = gen(svc), gen(svc)
+    assert (r1.model, r2.model) == ("tiny-draft", "tiny-draft")
+    assert live.breakers["tiny-draft"].state is State.CLOSED
+
+
+def test_a_timed_out_revision_is_not_tried_again_for_that_request(svc, flaky):
+    flaky.failures["tiny-draft"] = [ModelTimeout("no answer within 120 s")]
+    r = gen(svc)
+    assert flaky.calls == ["tiny-draft", "spare"] and r.fallback
+
+
+def test_a_canary_that_serves_is_not_a_fallback(lock, flaky):
+    d = doc(fallbacks=["spare"], canary={"model": "spare2", "weight": 0.5})
+    live = LiveRouting(parse_routing(d, lock), lock, "file t", draw=lambda: 0.1)
+    r = asyncio.run(ImageService(lock, live, flaky).generate(GenerateRequest(prompt="x"), "r"))
+    assert (r.model, r.fallback) == ("spare2", False)
+
+
+def test_a_tiers_own_primary_pays_the_tiers_weight(lock):
+    d = copy.deepcopy(DOC)
+    d["tiers"]["pricey"] = {"model": "spare", "cost_weight": 3.0}
+    table = parse_routing(d, lock)
+    assert table.cost_weight("pricey", "spare") == 3.0  # not cheap's 0.5
+    assert table.cost_weight("draft", "spare") == 0.5

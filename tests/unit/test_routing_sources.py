@@ -72,6 +72,9 @@ def test_a_replaced_file_is_applied_and_a_bad_one_refused(tmp_path, live):
             _replace(path, "tiers: {draft: {model: nope}}")
             await _until(lambda: live.error is not None, 2)
             assert live.table.version == 2
+            _replace(path, "")
+            path.write_bytes(doc(2).encode() + "# caf\u00e9\n".encode("latin-1"))
+            await _until(lambda: "cannot read" in (live.error or ""), 2)  # not UTF-8
             path.unlink()
             await _until(lambda: "missing" in (live.error or ""), 2)
             path.write_text(doc(3))

@@ -97,6 +97,8 @@ def test_newline_and_tab_are_text():
     pytest.param(b'{"prompt": "x", "guidance": -Infinity}', "Infinity", id="minus-infinity"),
     pytest.param(b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "digits", id="5000-digits"),
     pytest.param(b'{"prompt": "\xff\xfe"}', "utf-8", id="invalid-utf8"),
+    pytest.param('{"prompt": "x"}'.encode("utf-16"), "utf-8", id="utf-16"),
+    pytest.param(b'\xef\xbb\xbf{"prompt": "x"}', "BOM", id="utf-8-bom"),
     pytest.param(b"[" * 100_000 + b"]" * 100_000, "nested too deeply", id="deep-nesting"),
 ])
 def test_hostile_json_is_a_malformed_body(raw, needle):
