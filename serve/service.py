@@ -47,6 +47,11 @@ class Plan:
         return sum(j.width * j.height for j in self.jobs) / 1e6
 
 
+def _limit(field: str, message: str) -> LimitExceeded:
+    return LimitExceeded(message, details=[{"field": field, "type": "limit_exceeded",
+                                            "message": message}])
+
+
 def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable) -> Plan:
     """Route the tier and apply its primary's defaults and limits. Pure."""
     entry = lock.get(routing.route(req.tier).model)
@@ -54,22 +59,20 @@ def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable) -> Plan:
     width, height = req.dimensions() or (d.width, d.height)
     for side, value, most in (("width", width, lim.max_width), ("height", height, lim.max_height)):
         if not lim.min_size <= value <= most:
-            raise LimitExceeded(
-                f"{side} {value} is outside {lim.min_size}..{most} for model {entry.name}"
-            )
+            raise _limit("size", f"{side} {value} is outside {lim.min_size}..{most} for model "
+                                 f"{entry.name}")
     steps = req.steps
     if steps is None:
         factor = QUALITY_STEPS[req.quality or "standard"]
         steps = min(lim.max_steps, max(1, round(d.steps * factor)))
     if steps > lim.max_steps:
-        raise LimitExceeded(f"steps {steps} exceeds {lim.max_steps} for model {entry.name}")
+        raise _limit("steps", f"steps {steps} exceeds {lim.max_steps} for model {entry.name}")
     guidance = d.guidance if req.guidance is None else req.guidance
     if guidance > lim.max_guidance:
-        raise LimitExceeded(
-            f"guidance {guidance} exceeds {lim.max_guidance} for model {entry.name}"
-        )
+        raise _limit("guidance",
+                     f"guidance {guidance} exceeds {lim.max_guidance} for model {entry.name}")
     if req.n > lim.max_images:
-        raise LimitExceeded(f"n {req.n} exceeds {lim.max_images} for model {entry.name}")
+        raise _limit("n", f"n {req.n} exceeds {lim.max_images} for model {entry.name}")
     seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
     jobs = [
         Job(req.prompt, req.negative_prompt, width, height, steps, guidance,

@@ -154,7 +154,8 @@ def _show_applied(url: str) -> int:
         print(f"error: cannot ask {url}: {e}", file=sys.stderr)
         return 2
     print(f"\n# {url} applies version {live['version']} from {live['origin']}"
-          + (f"; LAST DOCUMENT REFUSED: {live['error']}" if live["error"] else ""))
+          + (f"; LAST DOCUMENT REFUSED: {live['error']}" if live["error"] else "")
+          + (f"; SOURCE UNREACHABLE: {live['source_error']}" if live["source_error"] else ""))
     for tier, t in live["tiers"].items():
         state = "DISABLED" if t["disabled"] else ("ON FALLBACK" if t["on_fallback"] else "primary")
         print(f"  {tier:<10} {state:<12} primary {t['primary']}, fallbacks "

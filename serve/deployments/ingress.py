@@ -142,7 +142,8 @@ class Ingress:
         if source.configmap:
             self._watch = ConfigMapSource(
                 source.namespace, source.configmap, source.key, self.routing.apply_text,
-                self.routing.unreachable, asyncio.get_running_loop(), source.kubeconfig)
+                self.routing.unreachable, asyncio.get_running_loop(), source.kubeconfig,
+                reachable=self.routing.reachable)
             self._watch.start()
         elif source.file:
             self._tasks.append(asyncio.create_task(watch_file(
@@ -187,7 +188,8 @@ class Ingress:
                                       if t not in table.tiers_of(name)]}
         tiers = {t: self.routing.tier_ready(t) for t, r in table.tiers.items() if not r.disabled}
         return all(tiers.values()), {"models": models, "tiers": tiers, "routing": {
-            "version": table.version, "source": self.routing.source, "error": self.routing.error}}
+            "version": table.version, "source": self.routing.source, "error": self.routing.error,
+            "source_error": self.routing.source_error}}
 
     def __del__(self) -> None:
         for task in getattr(self, "_tasks", []):

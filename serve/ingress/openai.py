@@ -47,6 +47,10 @@ _PARTLY = {
 }
 
 
+# Native field names an error may name, as this route's caller knows them.
+_OPENAI_PARAM = {"tier": "model", "steps": "quality"}
+
+
 class OpenAIImageRequest(BaseModel):
     """OpenAI's image generation fields, plus imagegen extensions (seed,
     negative_prompt, tier) as extra body fields."""
@@ -121,8 +125,9 @@ def error(request: Request, err: ImagegenError,
     headers = {**(headers or {}), **id_header(request)}
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(err.retry_after_s)
+    param = details[0]["field"] if details else None
     body = {"error": {"message": err.message, "type": r.openai_type, "code": err.code,
-                      "param": details[0]["field"] if details else None,
+                      "param": _OPENAI_PARAM.get(param, param),
                       "trace_id": current_trace_id()}}
     return JSONResponse(body, status_code=r.openai, headers=headers)
 

@@ -117,6 +117,7 @@ class ConfigMapWatch:
     def __init__(self, api, namespace: str, name: str, *,
                  on_change: Callable[[dict[str, str] | None, str], None],
                  on_error: Callable[[str], None],
+                 on_ok: Callable[[], None] | None = None,
                  backoff_s: tuple[float, float] = (0.5, 30.0),
                  watch_timeout_s: int = 60,
                  read_timeout_s: float = 90.0) -> None:
@@ -131,6 +132,7 @@ class ConfigMapWatch:
         self.namespace, self.name = namespace, name
         self._api = api
         self._on_change, self._on_error = on_change, on_error
+        self._on_ok = on_ok  # the API answered (a list, an event, a bookmark): errors are over
         self._backoff = (lo, hi)
         self._watch_timeout_s = watch_timeout_s
         self._timeouts = (min(CONNECT_TIMEOUT_S, read_timeout_s), read_timeout_s)
@@ -217,6 +219,7 @@ class ConfigMapWatch:
         items = [i for i in result.items or [] if i.metadata.name == self.name]
         self._rv = result.metadata.resource_version
         self._deliver(dict(items[0].data or {}) if items else None)
+        self._ok()
 
     def _follow(self) -> None:
         from kubernetes import client, watch
@@ -249,9 +252,14 @@ class ConfigMapWatch:
         meta = obj.get("metadata") or {}
         self._rv = meta.get("resourceVersion") or self._rv
         self._progressed = True
+        self._ok()
         if kind == "BOOKMARK" or meta.get("name") != self.name:
             return
         self._deliver(None if kind == "DELETED" else dict(obj.get("data") or {}))
+
+    def _ok(self) -> None:
+        if self._on_ok is not None:
+            self._on_ok()
 
     def _deliver(self, data: dict[str, str] | None) -> None:
         if data == self._delivered:

@@ -30,6 +30,7 @@ class LiveRouting:
         self.ready: dict[str, tuple[bool, str | None]] = {}
         self.breakers: dict[str, Breaker] = {}
         self.error: str | None = None  # the last document refused, and why
+        self.source_error: str | None = None  # the source cannot be read now, and why
         self.source = origin
         self._set(table, origin)
 
@@ -49,12 +50,16 @@ class LiveRouting:
             return False
         if table != self.table:
             self._set(table, origin)
-        self.error = None
+        self.error = self.source_error = None
         return True
 
     def unreachable(self, message: str) -> None:
         """The source cannot be read now: keep what is applied, say why."""
-        self.error = message
+        self.source_error = message
+
+    def reachable(self) -> None:
+        """The source answers again (its document may be unchanged)."""
+        self.source_error = None
 
     def _set(self, table: RoutingTable, origin: str) -> None:
         self.table = table
@@ -132,6 +137,7 @@ class LiveRouting:
         return {
             "version": t.version, "source": self.source, "origin": self.origin,
             "applied_at": self.applied_at, "error": self.error,
+            "source_error": self.source_error,
             "document": t.model_dump(mode="json"),
             "tiers": {name: {"primary": r.model, "fallbacks": r.fallbacks,
                              "force_fallback": r.force_fallback, "disabled": r.disabled,

@@ -64,15 +64,18 @@ class ConfigMapSource:
 
     def __init__(self, namespace: str | None, name: str, key: str,
                  apply: Callable[[str, str], bool], unreachable: Callable[[str], None],
-                 loop: asyncio.AbstractEventLoop, kubeconfig: str | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop, kubeconfig: str | None = None,
+                 reachable: Callable[[], None] = lambda: None) -> None:
         from .kube import ConfigMapWatch, api_client, pod_namespace
 
         self.namespace = namespace or pod_namespace()
         self.name, self.key = name, key
         self._apply, self._unreachable, self._loop = apply, unreachable, loop
+        self._reachable = reachable
         self.describe = f"configmap {self.namespace}/{name} key {key}"
         self.watch = ConfigMapWatch(api_client(kubeconfig), self.namespace, name,
-                                    on_change=self._changed, on_error=self._failed)
+                                    on_change=self._changed, on_error=self._failed,
+                                    on_ok=lambda: loop.call_soon_threadsafe(self._reachable))
 
     def start(self) -> None:
         self.watch.start()

@@ -8,6 +8,7 @@ and must never move traffic onto stricter commercial terms.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -96,7 +97,8 @@ class RoutingTable(_Strict):
         route = self.tiers.get(tier)
         if route is None:
             known = ", ".join(sorted(self.tiers))
-            raise UnknownTier(f"unknown tier {tier!r}; known tiers: {known}")
+            raise UnknownTier(f"unknown tier {tier!r}; known tiers: {known}",
+                              details=[{"field": "tier", "type": "unknown_tier"}])
         if route.disabled:
             raise TierDisabled(f"tier {tier!r} is disabled: {route.disabled}")
         return route
@@ -172,9 +174,30 @@ def parse_routing(data: object, lock: Lock, *, origin: str = "routing") -> Routi
     return table
 
 
+class _StrictYAML(yaml.SafeLoader):
+    """YAML as strict as the schema: a duplicate key is an error (PyYAML keeps the
+    last, silently), and only true/false are booleans (YAML 1.1 also reads yes, no,
+    on and off, so `force_fallback: yes` would flip a switch)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        if dup := next((k for i, k in enumerate(keys) if k in keys[:i]), None):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {dup!r}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictYAML.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictYAML.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def parse_routing_text(text: str, lock: Lock, *, origin: str = "routing") -> RoutingTable:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictYAML)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as e:
         raise ConfigError(f"{origin}: not YAML: {e}".replace("\n", " ")) from None
     return parse_routing(data, lock, origin=origin)

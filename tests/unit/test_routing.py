@@ -122,3 +122,24 @@ def test_load_routing_errors_are_config_errors(tmp_path, lock, text):
         path.write_text(text)
     with pytest.raises(ConfigError, match="routing"):
         load_routing(path, lock)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("tiers: {draft: {model: tiny-draft, force_fallback: yes}}", "valid boolean (got 'yes')"),
+    ("tiers: {draft: {model: tiny-draft, force_fallback: on}}", "valid boolean (got 'on')"),
+    ("tiers:\n  draft: {model: tiny-draft, disabled: maintenance}\n  draft: {model: tiny-draft}\n",
+     "duplicate key 'draft'"),
+    ("version: 2\nversion: 3\ntiers: {draft: {model: tiny-draft}}\n", "duplicate key 'version'"),
+])
+def test_routing_yaml_is_as_strict_as_its_schema(lock, text, needle):
+    from serve.routing import parse_routing_text
+
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        parse_routing_text(text, lock)
+
+
+def test_true_and_false_are_still_booleans(lock):
+    from serve.routing import parse_routing_text
+
+    table = parse_routing_text("tiers: {draft: {model: tiny-draft, force_fallback: true}}", lock)
+    assert table.tiers["draft"].force_fallback is True

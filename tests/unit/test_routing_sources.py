@@ -74,16 +74,16 @@ def test_a_replaced_file_is_applied_and_a_bad_one_refused(tmp_path, live):
             assert live.table.version == 2
             _replace(path, "")
             path.write_bytes(doc(2).encode() + "# caf\u00e9\n".encode("latin-1"))
-            await _until(lambda: "cannot read" in (live.error or ""), 2)  # not UTF-8
+            await _until(lambda: "cannot read" in (live.source_error or ""), 2)  # not UTF-8
             path.unlink()
-            await _until(lambda: "missing" in (live.error or ""), 2)
+            await _until(lambda: "missing" in (live.source_error or ""), 2)
             path.write_text(doc(3))
             await _until(lambda: live.table.version == 3, 2)
         finally:
             task.cancel()
 
     asyncio.run(go())
-    assert live.error is None
+    assert live.error is None and live.source_error is None
 
 
 def test_a_mounted_configmap_is_followed_through_the_kubelets_symlink_swap(tmp_path, live):
@@ -118,13 +118,14 @@ def test_the_api_watch_applies_changes_fast_and_survives_the_api_being_down(tmp_
 
     async def go():
         source = ConfigMapSource("ns", "routing", "routing.yaml", live.apply_text,
-                                 live.unreachable, asyncio.get_running_loop(), str(kubeconfig))
+                                 live.unreachable, asyncio.get_running_loop(), str(kubeconfig),
+                                 reachable=live.reachable)
         source.watch.backoff_s = (0.05, 0.2)
         source.start()
         try:
             # Unreachable at start: the file default stays, and says why.
-            await _until(lambda: live.error is not None, 5)
-            assert live.table.version == 1 and "configmap ns/routing" in live.error
+            await _until(lambda: live.source_error is not None, 5)
+            assert live.table.version == 1 and "configmap ns/routing" in live.source_error
             api.start()
             api.set("ns", "routing", {"routing.yaml": doc(2)})
             await _until(lambda: live.table.version == 2, 5)
@@ -135,11 +136,17 @@ def test_the_api_watch_applies_changes_fast_and_survives_the_api_being_down(tmp_
                 await _until(lambda v=v: live.table.version == v, 2)
                 took.append(time.monotonic() - t0)
             assert max(took) < 2 and live.error is None
+            # A dropped watch says so, and stops saying so once the API answers
+            # again, though the document has not changed.
+            api.drop_watches()
+            await _until(lambda: live.source_error is not None, 3)
+            await _until(lambda: api.bookmark() or live.source_error is None, 3)  # once rewatched
+            assert live.table.version == 5
             api.set("ns", "routing", {"routing.yaml": "version: 6\ntiers: {}\n"})
             await _until(lambda: live.error is not None, 2)
             assert live.table.version == 5  # the last good one
             api.set("ns", "routing", {"other": "x"})
-            await _until(lambda: "no such ConfigMap or key" in (live.error or ""), 2)
+            await _until(lambda: "no such ConfigMap or key" in (live.source_error or ""), 2)
             assert live.table.version == 5
         finally:
             source.stop()
