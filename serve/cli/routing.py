@@ -55,7 +55,9 @@ class Document:
         if self.kube:
             from ..routing.kube import read_configmap
 
-            data, _ = _kube(read_configmap, self.api, self.namespace, self.name)
+            # The version read: write() patches only if nobody changed it since.
+            data, self.resource_version = _kube(read_configmap, self.api, self.namespace,
+                                                self.name)
             if self.key not in data:
                 raise ConfigError(f"{self.where}: no such key")
             text = data[self.key]
@@ -75,7 +77,8 @@ class Document:
         if self.kube:
             from ..routing.kube import patch_configmap
 
-            _kube(patch_configmap, self.api, self.namespace, self.name, {self.key: text})
+            _kube(patch_configmap, self.api, self.namespace, self.name, {self.key: text},
+                  resource_version=self.resource_version)
             return table
         try:
             mode = self.path.stat().st_mode & 0o777
@@ -95,13 +98,16 @@ class Document:
         return table
 
 
-def _kube(call, *args):
+def _kube(call, *args, **kwargs):
     """A Kubernetes API call; its KubeError as the CLI's one-line ConfigError."""
     from ..routing.kube import KubeError
 
     try:
-        return call(*args)
+        return call(*args, **kwargs)
     except KubeError as e:
+        if getattr(e.__cause__, "status", None) == 409:  # the patch's resourceVersion is old
+            raise ConfigError("the ConfigMap changed since it was read (someone else edited "
+                              "it); run the command again") from None
         raise ConfigError(str(e)) from None
 
 

@@ -79,11 +79,13 @@ def read_configmap(api, namespace: str, name: str) -> tuple[dict[str, str], str]
 
 
 def patch_configmap(api, namespace: str, name: str, data: dict[str, str | None], *,
-                    merge: str = "strategic") -> str:
+                    merge: str = "strategic", resource_version: str | None = None) -> str:
     """Patch `data` keys into the ConfigMap (a None value deletes the key); merge is
     "strategic" (application/strategic-merge-patch+json) or "json"
-    (application/merge-patch+json). Returns the new resourceVersion; KubeError on
-    failure, ValueError for an unknown merge."""
+    (application/merge-patch+json). With `resource_version`, the API refuses the
+    patch (409) when the ConfigMap changed since it was read at that version.
+    Returns the new resourceVersion; KubeError on failure, ValueError for an unknown
+    merge."""
     from kubernetes import client
 
     content_type = PATCH_TYPES.get(merge)
@@ -91,7 +93,9 @@ def patch_configmap(api, namespace: str, name: str, data: dict[str, str | None],
         raise ValueError(f"merge must be one of {sorted(PATCH_TYPES)}, got {merge!r}")
     try:
         obj = client.CoreV1Api(api).patch_namespaced_config_map(
-            name, namespace, {"data": data}, _content_type=content_type,
+            name, namespace, {"data": data, **({"metadata": {"resourceVersion": resource_version}}
+                                               if resource_version else {})},
+            _content_type=content_type,
             _request_timeout=REQUEST_TIMEOUT_S)
     except Exception as e:
         raise KubeError(_call_failed("patch", namespace, name, e)) from e
