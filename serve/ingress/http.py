@@ -55,13 +55,20 @@ def _request_id(given: str) -> str:
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-def error_response(
-    request: Request, err: ImagegenError, headers: dict[str, str] | None = None
-) -> JSONResponse:
+def error_headers(request: Request, err: ImagegenError,
+                  headers: dict[str, str] | None = None) -> dict[str, str]:
+    """The headers of an error answer, whatever its envelope; records its code."""
+    annotate(code=err.code)
     headers = {**(headers or {}), **id_header(request)}
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(err.retry_after_s)
-    annotate(code=err.code)
+    return headers
+
+
+def error_response(
+    request: Request, err: ImagegenError, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    headers = error_headers(request, err, headers)
     body = err.envelope()
     if trace_id := current_trace_id():
         body["error"]["trace_id"] = trace_id
@@ -103,10 +110,7 @@ def build_http_app(
             "application/json": {"schema": GenerateRequest.model_json_schema()}}}},
     )
     async def generate(request: Request) -> Response:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise UnsupportedMediaType(f"content-type must be application/json, got {ctype!r}")
-        body = await read_body(request, max_body_bytes)
+        body = await read_json_body(request, max_body_bytes)
         with stage("validate"):
             req = parse_request(body)
         resp = await service.generate(req, request_id(request))
@@ -160,6 +164,14 @@ def build_http_app(
         return answer(request, ImagegenError("internal error; see server logs"))
 
     return app
+
+
+async def read_json_body(request: Request, limit: int) -> bytes:
+    """The body of an application/json request, at most `limit` bytes."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise UnsupportedMediaType(f"content-type must be application/json, got {ctype!r}")
+    return await read_body(request, limit)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

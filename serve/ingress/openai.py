@@ -16,11 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ImagegenError, InvalidRequest, UnsupportedMediaType, row
+from ..errors import ImagegenError, InvalidRequest, row
 from ..schemas import PRINTABLE, GenerateRequest, GenerateResponse, load_json, validate
 from ..service import ImageService
 from ..telemetry import annotate, current_trace_id, stage
-from .http import id_header, read_body, request_id
+from .http import error_headers, id_header, read_json_body, request_id
 
 ROUTE = "/v1/images/generations"
 # `model` -> tier. A tier's own name works too. OpenAI's model names map to the
@@ -119,12 +119,9 @@ def to_openai(resp: GenerateResponse, quality: str | None) -> dict[str, Any]:
 def error(request: Request, err: ImagegenError,
           headers: dict[str, str] | None = None) -> JSONResponse:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    annotate(code=err.code)
+    headers = error_headers(request, err, headers)
     r = row(err)
     details = err.details if isinstance(err.details, list) else []
-    headers = {**(headers or {}), **id_header(request)}
-    if err.retry_after_s is not None:
-        headers["Retry-After"] = str(err.retry_after_s)
     param = details[0]["field"] if details else None
     body = {"error": {"message": err.message, "type": r.openai_type, "code": err.code,
                       "param": _OPENAI_PARAM.get(param, param),
@@ -138,10 +135,7 @@ def add_routes(app: FastAPI, service: ImageService, *, max_body_bytes: int) -> N
     async def generations(request: Request) -> JSONResponse:
         """OpenAI's images API shape over the same service (README § OpenAI-compatible)."""
         try:
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype != "application/json":
-                raise UnsupportedMediaType(f"content-type must be application/json, got {ctype!r}")
-            body = await read_body(request, max_body_bytes)
+            body = await read_json_body(request, max_body_bytes)
             with stage("validate"):
                 o = validate(OpenAIImageRequest, load_json(body))
                 req = to_generate_request(o)
