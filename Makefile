@@ -6,7 +6,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench lint clean
+.PHONY: serve test bench lint proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ bench: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check serve autoscaling tests
+
+# The gRPC stubs in serve/ingress/proto from proto/ (committed; see scripts/gen_proto.py).
+proto: $(VENV)/.installed
+	$(VENV)/bin/python scripts/gen_proto.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

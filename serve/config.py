@@ -35,6 +35,10 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
     port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="HTTP port")
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        9000, description="gRPC port (imagegen.v1.Images, grpc.health.v1, reflection); 0: "
+        "no gRPC",
+    )
     metrics_port: Annotated[int, Field(ge=1, le=65535)] = Field(
         8080,
         description=(

@@ -25,8 +25,12 @@ STOP_GRACE_S = 4.0  # Serve's graceful shutdown on stop, before Ray stops everyt
 def ports(settings: Settings) -> dict[str, int]:
     """Every port the local service listens on, by what it serves."""
     out = {"HTTP": settings.port, "metrics": settings.metrics_port}
+    if settings.grpc_port:
+        out["gRPC"] = settings.grpc_port
     if settings.direct_ingress:
         out["Serve proxy"] = settings.port + DIRECT_INGRESS_PORTS
+        if settings.grpc_port:
+            out["Serve gRPC proxy"] = settings.grpc_port + DIRECT_INGRESS_PORTS
     return out
 
 
@@ -51,7 +55,9 @@ def check_ports(settings: Settings) -> None:
 
 def _flag(what: str) -> str:
     return {"metrics": "choose another with --metrics-port",
-            "Serve proxy": "it is --port + 8; choose another --port"}.get(
+            "gRPC": "choose another with --grpc-port (0: no gRPC)",
+            "Serve proxy": "it is --port + 8; choose another --port",
+            "Serve gRPC proxy": "it is --grpc-port + 8; choose another --grpc-port"}.get(
         what, "choose another with --port")
 
 
@@ -99,6 +105,7 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
     from ray import serve as ray_serve
 
     from .app import APP_NAME, build_app
+    from .ingress.grpc import SERVICER_FUNCTIONS
 
     check_ports(settings)
     # Build before Ray starts so a bad lock or routing fails fast and plainly.
@@ -110,7 +117,7 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
         log.warning("cluster.budget_policy is set, but the budget autoscaling policy only "
                     "runs when deployed through a Serve config (`imagegen capacity "
                     "serve-config`); here each revision autoscales on its own")
-    proxy_port = settings.port
+    proxy_port, grpc_proxy_port = settings.port, settings.grpc_port
     if settings.direct_ingress:
         # The ingress replica listens on `port` itself: the proxy hop cost ~7 ms per
         # request and ~40% of throughput on 2 cores. Serve still starts its proxy
@@ -121,6 +128,12 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
             RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(settings.port),
             RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(proxy_port),
         )
+        if settings.grpc_port:
+            grpc_proxy_port = settings.grpc_port + DIRECT_INGRESS_PORTS
+            os.environ.update(
+                RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=str(settings.grpc_port),
+                RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT=str(grpc_proxy_port),
+            )
         # Serve holds a stopping direct ingress open 30 s so a load balancer can
         # notice; locally there is none.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
@@ -133,6 +146,13 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
             "port": proxy_port,
             "request_timeout_s": settings.request_timeout_s,
         },
+        # Serve's gRPC servers bind [::] whatever `host` says (Ray 2.60, hard-coded):
+        # locally, run them inside a loopback-only namespace (scripts/loopback-serve).
+        grpc_options={
+            "port": grpc_proxy_port,
+            "grpc_servicer_functions": SERVICER_FUNCTIONS,
+            "request_timeout_s": settings.request_timeout_s,
+        } if settings.grpc_port else None,
         logging_config={"enable_access_log": settings.log_requests},
     )
     ray_serve.run(app, name=APP_NAME, route_prefix="/")

@@ -7,7 +7,7 @@ import argparse
 from ..config import Settings, load_settings
 
 # Verb flags that are Settings fields (None when not given: the env or file decides).
-_SETTING_FLAGS = ("host", "port", "metrics_port", "engine", "threads")
+_SETTING_FLAGS = ("host", "port", "grpc_port", "metrics_port", "engine", "threads")
 
 
 def settings(args: argparse.Namespace) -> Settings:

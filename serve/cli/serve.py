@@ -40,6 +40,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the local service (Ray + Serve) until Ctrl-C")
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    s.add_argument("--grpc-port", type=int, help="gRPC port (default 9000; 0: no gRPC)")
     s.add_argument("--metrics-port", type=int, help="Ray's /metrics port (default 8080)")
     s.add_argument("--engine", choices=["diffusers", "fake"])
     s.add_argument("--threads", type=int, help="torch threads per CPU replica")
@@ -65,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         print("starting Ray and Serve (about 20 s)...", flush=True)
         url = local.start(settings)
-        if not _summary(local.readiness(url), url, time.perf_counter() - t0,
-                        settings.metrics_port):
+        if not _summary(local.readiness(url), url, time.perf_counter() - t0, settings):
             return 1
         serving = True
         while True:
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         local.stop()
 
 
-def _summary(ready: dict[str, Any], url: str, took_s: float, metrics_port: int) -> bool:
+def _summary(ready: dict[str, Any], url: str, took_s: float, settings) -> bool:
     """Print what serves and what does not (the /readyz body); False when no tier
     has a ready revision."""
     tiers, models = ready["tiers"], ready["models"]
@@ -104,6 +104,9 @@ def _summary(ready: dict[str, Any], url: str, took_s: float, metrics_port: int) 
     if not serving:
         return False
     host = url.rsplit(":", 1)[0]
-    print(f"  metrics: {host}:{metrics_port}/metrics", flush=True)
+    if settings.grpc_port:
+        print(f"  gRPC: {host.split('//')[1]}:{settings.grpc_port} (imagegen.v1.Images, "
+              "grpc.health.v1, reflection)", flush=True)
+    print(f"  metrics: {host}:{settings.metrics_port}/metrics", flush=True)
     print(f"  try: imagegen generate 'a red fox' --url {url} -o fox.png", flush=True)
     return True

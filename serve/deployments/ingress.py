@@ -1,4 +1,4 @@
-"""The ingress deployment: the HTTP app over ImageService, with Serve handles to
+"""The ingress deployment: the HTTP app and the gRPC methods over ImageService, with Serve handles to
 one model deployment per revision as its backend, and the live routing: the
 document from its source, each revision's readiness polled every second."""
 
@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from ..batching import Batcher, QueueFull
 from ..engines.base import Generated, Job
 from ..errors import GenerationFailed, ImagegenError, ModelTimeout, ModelUnavailable, Overloaded
+from ..ingress.grpc import GrpcTransport
 from ..ingress.http import build_http_app
 from ..lockfile import Lock
 from ..routing import LiveRouting, RoutingTable
@@ -135,6 +136,7 @@ class Ingress:
         backend = HandleBackend(models, coalescing, self.metrics,
                                 timeout_s=lambda: self.routing.table.breaker.timeout_s)
         self.service = ImageService(lock, self.routing, backend)
+        self.grpc = GrpcTransport(self.service, self.readiness, self.metrics)
         self.max_body_bytes = max_body_bytes
         self.statuses: dict[str, dict[str, Any]] = {}
         self._tasks = [asyncio.create_task(self._poll_readiness(), name="imagegen-readiness")]
@@ -155,6 +157,17 @@ class Ingress:
             self.service, self.readiness, max_body_bytes=self.max_body_bytes,
             metrics=self.metrics, echo_request_id=False,
         )
+
+    # gRPC (ingress/grpc.py): Serve calls the method named like the RPC, with the
+    # request's bytes and its context.
+    async def Generate(self, request: bytes, grpc_context):
+        return await self.grpc.generate(request, grpc_context)
+
+    async def ListModels(self, request: bytes, grpc_context):
+        return await self.grpc.list_models(request, grpc_context)
+
+    async def Check(self, request: bytes, grpc_context):  # grpc.health.v1
+        return await self.grpc.check(request, grpc_context)
 
     async def _poll_readiness(self) -> None:
         while True:

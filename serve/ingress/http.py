@@ -46,12 +46,13 @@ def request_id(request: Request) -> str:
     """The caller's X-Request-Id when well-formed, else a fresh one."""
     rid = getattr(request.state, "request_id", None)
     if rid is None:
-        rid = _request_id(request.headers.get("x-request-id", ""))
+        rid = valid_request_id(request.headers.get("x-request-id", ""))
         request.state.request_id = rid
     return rid
 
 
-def _request_id(given: str) -> str:
+def valid_request_id(given: str) -> str:
+    """`given` when it is a well-formed request id, else a fresh one."""
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
@@ -92,7 +93,7 @@ def build_http_app(
     """The HTTP app. Behind Ray Serve pass echo_request_id=False: the Serve proxy
     already answers with the X-Request-ID it passed in (a second one would repeat it)."""
     # FastAPI's own OpenTelemetry spans are off: the Telemetry middleware opens the
-    # server span the same way for every transport (HTTP now, gRPC later).
+    # server span the same way for every transport (gRPC: ingress/grpc.py).
     # FastAPIOffline serves /docs with Swagger UI from its package, not a public CDN:
     # it renders on a cluster with no internet and tells no third party of a visit.
     app = FastAPIOffline(
@@ -201,13 +202,14 @@ class Telemetry:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        rid = _request_id(headers.get("x-request-id", ""))
+        rid = valid_request_id(headers.get("x-request-id", ""))
         scope.setdefault("state", {})["request_id"] = rid
         path, method = scope["path"], scope["method"]
         with request_scope(
             f"{method} {path}" if path in _ROUTES else method, request_id=rid, route=path,
             carrier=headers, metrics=self.metrics, log=path.startswith("/v1/"),
             generation=(method, path) in _GENERATION,
+            transport="openai" if path == "/v1/images/generations" else "http",
         ) as rec:
 
             async def send_with_trace(message) -> None:

@@ -39,13 +39,13 @@ class Spec:
 CATALOGUE: dict[str, Spec] = {s.name: s for s in (
     Spec("imagegen_requests_total", "counter",
          "Generation requests answered, by outcome (ok, rejected, blocked, failed, "
-         "cancelled) and code",
-         ("tier", "model", "revision", "outcome", "code")),
+         "cancelled), code and transport (http, openai, grpc)",
+         ("tier", "model", "revision", "outcome", "code", "transport")),
     Spec("imagegen_images_total", "counter", "Images delivered to callers",
          ("tier", "model", "revision")),
     Spec("imagegen_request_duration_seconds", "histogram",
          "Generation request latency inside the service, parse to response",
-         ("tier", "model", "outcome"), SECONDS),
+         ("tier", "model", "outcome", "transport"), SECONDS),
     Spec("imagegen_queue_wait_seconds", "histogram",
          "Time a request waited in the model replica before its batch started",
          ("model", "revision"), SECONDS),

@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import grpc
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .metrics import Metrics
@@ -34,6 +35,7 @@ class RequestRecord:
     request_id: str
     trace_id: str
     route: str
+    transport: str = "http"  # http, openai (its route on HTTP) or grpc
     generation: bool = True  # a generation request: counted in the request metrics
     principal: str = "anonymous"
     tier: str = ""
@@ -43,7 +45,10 @@ class RequestRecord:
     cost_units: float = 0.0
     cache_hit: bool = False
     fallback: bool = False
+    # The HTTP status; on gRPC the one the error table gives the same answer on HTTP
+    # (so outcomes read alike), and grpc_status the status the caller got.
     status: int = 0
+    grpc_status: str = ""
     code: str = ""
     queue_ms: float | None = None
     generate_ms: float | None = None
@@ -85,18 +90,19 @@ def annotate(**facts: Any) -> None:
 @contextmanager
 def request_scope(
     name: str, *, request_id: str, route: str, carrier: Mapping[str, str] | None,
-    metrics: Metrics, log: bool = True, generation: bool = True,
+    metrics: Metrics, log: bool = True, generation: bool = True, transport: str = "http",
+    attributes: Mapping[str, Any] | None = None,
 ) -> Iterator[RequestRecord]:
     """Open the request's SERVER span (child of the caller's traceparent, if any).
     On exit: span attributes and status, one metrics update, one log line."""
     parent = context_from(dict(carrier) if carrier else None)
     with tracer.start_as_current_span(
-        name, context=parent, kind=SpanKind.SERVER, record_exception=False,
-        set_status_on_exception=False,
+        name, context=parent, kind=SpanKind.SERVER, attributes=attributes,
+        record_exception=False, set_status_on_exception=False,
     ) as span:
         trace_id, _ = span_ids(span)
         rec = RequestRecord(request_id=request_id, trace_id=trace_id, route=route,
-                            generation=generation)
+                            transport=transport, generation=generation)
         token = _current.set(rec)
         t0 = time.perf_counter()
         try:
@@ -123,7 +129,9 @@ def _finish_span(span, rec: RequestRecord) -> None:
         "imagegen.cache_hit": rec.cache_hit,
         "imagegen.fallback": rec.fallback,
     }
-    if rec.status:
+    if rec.grpc_status:
+        attrs["rpc.grpc.status_code"] = grpc.StatusCode[rec.grpc_status].value[0]
+    elif rec.status:
         attrs["http.response.status_code"] = rec.status
     if rec.code:
         attrs["error.type"] = rec.code
@@ -139,9 +147,10 @@ def _record(rec: RequestRecord, metrics: Metrics) -> None:
         return
     tier, model = rec.tier or "none", rec.model or "none"
     metrics.inc("imagegen_requests_total", tier=tier, model=model,
-                revision=rec.revision or "none", outcome=rec.outcome, code=rec.code or "ok")
+                revision=rec.revision or "none", outcome=rec.outcome, code=rec.code or "ok",
+                transport=rec.transport)
     metrics.observe("imagegen_request_duration_seconds", rec.duration_ms / 1e3,
-                    tier=tier, model=model, outcome=rec.outcome)
+                    tier=tier, model=model, outcome=rec.outcome, transport=rec.transport)
     if rec.outcome == "ok":
         metrics.inc("imagegen_images_total", rec.images, tier=tier, model=model,
                     revision=rec.revision)

@@ -47,8 +47,13 @@ def _free_port() -> int:
 
 
 def service_ports() -> dict[str, int]:
-    """Free `port` and `metrics_port` for a local service (its Serve proxy takes
-    port + 8: that one must be free too)."""
+    """Free `port`, `grpc_port` and `metrics_port` for a local service (its Serve
+    proxies take port + 8 and grpc_port + 8: those must be free too)."""
+    return {"port": _proxied_port(), "grpc_port": _proxied_port(),
+            "metrics_port": _free_port()}
+
+
+def _proxied_port() -> int:
     from serve.local import DIRECT_INGRESS_PORTS
 
     while True:
@@ -58,7 +63,7 @@ def service_ports() -> dict[str, int]:
                 s.bind(("127.0.0.1", port + DIRECT_INGRESS_PORTS))
             except OSError:
                 continue
-        return {"port": port, "metrics_port": _free_port()}
+        return port
 
 
 class SpanStore:

@@ -41,7 +41,8 @@ class Service:
         # (`imagegen serve &` in a script), the case that lost Ctrl-C.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve.cli", "--config", str(config), "serve",
-             "--port", str(ports["port"]), "--metrics-port", str(ports["metrics_port"])],
+             "--port", str(ports["port"]), "--metrics-port", str(ports["metrics_port"]),
+             "--grpc-port", str(ports["grpc_port"])],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # noqa: PLW1509
             if sigint_ignored else None,

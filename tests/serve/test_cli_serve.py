@@ -33,7 +33,8 @@ def service(tmp_path, served_models, free_ports):
         s.close()
 
 
-@pytest.mark.parametrize("which, flag", [("port", "--port"), ("metrics_port", "--metrics-port")])
+@pytest.mark.parametrize("which, flag", [("port", "--port"), ("metrics_port", "--metrics-port"),
+                                        ("grpc_port", "--grpc-port")])
 def test_a_busy_port_fails_at_once_naming_it(service, free_ports, which, flag):
     with socket_listening(free_ports[which]):
         s = service()

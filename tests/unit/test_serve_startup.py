@@ -11,8 +11,10 @@ from serve.cli.serve import _summary
 from serve.config import load_settings
 from serve.errors import ConfigError
 from serve.local import DIRECT_INGRESS_PORTS, check_ports
+from serve.local import ports as ports_of
 
 URL = "http://127.0.0.1:8000"
+SETTINGS = load_settings(metrics_port=8080, grpc_port=9000)
 
 
 def _free_port() -> int:
@@ -36,11 +38,15 @@ def held():
     ("port", "HTTP", "--port"),
     ("metrics_port", "metrics", "--metrics-port"),
     ("proxy", "Serve proxy", "--port + 8"),
+    ("grpc_port", "gRPC", "--grpc-port"),
+    ("grpc_proxy", "Serve gRPC proxy", "--grpc-port + 8"),
 ])
 def test_a_busy_port_is_named(held, field, what, flag):
-    ports = {"port": _free_port(), "metrics_port": _free_port()}
+    ports = {"port": _free_port(), "metrics_port": _free_port(), "grpc_port": _free_port()}
     if field == "proxy":
         ports["port"] = held - DIRECT_INGRESS_PORTS
+    elif field == "grpc_proxy":
+        ports["grpc_port"] = held - DIRECT_INGRESS_PORTS
     else:
         ports[field] = held
     with pytest.raises(ConfigError) as e:
@@ -51,9 +57,17 @@ def test_a_busy_port_is_named(held, field, what, flag):
 
 def test_free_ports_pass_and_a_port_given_twice_does_not():
     port = _free_port()
-    check_ports(load_settings(port=port, metrics_port=_free_port(), direct_ingress=False))
+    check_ports(load_settings(port=port, metrics_port=_free_port(), grpc_port=_free_port(),
+                              direct_ingress=False))
     with pytest.raises(ConfigError, match=f"metrics port and the HTTP port are both {port}"):
-        check_ports(load_settings(port=port, metrics_port=port))
+        check_ports(load_settings(port=port, metrics_port=port, grpc_port=0))
+    with pytest.raises(ConfigError, match=f"gRPC port and the HTTP port are both {port}"):
+        check_ports(load_settings(port=port, metrics_port=_free_port(), grpc_port=port))
+
+
+def test_grpc_port_zero_serves_no_grpc():
+    settings = load_settings(port=_free_port(), metrics_port=_free_port(), grpc_port=0)
+    assert set(ports_of(settings)) == {"HTTP", "metrics", "Serve proxy"}
 
 
 def _rev(ready: bool, *tiers: str, reason: str | None = None, backs=()) -> dict:
@@ -66,17 +80,18 @@ def _body(models: dict, **tiers: bool) -> dict:
 
 def test_summary_all_ready(capsys):
     body = _body({"a": _rev(True, "draft"), "b": _rev(True, backs=["draft"])}, draft=True)
-    assert _summary(body, URL, 12.3, 8080)
+    assert _summary(body, URL, 12.3, SETTINGS)
     out = capsys.readouterr().out
     assert "imagegen ready in 12 s at http://127.0.0.1:8000" in out
     assert "backs draft" in out
     assert "metrics: http://127.0.0.1:8080/metrics" in out
+    assert "gRPC: 127.0.0.1:9000 (imagegen.v1.Images" in out
 
 
 def test_summary_names_each_unready_revision_with_its_reason(capsys):
     models = {"a": _rev(True, "draft"), "b": _rev(False, "final", reason="sha256 mismatch for x"),
               "c": _rev(False, reason="no such file")}
-    assert _summary(_body(models, draft=True, final=False), URL, 9, 8080)  # draft serves
+    assert _summary(_body(models, draft=True, final=False), URL, 9, SETTINGS)  # draft serves
     out = capsys.readouterr().out
     assert "1 primary revision(s) NOT READY: b" in out and "imagegen ready" not in out
     line = {name: next(x for x in out.splitlines() if f" {name} " in x) for name in "abc"}
@@ -88,13 +103,13 @@ def test_summary_names_each_unready_revision_with_its_reason(capsys):
 
 def test_a_primary_down_behind_a_ready_fallback_still_serves(capsys):
     models = {"a": _rev(False, "draft", reason="boom"), "spare": _rev(True, backs=["draft"])}
-    assert _summary(_body(models, draft=True), URL, 9, 8080)
+    assert _summary(_body(models, draft=True), URL, 9, SETTINGS)
     assert "NOT READY: a" in capsys.readouterr().out
 
 
 def test_summary_fails_when_no_tier_can_serve(capsys):
     models = {"a": _rev(False, "draft", reason="boom"), "spare": _rev(True)}
-    assert not _summary(_body(models, draft=False), URL, 9, 8080)
+    assert not _summary(_body(models, draft=False), URL, 9, SETTINGS)
     captured = capsys.readouterr()
     assert "error: no tier has a ready revision" in captured.err
     assert "NOT READY: boom" in captured.out and "metrics:" not in captured.out

@@ -1,0 +1,190 @@
+"""gRPC transport: imagegen.v1.Images (proto/imagegen/v1/images.proto) and
+grpc.health.v1.Health/Check, thin over ImageService. No business rules here.
+
+Ray Serve serves it on the ingress deployment: `add_servicers` tells Serve's gRPC
+servers (the proxy, and each ingress replica under direct ingress) which methods
+exist, and Serve calls the ingress method of the same name (Generate, ListModels,
+Check), which calls `GrpcTransport`. Errors come from the one table in
+serve/errors.py: the status and message on the call, the stable code and what
+else a caller acts on in the trailing metadata. A method never raises: an
+exception would reach the caller as INTERNAL with Ray's traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+from grpc_health.v1 import health_pb2
+
+from ..errors import ImagegenError, MalformedBody, row
+from ..schemas import GenerateRequest, GenerateResponse, validate
+from ..service import ImageService
+from ..telemetry import Metrics, annotate, request_scope, stage
+from .http import valid_request_id
+from .proto import images_pb2 as pb
+
+log = logging.getLogger("imagegen.grpc")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Images"].full_name  # imagegen.v1.Images
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVICER_FUNCTIONS = [f"{__name__}.add_servicers"]  # gRPCOptions.grpc_servicer_functions
+# Trailing metadata keys (README § gRPC). Serve adds `request_id`.
+CODE_KEY, DETAILS_KEY, TRACE_KEY, RETRY_KEY = (
+    "imagegen-code", "imagegen-details", "imagegen-trace-id", "retry-after")
+_MAX_DETAILS = 4096  # bytes of JSON: trailers share gRPC's 8 KiB metadata limit
+_QUALITY = {pb.QUALITY_LOW: "low", pb.QUALITY_STANDARD: "standard", pb.QUALITY_HIGH: "high"}
+_METHODS = {SERVICE: ("Generate", "ListModels"), HEALTH: ("Check",)}
+
+
+def add_servicers(servicer: Any, server: grpc.aio.Server) -> None:
+    """Register the methods on a gRPC server (Serve calls this with a stand-in
+    servicer and routes every method to the ingress itself; any grpc.aio server
+    works with a real one). Requests arrive as bytes, parsed here, so a malformed
+    message is INVALID_ARGUMENT, not grpc's INTERNAL. grpc.health.v1's streaming
+    Watch is not offered: UNIMPLEMENTED."""
+    for service, methods in _METHODS.items():
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {
+            m: grpc.unary_unary_rpc_method_handler(
+                getattr(servicer, m), response_serializer=_serialize)
+            for m in methods
+        }),))
+
+
+def _serialize(m: Message) -> bytes:
+    return m.SerializeToString()
+
+
+def to_request(raw: bytes) -> GenerateRequest:
+    """An imagegen.v1.GenerateRequest as the one strict GenerateRequest; unset
+    fields take the same defaults as on HTTP."""
+    try:
+        m = pb.GenerateRequest.FromString(raw)
+    except DecodeError as e:
+        raise MalformedBody(f"request is not a valid {pb.GenerateRequest.DESCRIPTOR.full_name}: "
+                            f"{e}") from None
+    unknown = sorted({f.field_number for f in UnknownFieldSet(m)})
+    if unknown:  # a newer client's field would otherwise be silently dropped
+        raise MalformedBody(f"request has fields this server does not know: {unknown}")
+    data: dict[str, Any] = {"prompt": m.prompt}
+    for name in ("negative_prompt", "tier", "size"):
+        if value := getattr(m, name):
+            data[name] = value
+    for name in ("n", "seed", "steps", "guidance"):
+        if m.HasField(name):
+            data[name] = getattr(m, name)
+    if m.quality:
+        data["quality"] = _QUALITY.get(m.quality, m.quality)  # unknown: refused by name
+    return validate(GenerateRequest, data)
+
+
+def to_proto(r: GenerateResponse) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        id=r.id, trace_id=r.trace_id, created=r.created, tier=r.tier, model=r.model,
+        revision=r.revision, fallback=r.fallback, batch_images=r.batch_images,
+        cost_units=r.cost_units,
+        images=[pb.Image(seed=i.seed, width=i.width, height=i.height, mime_type=i.mime_type,
+                         data=base64.b64decode(i.b64_json)) for i in r.images],
+        timings=pb.Timings(**r.timings.model_dump()),
+    )
+
+
+class GrpcTransport:
+    """The gRPC methods over one ingress replica's ImageService."""
+
+    def __init__(self, service: ImageService,
+                 readiness: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
+                 metrics: Metrics) -> None:
+        self.service = service
+        self.readiness = readiness
+        self.metrics = metrics
+
+    async def generate(self, raw: bytes, context) -> pb.GenerateResponse:
+        async def call(rid: str) -> pb.GenerateResponse:
+            with stage("validate"):
+                req = to_request(raw)
+            return to_proto(await self.service.generate(req, rid))
+
+        return await self._call("Generate", call, context, pb.GenerateResponse,
+                                generation=True)
+
+    async def list_models(self, raw: bytes, context) -> pb.ListModelsResponse:
+        async def call(_rid: str) -> pb.ListModelsResponse:
+            try:
+                pb.ListModelsRequest.FromString(raw)
+            except DecodeError as e:
+                raise MalformedBody(f"request is not a valid ListModelsRequest: {e}") from None
+            return pb.ListModelsResponse(models=[
+                pb.Model(**m.model_dump(exclude={"defaults", "limits"}),
+                         defaults=pb.ModelDefaults(**m.defaults.model_dump()),
+                         limits=pb.ModelLimits(**m.limits.model_dump()))
+                for m in self.service.models()])
+
+        return await self._call("ListModels", call, context, pb.ListModelsResponse,
+                                generation=False)
+
+    async def check(self, raw: bytes, context) -> health_pb2.HealthCheckResponse:
+        """SERVING exactly when /readyz answers 200 (every enabled tier has a ready
+        revision), for the server ("") and for imagegen.v1.Images. Not logged, like
+        the HTTP probes."""
+        status = health_pb2.HealthCheckResponse
+        try:
+            service = health_pb2.HealthCheckRequest.FromString(raw).service
+        except DecodeError:
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details("request is not a valid HealthCheckRequest")
+            return status()
+        if service not in ("", SERVICE):
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            context.set_details(f"unknown service {service!r}")
+            return status()
+        ready, _ = await self.readiness()
+        return status(status=status.SERVING if ready else status.NOT_SERVING)
+
+    async def _call(self, method: str, call: Callable[[str], Awaitable[Message]], context,
+                    empty: type[Message], *, generation: bool) -> Message:
+        """One request's telemetry scope (as the HTTP middleware opens it) around
+        `call`; an error becomes the status, details and trailing metadata."""
+        metadata = dict(context.invocation_metadata())
+        rid = _request_id(context)
+        path = f"/{SERVICE}/{method}"
+        with request_scope(
+            f"{SERVICE}/{method}", request_id=rid, route=path, carrier=metadata,
+            metrics=self.metrics, generation=generation, transport="grpc",
+            attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
+        ) as rec:
+            trailers = [(TRACE_KEY, rec.trace_id)]
+            try:
+                out = await call(rid)
+                rec.status, rec.grpc_status = 200, "OK"
+            except Exception as e:
+                if not isinstance(e, ImagegenError):
+                    log.exception("unhandled error in %s", path)
+                    e = ImagegenError("internal error; see server logs")
+                out = empty()
+                r = row(e)
+                annotate(code=e.code)
+                rec.status, rec.grpc_status = r.http, r.grpc
+                context.set_code(grpc.StatusCode[r.grpc])
+                context.set_details(e.message)
+                trailers.append((CODE_KEY, e.code))
+                if e.retry_after_s is not None:
+                    trailers.append((RETRY_KEY, str(e.retry_after_s)))
+                if e.details is not None:
+                    details = json.dumps(e.details, separators=(",", ":"))  # ASCII
+                    if len(details) <= _MAX_DETAILS:
+                        trailers.append((DETAILS_KEY, details))
+            context.set_trailing_metadata(trailers)
+            return out
+
+
+def _request_id(context) -> str:
+    """Serve's request id (the caller's `request_id` metadata, else one Serve made),
+    which Serve also sends back in the trailing metadata."""
+    return valid_request_id(dict(context.trailing_metadata()).get("request_id", ""))

@@ -1,0 +1,295 @@
+"""The gRPC transport without Ray: a real grpc.aio server on loopback, registered by
+the same `add_servicers` Serve uses, over an ImageService on FakeEngine, called by
+the generated client stub (tests/serve/test_grpc.py runs it through Ray Serve)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from serve.config import ROOT
+from serve.engines.base import Generated, Job
+from serve.errors import (
+    GenerationFailed,
+    ImagegenError,
+    ModelUnavailable,
+    Overloaded,
+    TierDisabled,
+    row,
+)
+from serve.ingress import grpc as transport
+from serve.ingress.proto import images_pb2 as pb
+from serve.ingress.proto import images_pb2_grpc as pb_grpc
+from serve.routing import LiveRouting
+from serve.schemas import GenerateRequest
+from serve.service import ImageService
+from serve.telemetry import Metrics
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+class Servicer:
+    """What the ingress deployment does: each RPC to the transport method."""
+
+    def __init__(self, t: transport.GrpcTransport) -> None:
+        self.Generate, self.ListModels, self.Check = t.generate, t.list_models, t.check
+
+
+def serve(service: ImageService, body, *, ready: bool = True, metrics=None):
+    """Run `body(channel)` against a server over `service`; its result."""
+
+    async def readiness():
+        return ready, {}
+
+    async def main():
+        server = grpc.aio.server()
+        transport.add_servicers(
+            Servicer(transport.GrpcTransport(service, readiness,
+                                             metrics or Metrics("prometheus"))), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                return await body(channel)
+        finally:
+            await server.stop(None)
+
+    return asyncio.run(main())
+
+
+def call(service, request, **kw):
+    """(response, trailing metadata) or the RpcError."""
+
+    metadata = kw.pop("metadata", None)
+
+    async def body(channel):
+        c = pb_grpc.ImagesStub(channel).Generate(request, timeout=10, metadata=metadata)
+        try:
+            return await c, dict(await c.trailing_metadata())
+        except grpc.aio.AioRpcError as e:
+            return e
+
+    return serve(service, body, **kw)
+
+
+def test_generate_answers_like_http(service):
+    r, trailers = call(service, pb.GenerateRequest(prompt="a fox", n=2, seed=7),
+                       metadata=[("traceparent", f"00-{TRACE}-b7ad6b7169203331-01")])
+    assert (r.tier, r.model, r.fallback, r.trace_id) == ("draft", "tiny-draft", False, TRACE)
+    assert [i.seed for i in r.images] == [7, 8]
+    img = Image.open(io.BytesIO(r.images[0].data))
+    assert img.size == (64, 48) and r.images[0].mime_type == "image/png"
+    assert trailers[transport.TRACE_KEY] == TRACE and transport.CODE_KEY not in trailers
+    # the same request on the native route: the same images
+    native = asyncio.run(service.generate(GenerateRequest(prompt="a fox", n=2, seed=7), "x"))
+    assert [i.data for i in r.images] == [_png(i.b64_json) for i in native.images]
+
+
+def _png(b64: str) -> bytes:
+    import base64
+
+    return base64.b64decode(b64)
+
+
+@pytest.mark.parametrize(("fields", "want"), [
+    ({}, {"tier": "draft", "n": 1, "size": None, "seed": None, "steps": None,
+          "guidance": None, "quality": None, "negative_prompt": ""}),
+    ({"n": 3, "seed": 0, "steps": 5, "guidance": 0.0}, {"n": 3, "seed": 0, "steps": 5,
+                                                         "guidance": 0.0}),
+    ({"tier": "final", "size": "96x64", "negative_prompt": "fog"},
+     {"tier": "final", "size": "96x64", "negative_prompt": "fog"}),
+    ({"quality": pb.QUALITY_HIGH}, {"quality": "high"}),
+    ({"quality": pb.QUALITY_UNSPECIFIED}, {"quality": None}),
+])
+def test_unset_fields_take_the_http_defaults(fields, want):
+    got = transport.to_request(pb.GenerateRequest(prompt="a fox", **fields).SerializeToString())
+    for k, v in want.items():
+        assert getattr(got, k) == v, k
+
+
+# (request bytes, gRPC status, stable code, text in the details)
+BAD = [
+    pytest.param(pb.GenerateRequest(prompt="x", n=9), "INVALID_ARGUMENT", "invalid_request", "n:",
+                 id="n=9"),
+    pytest.param(pb.GenerateRequest(prompt=""), "INVALID_ARGUMENT", "invalid_request", "prompt",
+                 id="no-prompt"),
+    pytest.param(pb.GenerateRequest(prompt="a\x00b"), "INVALID_ARGUMENT", "invalid_request",
+                 "U+0000", id="NUL"),
+    pytest.param(pb.GenerateRequest(prompt="x", size="\u0666\u0664x64"), "INVALID_ARGUMENT",
+                 "invalid_request", "size", id="arabic-digits"),
+    pytest.param(pb.GenerateRequest(prompt="x", seed=1, steps=2, quality=pb.QUALITY_LOW),
+                 "INVALID_ARGUMENT", "invalid_request", "steps or quality", id="steps+quality"),
+    pytest.param(pb.GenerateRequest(prompt="x").SerializeToString() + b"\x48\x07",
+                 "INVALID_ARGUMENT", "invalid_request", "quality", id="unknown-enum"),
+    pytest.param(pb.GenerateRequest(prompt="x", tier="nope"), "INVALID_ARGUMENT", "unknown_tier",
+                 "nope", id="unknown-tier"),
+    pytest.param(pb.GenerateRequest(prompt="x", size="1024x1024"), "OUT_OF_RANGE",
+                 "limit_exceeded", "1024", id="too-big"),
+    pytest.param(pb.GenerateRequest(prompt="x", steps=51), "OUT_OF_RANGE", "limit_exceeded",
+                 "steps 51", id="too-many-steps"),
+    pytest.param(b"\x0a\x05ab", "INVALID_ARGUMENT", "malformed_body", "imagegen.v1.GenerateRequest",
+                 id="truncated"),
+    pytest.param(b"\x0a\x02\xff\xfe", "INVALID_ARGUMENT", "malformed_body", "UTF-8",
+                 id="bad-utf8"),
+    pytest.param(pb.GenerateRequest(prompt="x").SerializeToString() + b"\x60\x07",
+                 "INVALID_ARGUMENT", "malformed_body", "[12]", id="unknown-field"),
+]
+
+
+@pytest.mark.parametrize(("request_", "status", "code", "text"), BAD)
+def test_bad_input_gets_its_status_and_code(service, request_, status, code, text):
+    raw = request_ if isinstance(request_, bytes) else request_.SerializeToString()
+
+    async def body(channel):
+        c = channel.unary_unary(f"/{transport.SERVICE}/Generate")(raw, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await c
+        return info.value
+
+    e = serve(service, body)
+    assert e.code() == grpc.StatusCode[status], e.details()
+    trailers = dict(e.trailing_metadata())
+    assert trailers[transport.CODE_KEY] == code and text in e.details()
+    assert "Traceback" not in e.details()
+    if code == "invalid_request":
+        assert '"field"' in trailers[transport.DETAILS_KEY]
+
+
+class Failing:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def generate(self, model: str, jobs: list[Job]) -> Generated:
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [
+    ModelUnavailable("model tiny-draft is unavailable"), Overloaded("at capacity"),
+    GenerationFailed("model tiny-draft failed: RuntimeError"), TierDisabled("maintenance"),
+    RuntimeError("a bug with a secret in it"),
+], ids=lambda e: type(e).__name__)
+def test_backend_failures_map_through_the_one_table(lock, routing, exc):
+    svc = ImageService(lock, LiveRouting(routing, lock, "file test"), Failing(exc))
+    e = call(svc, pb.GenerateRequest(prompt="x"))
+    err = exc if isinstance(exc, ImagegenError) else ImagegenError("x")
+    assert e.code() == grpc.StatusCode[row(err).grpc]
+    trailers = dict(e.trailing_metadata())
+    assert trailers[transport.CODE_KEY] == err.code
+    if err.retry_after_s is None:
+        assert transport.RETRY_KEY not in trailers
+    else:
+        assert trailers[transport.RETRY_KEY] == str(err.retry_after_s)
+    if not isinstance(exc, ImagegenError):  # never the exception's text, never a traceback
+        assert e.details() == "internal error; see server logs"
+
+
+class Slow:
+    """A model call that takes `seconds` and notes whether it was cancelled."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.cancelled = asyncio.Event()
+
+    async def generate(self, model: str, jobs: list[Job]) -> Generated:
+        try:
+            await asyncio.sleep(self.seconds)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        raise AssertionError("not cancelled")
+
+
+def test_a_client_deadline_cancels_the_request_and_is_counted_cancelled(lock, routing, metrics):
+    slow = Slow(10)
+    svc = ImageService(lock, LiveRouting(routing, lock, "file test"), slow)
+
+    async def body(channel):
+        t0 = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.ImagesStub(channel).Generate(pb.GenerateRequest(prompt="x"), timeout=0.3)
+        await asyncio.wait_for(slow.cancelled.wait(), 2)  # the server's work stopped too
+        return info.value, time.monotonic() - t0
+
+    e, took = serve(svc, body, metrics=metrics)
+    assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and took < 2
+    assert metrics.registry.get_sample_value("imagegen_requests_total", {
+        "tier": "draft", "model": "tiny-draft", "revision": lock.get("tiny-draft").revision,
+        "outcome": "cancelled", "code": "client_closed", "transport": "grpc"}) == 1
+
+
+def test_a_client_cancel_stops_the_server_side(lock, routing):
+    slow = Slow(10)
+    svc = ImageService(lock, LiveRouting(routing, lock, "file test"), slow)
+
+    async def body(channel):
+        c = pb_grpc.ImagesStub(channel).Generate(pb.GenerateRequest(prompt="x"), timeout=10)
+        await asyncio.sleep(0.2)
+        c.cancel()
+        await asyncio.wait_for(slow.cancelled.wait(), 2)
+        return c.cancelled()
+
+    assert serve(svc, body)
+
+
+def test_list_models_matches_the_service(service):
+    async def body(channel):
+        return await pb_grpc.ImagesStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
+
+    got = {m.name: m for m in serve(service, body).models}
+    for info in service.models():
+        m = got[info.name]
+        assert (m.revision, list(m.tiers), m.limits.max_width, m.defaults.guidance) == (
+            info.revision, info.tiers, info.limits.max_width, info.defaults.guidance)
+
+
+@pytest.mark.parametrize(("ready", "name", "want"), [
+    (True, "", "SERVING"), (False, "", "NOT_SERVING"),
+    (True, "imagegen.v1.Images", "SERVING"), (False, "imagegen.v1.Images", "NOT_SERVING"),
+])
+def test_health_follows_readiness(service, ready, name, want):
+    async def body(channel):
+        return await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=name), timeout=5)
+
+    got = serve(service, body, ready=ready)
+    assert health_pb2.HealthCheckResponse.ServingStatus.Name(got.status) == want
+
+
+def test_health_of_an_unknown_service_is_not_found_and_watch_is_unimplemented(service):
+    async def body(channel):
+        stub = health_pb2_grpc.HealthStub(channel)
+        out = []
+        for rpc in (lambda: stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5),
+                    lambda: stub.Watch(health_pb2.HealthCheckRequest(), timeout=5).read()):
+            try:
+                await rpc()
+            except grpc.aio.AioRpcError as e:
+                out.append(e.code())
+        return out
+
+    assert serve(service, body) == [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED]
+
+
+def test_method_names_are_unique_across_services_and_match_the_proto():
+    # Serve dispatches a call by its method name alone (the ingress method of that name).
+    names = [m for methods in transport._METHODS.values() for m in methods]
+    assert len(names) == len(set(names))
+    assert set(transport._METHODS[transport.SERVICE]) == set(
+        pb.DESCRIPTOR.services_by_name["Images"].methods_by_name)
+    from serve.deployments.ingress import Ingress
+
+    assert all(callable(getattr(Ingress.func_or_class, m)) for m in names)
+
+
+def test_the_committed_stubs_are_what_the_pinned_grpcio_tools_generate():
+    run = subprocess.run([sys.executable, "scripts/gen_proto.py", "--check"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
