@@ -156,10 +156,25 @@ class Batcher(Generic[T, R]):
 
     async def _execute(self, batch: list[_Pending[T]]) -> None:
         assert self._slots is not None
+        run = asyncio.ensure_future(self._run([p.item for p in batch]))
+
+        def abandon(_future: asyncio.Future) -> None:
+            # Every caller went away (cancelled, deadline passed): stop the run too,
+            # so its handle call (and the replica's queue) let go of the work.
+            if all(p.future.cancelled() for p in batch):
+                run.cancel()
+
+        for p in batch:
+            p.future.add_done_callback(abandon)
         try:
-            results = await self._run([p.item for p in batch])
+            results = await run
             if len(results) != len(batch):
                 raise RuntimeError(f"run returned {len(results)} results for {len(batch)} items")
+        except asyncio.CancelledError:
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                run.cancel()
+                raise  # this batcher itself is being stopped
+            return  # abandoned: nobody is left to answer
         except Exception as e:  # noqa: BLE001 - every caller in the batch gets it
             results = [e] * len(batch)
         finally:

@@ -104,6 +104,9 @@ class HandleBackend:
         except TimeoutError:
             response.cancel()  # awaiting stops; the replica's work must stop too
             raise ModelTimeout(f"model {model} did not answer within {timeout:g} s") from None
+        except asyncio.CancelledError:
+            response.cancel()  # every caller of this call went away (the batcher's abandon)
+            raise
         except DeploymentUnavailableError as e:
             raise ModelUnavailable(f"model {model} is unavailable: {e}") from None
         except BackPressureError:

@@ -35,6 +35,7 @@ class Service:
             "routing_file": str(self.routing_file), **(settings or {}),
         }))
         self.url = f"http://127.0.0.1:{ports['port']}"
+        self.grpc_target = f"127.0.0.1:{ports['grpc_port']}"
         self.lines: list[str] = []
         self.started = time.time()
         # sigint_ignored: as a background job of a non-interactive shell starts it

@@ -213,3 +213,13 @@ def test_an_invalid_document_keeps_the_last_good_one(svc, kube):
     kube.set(NS, CM, {"routing.yaml": yaml.safe_dump(ROUTING | {"version": before + 1})})
     _wait(lambda: _routing(svc)["error"] is None and _routing(svc)["version"] == before + 1, 5,
           "the good document")
+
+
+def test_grpc_health_is_serving_beside_a_200_readyz(svc):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(svc.grpc_target) as ch:
+        got = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert httpx.get(f"{svc.url}/readyz", timeout=5).status_code == 200
+    assert got.status == health_pb2.HealthCheckResponse.SERVING

@@ -47,6 +47,32 @@ def test_one_trace_spans_ingress_and_model_replica(client, otlp):
     assert not any("heron" in str(s["attributes"]) for s in spans.values())
 
 
+def test_a_grpc_call_is_one_trace_too(stack, stack_settings, otlp):
+    import grpc
+
+    from serve.ingress.proto import images_pb2 as pb
+    from serve.ingress.proto import images_pb2_grpc as pb_grpc
+
+    trace_id = "1bf7651916cd43dd8448eb211c80319d"
+    with grpc.insecure_channel(f"127.0.0.1:{stack_settings['grpc_port']}") as ch:
+        r = pb_grpc.ImagesStub(ch).Generate(
+            pb.GenerateRequest(prompt="a heron", seed=5), timeout=30,
+            metadata=[("traceparent", f"00-{trace_id}-{PARENT_SPAN}-01")])
+    assert r.trace_id == trace_id
+    root_name = "imagegen.v1.Images/Generate"
+    want = {root_name} | STAGES - {"POST /v1/images"}
+    spans = {s["name"]: s for s in otlp.trace(trace_id, want)}
+    assert want <= set(spans), sorted(spans)
+    root = spans[root_name]
+    assert root["parent_span_id"] == PARENT_SPAN and root["kind"] == 2  # SERVER
+    assert root["attributes"]["rpc.system"] == "grpc"
+    assert root["attributes"]["rpc.grpc.status_code"] == 0
+    assert "http.response.status_code" not in root["attributes"]
+    generate = spans["imagegen.generate"]
+    assert generate["parent_span_id"] == root["span_id"]
+    assert spans["imagegen.model.generate"]["resource"]["imagegen.component"] == "model"
+
+
 def scrape(port: int) -> dict[str, list]:
     """Series name (Ray's namespace stripped) -> [(labels, value)]."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -76,8 +102,15 @@ def total(series: dict[str, list], name: str, **match: str) -> float:
 
 
 def test_metrics_endpoint_counts_requests(client, stack_settings):
+    import grpc
+
+    from serve.ingress.proto import images_pb2 as pb
+    from serve.ingress.proto import images_pb2_grpc as pb_grpc
+
     port = stack_settings["metrics_port"]
     before = settled(port)
+    with grpc.insecure_channel(f"127.0.0.1:{stack_settings['grpc_port']}") as ch:
+        pb_grpc.ImagesStub(ch).Generate(pb.GenerateRequest(prompt="x", tier="final"), timeout=30)
     for seed in range(4):
         assert client.post("/v1/images", json={"prompt": "x", "n": 2, "seed": seed}).status_code \
             == 200
@@ -85,7 +118,9 @@ def test_metrics_endpoint_counts_requests(client, stack_settings):
     assert client.post("/v1/images", json={"prompt": "x", "steps": 99}).status_code == 422
     expect = {
         ("imagegen_requests_total", (("tier", "draft"), ("outcome", "ok"))): 4,
-        ("imagegen_requests_total", (("tier", "final"), ("outcome", "ok"))): 1,
+        ("imagegen_requests_total", (("tier", "final"), ("outcome", "ok"))): 2,
+        ("imagegen_requests_total", (("transport", "grpc"),)): 1,
+        ("imagegen_requests_total", (("transport", "http"),)): 6,
         ("imagegen_requests_total", (("code", "limit_exceeded"),)): 1,
         ("imagegen_images_total", (("tier", "draft"),)): 8,
         ("imagegen_request_duration_seconds_count", (("tier", "draft"),)): 4,

@@ -106,3 +106,45 @@ def test_bad_settings_are_rejected():
         Batcher(Gate(), max_size=1, max_concurrent=0)
     with pytest.raises(ValueError, match="max_size=0"):
         Batcher(Gate(), max_size=0)
+
+
+def test_a_batch_all_of_whose_callers_left_is_cancelled_and_frees_its_slot():
+    async def main():
+        cancelled = []
+
+        async def run(items):
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled.append(items)
+                raise
+            return items
+
+        b = Batcher(run, max_size=2, max_concurrent=1)
+        a, c = asyncio.create_task(b.submit(1)), asyncio.create_task(b.submit(2))
+        await settle()
+        a.cancel()
+        await settle()
+        assert cancelled == []  # one caller is still waiting: the batch runs on
+        c.cancel()
+        await settle()
+        assert cancelled == [[1, 2]]
+        b._run = Gate()
+        b._run.release.set()
+        return await asyncio.wait_for(b.submit(4), 2)  # the slot came back
+
+    assert asyncio.run(main()) == 40
+
+
+def test_one_caller_leaving_keeps_the_others_results():
+    async def main():
+        gate = Gate()
+        b = Batcher(gate, max_size=3)
+        tasks = [asyncio.create_task(b.submit(i)) for i in (0, 2, 4)]
+        await settle()
+        tasks[1].cancel()
+        gate.release.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    a, gone, c = asyncio.run(main())
+    assert (a, c) == (0, 40) and isinstance(gone, asyncio.CancelledError)

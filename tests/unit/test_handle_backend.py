@@ -47,7 +47,23 @@ class FakeHandle:
                 for r in requests
             ]
 
-        return answer()
+        self.response = FakeResponse(answer())
+        return self.response
+
+
+class FakeResponse:
+    """A DeploymentResponse: awaitable, and cancel() stops the replica's work."""
+
+    def __init__(self, coro) -> None:
+        self.task = asyncio.ensure_future(coro)
+        self.cancelled = False
+
+    def __await__(self):
+        return self.task.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.task.cancel()
 
 
 def backend(handle: FakeHandle, max_calls: int = 1, max_queued: int | None = None):
@@ -110,3 +126,21 @@ def test_a_full_ingress_queue_is_overloaded_not_unbounded():
         await asyncio.gather(running, queued)
 
     asyncio.run(main())
+
+
+def test_a_call_whose_requests_all_left_is_cancelled_in_the_replica():
+    async def main():
+        h = FakeHandle()  # never released: the call runs until cancelled
+        b = backend(h)
+        a, c = (asyncio.create_task(b.generate("m", [job(s)])) for s in (2, 3))
+        await asyncio.sleep(0.01)
+        assert h.calls == [[[2], [3]]]  # merged into one call
+        a.cancel()
+        await asyncio.sleep(0.01)
+        kept = h.response.cancelled  # c still waits for it
+        c.cancel()
+        await asyncio.sleep(0.01)
+        return kept, h.response.cancelled
+
+    kept, cancelled = asyncio.run(main())
+    assert not kept and cancelled
