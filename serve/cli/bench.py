@@ -1,4 +1,5 @@
-"""`imagegen bench serve`: the tiny pipeline in-process vs the full HTTP stack
+"""`imagegen bench serve`: the tiny pipeline in-process vs the full stack over
+HTTP, the OpenAI route and gRPC
 (`imagegen bench capacity`: bench_capacity.py).
 
 Both halves run in one command on the same thread count, so the ratios compare
@@ -14,6 +15,7 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,12 +30,14 @@ from .common import settings as settings_of
 def add_parser(sub) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (not tests)")
     bsub = b.add_subparsers(dest="bench_command", required=True)
-    bs = bsub.add_parser("serve", help="in-process pipeline vs the full HTTP stack")
+    bs = bsub.add_parser("serve", help="in-process pipeline vs the full stack (HTTP, OpenAI "
+                         "route, gRPC)")
     bs.add_argument("--model", default="tiny-draft")
     bs.add_argument("--requests", type=int, default=200, help="requests per measured point")
     bs.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     bs.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     bs.add_argument("--port", type=int, default=8123)
+    bs.add_argument("--grpc-port", type=int, default=9123)
     bs.add_argument("--json", type=Path, help="also write the figures as JSON")
     bc = bsub.add_parser("capacity", help="planner prediction vs the stack under Poisson load")
     bc.add_argument("--tier", default="draft")
@@ -64,7 +68,7 @@ class Point:
     p50_ms: float
     p95_ms: float
     mean_batch: float | None = None
-    route: str = ""  # the stack's points: HTTP (/v1/images) or OpenAI (/v1/images/generations)
+    route: str = ""  # the stack's points: HTTP, OpenAI or gRPC (ROUTES)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -135,9 +139,39 @@ async def _load(url: str, body: dict, n: int, c: int) -> tuple[list[float], floa
     return lat, wall, batch_sizes
 
 
+async def _load_grpc(target: str, body: dict, n: int, c: int
+                     ) -> tuple[list[float], float, list[int]]:
+    """As _load, over one gRPC channel (HTTP/2 carries the c calls at once)."""
+    import grpc
+
+    from ..ingress.proto import images_pb2 as pb
+    from ..ingress.proto import images_pb2_grpc as pb_grpc
+
+    lat: list[float] = []
+    batch_sizes: list[int] = []
+    bar = tqdm(total=n, desc=f"gRPC Generate, concurrency {c}", leave=False)
+    remaining = iter(range(n))
+
+    async def worker(stub) -> None:
+        for i in remaining:
+            t = time.perf_counter()
+            r = await stub.Generate(pb.GenerateRequest(**body, seed=i), timeout=120)
+            lat.append(time.perf_counter() - t)
+            batch_sizes.append(r.batch_images)
+            bar.update()
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ImagesStub(channel)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(stub) for _ in range(c)))
+        wall = time.perf_counter() - t0
+    bar.close()
+    return lat, wall, batch_sizes
+
+
 # The transports measured side by side: every level on the native route, the
 # lowest and highest on the others (added latency at c=1, throughput under load).
-ROUTES = (("HTTP", "/v1/images"), ("OpenAI", "/v1/images/generations"))
+ROUTES = (("HTTP", "/v1/images"), ("OpenAI", "/v1/images/generations"), ("gRPC", None))
 
 
 def bench_stack(settings: Settings, tier: str, n: int, levels: list[int]) -> list[Point]:
@@ -148,9 +182,13 @@ def bench_stack(settings: Settings, tier: str, n: int, levels: list[int]) -> lis
         body = {"prompt": "a lighthouse at dusk", "tier": tier}
         points = []
         for i, (route, path) in enumerate(ROUTES):
-            asyncio.run(_load(base + path, body, 10, 1))  # warm the handles and replica
+            if path is None:
+                load = partial(_load_grpc, f"{settings.host}:{settings.grpc_port}")
+            else:
+                load = partial(_load, base + path)
+            asyncio.run(load(body, 10, 1))  # warm the handles and replica
             for c in levels if i == 0 else sorted({min(levels), max(levels)}):
-                lat, wall, sizes = asyncio.run(_load(base + path, body, max(n, 4 * c), c))
+                lat, wall, sizes = asyncio.run(load(body, max(n, 4 * c), c))
                 points.append(_point(f"{route} c={c}", c, lat, len(lat), wall,
                                      statistics.fmean(sizes)))
                 points[-1].route = route
@@ -205,8 +243,9 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     per_replica = args.threads or settings.threads or policy.cpu_threads or cores
     layout = f"{replicas} replica(s) x {per_replica} thread(s)"
     points = bench_in_process(entry, settings, threads, args.requests, batch)
-    stack_settings = settings.model_copy(update={"port": args.port, "threads": args.threads,
-                                                 "engine": "diffusers"})
+    stack_settings = settings.model_copy(update={
+        "port": args.port, "grpc_port": args.grpc_port, "threads": args.threads,
+        "engine": "diffusers"})
     points += bench_stack(stack_settings, tiers[0], args.requests, args.concurrency)
     ratios = _report(points, threads, batch, layout)
     if args.json:
