@@ -70,4 +70,5 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
     )
     return Ingress.options(
         logging_config=logging_config, **ingress_deployment_options(policy.ingress)
-    ).bind(lock, routing, models, coalescing, settings.max_body_bytes, source)
+    ).bind(lock, routing, models, coalescing, settings.max_body_bytes, source,
+           settings.allow_pinning)

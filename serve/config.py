@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     max_body_bytes: Annotated[int, Field(ge=1024, le=16 << 20)] = Field(
         64 << 10, description="largest accepted request body"
     )
+    allow_pinning: bool = Field(
+        False, description="any caller may pin a models.lock revision (`model`): it alone "
+        "serves, no fallback (with principals this becomes a plan's permission)",
+    )
     log_requests: bool = Field(False, description="keep Ray Serve's per-request access log")
 
     @classmethod

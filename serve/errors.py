@@ -56,6 +56,12 @@ class LimitExceeded(ImagegenError):
     code = "limit_exceeded"
 
 
+class Forbidden(ImagegenError):
+    """The caller may not do this (pin a revision, now; roles and plans next)."""
+
+    code = "forbidden"
+
+
 class NotFound(ImagegenError):
     code = "not_found"
 
@@ -133,6 +139,7 @@ STATUS: dict[type[ImagegenError], Row] = {
     UnsupportedMediaType: Row(415, "INVALID_ARGUMENT", *_BAD),
     UnknownTier: Row(422, "INVALID_ARGUMENT", *_BAD),
     LimitExceeded: Row(422, "OUT_OF_RANGE", *_BAD),
+    Forbidden: Row(403, "PERMISSION_DENIED", 403, "permission_error"),
     NotFound: Row(404, "NOT_FOUND", 404, "not_found_error"),
     MethodNotAllowed: Row(405, "UNIMPLEMENTED", 405, "invalid_request_error"),
     PayloadTooLarge: Row(413, "INVALID_ARGUMENT", *_BAD),

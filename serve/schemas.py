@@ -55,6 +55,10 @@ class GenerateRequest(BaseModel):
     tier: Annotated[str, Field(min_length=1, max_length=32)] = Field(
         "draft", description="routing tier: draft (small, fast) or final (frontier)"
     )
+    model: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="pin one models.lock revision by name (GET /v1/models): it alone "
+        "serves, no fallback; priced as the tier. Only where pinning is allowed (403 else)"
+    )
     n: Annotated[int, Field(ge=1, le=8)] = Field(1, description="number of images")
     size: Annotated[str, Field(pattern=r"^[0-9]{1,5}x[0-9]{1,5}$")] | None = Field(
         None, description='"WIDTHxHEIGHT" in ASCII digits, multiples of 8, within the '
@@ -129,6 +133,8 @@ class GenerateResponse(BaseModel):
     model: str = Field(description="models.lock name of the revision that served it")
     revision: str = Field(description="immutable revision from models.lock")
     fallback: bool = Field(False, description="served by a fallback, not the tier's primary")
+    pinned: bool = Field(False, description="the request pinned this revision: no fallback "
+                         "applied")
     batch_images: int = Field(description="images in the pipeline call that ran this request")
     cost_units: float = Field(description="charged: cost weight x images x megapixels (a "
                               "fallback never costs more than the tier)")

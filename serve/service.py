@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .engines.base import Generated, Job
-from .errors import GenerationFailed, LimitExceeded, ModelTimeout, ModelUnavailable, Overloaded
+from .errors import (
+    Forbidden,
+    GenerationFailed,
+    InvalidRequest,
+    LimitExceeded,
+    ModelTimeout,
+    ModelUnavailable,
+    Overloaded,
+)
 from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
 from .routing import LiveRouting, RoutingTable
@@ -39,9 +47,10 @@ class Plan:
     """A request resolved against its model: exactly what will be generated."""
 
     tier: str
-    entry: ModelEntry  # the tier's primary: its defaults and limits applied
+    entry: ModelEntry  # the tier's primary (or the pinned revision): its defaults and limits
     jobs: list[Job]
     cost_units: float  # tier weight x images x megapixels
+    pinned: bool = False  # the request named its revision: it alone serves
 
     def megapixels(self) -> float:
         return sum(j.width * j.height for j in self.jobs) / 1e6
@@ -52,9 +61,12 @@ def _limit(field: str, message: str) -> LimitExceeded:
                                             "message": message}])
 
 
-def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable) -> Plan:
-    """Route the tier and apply its primary's defaults and limits. Pure."""
-    entry = lock.get(routing.route(req.tier).model)
+def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable, *,
+         may_pin: bool = False) -> Plan:
+    """Route the tier and apply its primary's (or the pinned revision's) defaults and
+    limits. Pure."""
+    primary = routing.route(req.tier).model  # a pinned request still needs its tier open
+    entry = lock.get(primary if req.model is None else _pinned(req.model, lock, may_pin))
     d, lim = entry.defaults, entry.limits
     width, height = req.dimensions() or (d.width, d.height)
     for side, value, most in (("width", width, lim.max_width), ("height", height, lim.max_height)):
@@ -79,8 +91,20 @@ def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable) -> Plan:
             (seed + i) % (MAX_SEED + 1))
         for i in range(req.n)
     ]
-    weight = routing.tiers[req.tier].cost_weight
-    return Plan(req.tier, entry, jobs, round(weight * req.n * width * height / 1e6, 6))
+    weight = routing.cost_weight(req.tier, entry.name, pinned=req.model is not None)
+    return Plan(req.tier, entry, jobs, round(weight * req.n * width * height / 1e6, 6),
+                pinned=req.model is not None)
+
+
+def _pinned(model: str, lock: Lock, may_pin: bool) -> str:
+    if not may_pin:
+        raise Forbidden(f"pinning a revision (model {model!r}) is not allowed here; name a "
+                        "tier instead", details=[{"field": "model", "type": "forbidden"}])
+    if model not in lock.models:
+        raise InvalidRequest(f"model {model!r} is not in models.lock; known: "
+                             f"{', '.join(sorted(lock.models))}",
+                             details=[{"field": "model", "type": "unknown_model"}])
+    return model
 
 
 # `quality` as a multiple of the model's default steps (capped at its max_steps).
@@ -94,10 +118,12 @@ _RETRYABLE = (ModelUnavailable, GenerationFailed)
 class ImageService:
     """Stages 2-12 of the request path for one ingress replica."""
 
-    def __init__(self, lock: Lock, routing: LiveRouting, backend: Backend) -> None:
+    def __init__(self, lock: Lock, routing: LiveRouting, backend: Backend, *,
+                 may_pin: bool = False) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
+        self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
 
     def models(self) -> list[ModelInfo]:
         return [
@@ -114,17 +140,20 @@ class ImageService:
         t0 = time.perf_counter()
         table = self.routing.table  # one document for the whole request
         with stage("route", **{"imagegen.tier": req.tier}) as span:
-            p = plan(req, self.lock, table)
+            p = plan(req, self.lock, table, may_pin=self.may_pin)
             span.set_attributes({"gen_ai.request.model": p.entry.name,
                                  "imagegen.revision": p.entry.revision})
         annotate(tier=p.tier, model=p.entry.name, revision=p.entry.revision, images=len(p.jobs))
+        if p.pinned:
+            annotate(pinned=True)
         with stage("generate", **_genai_attributes(p)) as span:
             out, e = await self._failover(p)
-            fallback = e.name in table.tiers[p.tier].fallbacks  # a canary is no fallback
+            # a canary is no fallback; a pinned revision serves as itself
+            fallback = not p.pinned and e.name in table.tiers[p.tier].fallbacks
             span.set_attributes({"imagegen.batch_images": out.batch_images,
                                  "imagegen.queue_ms": out.queue_s * 1e3,
                                  "imagegen.fallback": fallback, "imagegen.served_by": e.name})
-        cost = round(table.cost_weight(p.tier, e.name) * p.megapixels(), 6)
+        cost = round(table.cost_weight(p.tier, e.name, pinned=p.pinned) * p.megapixels(), 6)
         annotate(model=e.name, revision=e.revision, cost_units=cost, fallback=fallback,
                  queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3)
         with stage("encode", **{"imagegen.images": len(p.jobs)}):
@@ -139,7 +168,7 @@ class ImageService:
         ]
         return GenerateResponse(
             id=request_id, trace_id=current_trace_id(), created=int(time.time()), tier=p.tier,
-            model=e.name, revision=e.revision, fallback=fallback,
+            model=e.name, revision=e.revision, fallback=fallback, pinned=p.pinned,
             batch_images=out.batch_images, cost_units=cost, images=images,
             timings=Timings(
                 queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3,
@@ -154,7 +183,7 @@ class ImageService:
         it timed out (its call is cancelled; a second one would wait as long), then
         the next one. With nothing usable, the first candidate still gets the
         request (its error is the answer)."""
-        order = self.routing.candidates(p.tier)
+        order = [p.entry.name] if p.pinned else self.routing.candidates(p.tier)
         err: Exception | None = None
         for model in order:
             for _ in range(2):

@@ -130,6 +130,7 @@ class Ingress:
         coalescing: dict[str, Coalescing],
         max_body_bytes: int,
         source: RoutingSource | None = None,
+        allow_pinning: bool = False,
     ) -> None:
         setup("ingress")
         self.metrics = Metrics()
@@ -138,7 +139,7 @@ class Ingress:
         self.status_handles = {n: h.options(method_name="status") for n, h in models.items()}
         backend = HandleBackend(models, coalescing, self.metrics,
                                 timeout_s=lambda: self.routing.table.breaker.timeout_s)
-        self.service = ImageService(lock, self.routing, backend)
+        self.service = ImageService(lock, self.routing, backend, may_pin=allow_pinning)
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics)
         self.max_body_bytes = max_body_bytes
         self.statuses: dict[str, dict[str, Any]] = {}

@@ -73,7 +73,7 @@ def to_request(raw: bytes) -> GenerateRequest:
     if unknown:  # a newer client's field would otherwise be silently dropped
         raise MalformedBody(f"request has fields this server does not know: {unknown}")
     data: dict[str, Any] = {"prompt": m.prompt}
-    for name in ("negative_prompt", "tier", "size"):
+    for name in ("negative_prompt", "tier", "size", "model"):
         if value := getattr(m, name):
             data[name] = value
     for name in ("n", "seed", "steps", "guidance"):
@@ -87,7 +87,7 @@ def to_request(raw: bytes) -> GenerateRequest:
 def to_proto(r: GenerateResponse) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         id=r.id, trace_id=r.trace_id, created=r.created, tier=r.tier, model=r.model,
-        revision=r.revision, fallback=r.fallback, batch_images=r.batch_images,
+        revision=r.revision, fallback=r.fallback, pinned=r.pinned, batch_images=r.batch_images,
         cost_units=r.cost_units,
         images=[pb.Image(seed=i.seed, width=i.width, height=i.height, mime_type=i.mime_type,
                          data=base64.b64decode(i.b64_json)) for i in r.images],

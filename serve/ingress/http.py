@@ -38,7 +38,7 @@ _ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/models", "/v1/
                      "/healthz", "/readyz"})  # span names
 _GENERATION = frozenset({("POST", "/v1/images"), ("POST", "/v1/images/generations")})
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorEnvelope} for code in (400, 404, 413, 415, 422, 503)
+    code: {"model": ErrorEnvelope} for code in (400, 403, 404, 413, 415, 422, 503)
 }
 
 

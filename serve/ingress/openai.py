@@ -58,7 +58,8 @@ class OpenAIImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: Annotated[str, Field(min_length=1, max_length=2000), PRINTABLE]
-    model: str | None = Field(None, description="a tier, or an alias (MODEL_ALIASES)")
+    model: str | None = Field(None, description="a tier, an alias (MODEL_ALIASES), or a "
+                              "models.lock name to pin that revision (where allowed)")
     n: Annotated[int, Field(ge=1, le=8)] = 1
     size: Annotated[str, Field(pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$")] | None = None
     quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = None
@@ -78,17 +79,21 @@ class OpenAIImageRequest(BaseModel):
     tier: str | None = None
 
 
-def to_generate_request(o: OpenAIImageRequest) -> GenerateRequest:
-    """The native request for an OpenAI one; InvalidRequest naming a refused field."""
+def to_generate_request(o: OpenAIImageRequest,
+                        models: frozenset[str] = frozenset()) -> GenerateRequest:
+    """The native request for an OpenAI one; InvalidRequest naming a refused field.
+    `model` naming one of `models` (models.lock) pins that revision."""
     for name, (honoured, why) in _PARTLY.items():
         value = getattr(o, name)
         if value is not None and value not in honoured:
             _refuse(name, f"{name} {value!r} is not supported: {why}")
-    tier = MODEL_ALIASES.get(o.model or "", o.model)
+    pin = o.model if o.model in models else None
+    tier = None if pin else MODEL_ALIASES.get(o.model or "", o.model)
     if o.tier is not None and tier is not None and o.tier != tier:
         _refuse("tier", f"model {o.model!r} means tier {tier!r}, but tier {o.tier!r} was given")
     fields: dict[str, Any] = {
         "prompt": o.prompt, "n": o.n, "tier": o.tier or tier or "draft", "seed": o.seed,
+        "model": pin,
         "negative_prompt": o.negative_prompt, "quality": QUALITY.get(o.quality or ""),
         "size": None if o.size in (None, "auto") else o.size,
     }
@@ -110,6 +115,7 @@ def to_openai(resp: GenerateResponse, quality: str | None) -> dict[str, Any]:
         # What OpenAI's shape has no place for; clients ignore unknown fields.
         "imagegen": {"id": resp.id, "trace_id": resp.trace_id, "tier": resp.tier,
                      "model": resp.model, "revision": resp.revision, "fallback": resp.fallback,
+                     "pinned": resp.pinned,
                      "seeds": [i.seed for i in resp.images], "cost_units": resp.cost_units,
                      "batch_images": resp.batch_images,
                      "timings": resp.timings.model_dump()},
@@ -130,6 +136,8 @@ def error(request: Request, err: ImagegenError,
 
 
 def add_routes(app: FastAPI, service: ImageService, *, max_body_bytes: int) -> None:
+    models = frozenset(service.lock.models)
+
     @app.post(ROUTE, openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": OpenAIImageRequest.model_json_schema()}}}})
     async def generations(request: Request) -> JSONResponse:
@@ -138,7 +146,7 @@ def add_routes(app: FastAPI, service: ImageService, *, max_body_bytes: int) -> N
             body = await read_json_body(request, max_body_bytes)
             with stage("validate"):
                 o = validate(OpenAIImageRequest, load_json(body))
-                req = to_generate_request(o)
+                req = to_generate_request(o, models)
             if who := o.safety_identifier or o.user:
                 annotate(openai_user=hashlib.sha256(who.encode()).hexdigest()[:16])
             resp = await service.generate(req, request_id(request))

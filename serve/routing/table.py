@@ -122,15 +122,17 @@ class RoutingTable(_Strict):
         """Every model some tier may send requests to."""
         return sorted({m for r in self.tiers.values() for m in r.candidates(0.0)})
 
-    def cost_weight(self, tier: str, model: str) -> float:
+    def cost_weight(self, tier: str, model: str, *, pinned: bool = False) -> float:
         """What a megapixel costs on `tier` when `model` served it: the tier's weight,
         or less when the model is the primary of a cheaper tier (a fallback never
-        charges more than the tier, nor more than its own tier)."""
+        charges more than the tier, nor more than its own tier). A revision the
+        caller pinned costs at least what its own tier costs (pinning the frontier
+        model from the draft tier pays the final price)."""
         route = self.tiers[tier]
         if model == route.model:
             return route.cost_weight
         own = [r.cost_weight for r in self.tiers.values() if r.model == model]
-        return min([route.cost_weight, *own])
+        return (max if pinned else min)([route.cost_weight, *own])
 
 
 def _narrower(fallback: ModelEntry, primary: ModelEntry) -> list[str]:

@@ -99,7 +99,7 @@ def svc(tmp_path_factory, served_models, new_ports, kube):
     config = kube.write_kubeconfig(tmp / "kubeconfig")
     s = Service(tmp, served_models, new_ports(), ROUTING, settings={
         "routing_configmap": CM, "routing_namespace": NS, "kubeconfig": str(config),
-        "engine_options": {"seconds_per_batch": 0.03}})
+        "engine_options": {"seconds_per_batch": 0.03}, "allow_pinning": True})
     s.wait_for("  metrics: ")
     _wait(lambda: _routing(s)["origin"].startswith("configmap"), 10, "the ConfigMap applied")
     yield s
@@ -223,3 +223,36 @@ def test_grpc_health_is_serving_beside_a_200_readyz(svc):
         got = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert httpx.get(f"{svc.url}/readyz", timeout=5).status_code == 200
     assert got.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_pinned_revision_serves_on_every_transport_with_no_fallback(svc, served_models):
+    """Pinning tiny-draft while its every call fails: no fallback serves it (an
+    unpinned request moves to the spare)."""
+    import grpc
+    import openai
+
+    from serve.ingress.proto import images_pb2 as pb
+    from serve.ingress.proto import images_pb2_grpc as pb_grpc
+
+    oa = openai.OpenAI(base_url=f"{svc.url}/v1", api_key="x", max_retries=0)
+    with grpc.insecure_channel(svc.grpc_target) as ch:
+        stub = pb_grpc.ImagesStub(ch)
+        g = stub.Generate(pb.GenerateRequest(prompt="x", model="tiny-spare"), timeout=30)
+        h = httpx.post(f"{svc.url}/v1/images", json={"prompt": "x", "model": "tiny-spare"},
+                       timeout=30).json()
+        o = oa.images.generate(prompt="x", model="tiny-spare").model_extra["imagegen"]
+        assert (g.model, g.pinned, h["model"], h["pinned"], o["model"], o["pinned"]) == (
+            "tiny-spare", True, "tiny-spare", True, "tiny-spare", True)
+        from serve.lockfile import load_lock
+
+        lock, models = served_models
+        fault = load_lock(lock).models["tiny-draft"].local_dir(models) / "FAULT"
+        fault.write_text("pinned test")
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(pb.GenerateRequest(prompt="x", model="tiny-draft"), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INTERNAL  # generation_failed
+            r = stub.Generate(pb.GenerateRequest(prompt="x"), timeout=30)
+            assert (r.model, r.fallback, r.pinned) == ("tiny-spare", True, False)
+        finally:
+            fault.unlink()

@@ -131,3 +131,12 @@ def test_health_says_serving_exactly_when_readyz_is_200(client, channel):
         assert got.status == (health_pb2.HealthCheckResponse.SERVING if ready
                               else health_pb2.HealthCheckResponse.NOT_SERVING)
         assert not ready
+
+
+def test_pinning_where_it_is_not_allowed_is_permission_denied_on_every_transport(client, stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(pb.GenerateRequest(prompt="x", model="tiny-final"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert dict(info.value.trailing_metadata())[CODE_KEY] == "forbidden"
+    r = client.post("/v1/images", json={"prompt": "x", "model": "tiny-final"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"

@@ -72,3 +72,11 @@ def test_an_unavailable_tier_is_a_server_error(client):
     assert info.value.status_code == 503
     assert info.value.body["code"] == "model_unavailable"
     assert info.value.response.headers["retry-after"] == "5"
+
+
+def test_pinning_a_revision_where_it_is_not_allowed_is_permission_denied(client):
+    # This stack does not allow pinning (tests/serve/test_failover_e2e.py does).
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        client.images.generate(prompt="a fox", model="tiny-final")
+    assert info.value.status_code == 403
+    assert info.value.body["code"] == "forbidden" and info.value.body["param"] == "model"

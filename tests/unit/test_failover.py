@@ -12,7 +12,9 @@ import pytest
 from serve.engines.base import Generated, Job
 from serve.errors import (
     ConfigError,
+    Forbidden,
     GenerationFailed,
+    InvalidRequest,
     LimitExceeded,
     ModelTimeout,
     ModelUnavailable,
@@ -308,3 +310,34 @@ def test_a_tiers_own_primary_pays_the_tiers_weight(lock):
     table = parse_routing(d, lock)
     assert table.cost_weight("pricey", "spare") == 3.0  # not cheap's 0.5
     assert table.cost_weight("draft", "spare") == 0.5
+
+
+# --- pinning a revision ------------------------------------------------------------
+
+
+def test_pinning_is_refused_unless_allowed_and_names_the_field(svc):
+    with pytest.raises(Forbidden) as e:
+        gen(svc, model="spare")
+    assert e.value.details[0]["field"] == "model" and "name a tier" in e.value.message
+
+
+def test_a_pinned_revision_alone_serves_with_no_fallback_and_pays_at_least_its_tier(
+        lock, live, flaky):
+    svc = ImageService(lock, live, flaky, may_pin=True)
+    r = gen(svc, model="tiny-final", tier="draft")
+    assert (r.model, r.pinned, r.fallback) == ("tiny-final", True, False)
+    assert r.cost_units == round(4.0 * 96 * 96 / 1e6, 6)  # final's weight and defaults
+    flaky.calls.clear()
+    flaky.always["spare"] = GenerationFailed("boom")
+    with pytest.raises(GenerationFailed):  # draft would fall back to spare2; pinned: no
+        gen(svc, model="spare")
+    assert set(flaky.calls) == {"spare"}
+    with pytest.raises(InvalidRequest) as e:
+        gen(svc, model="nope")
+    assert e.value.details[0]["field"] == "model" and "tiny-draft" in e.value.message
+
+
+def test_a_pinned_request_honours_its_tier_being_disabled(lock, flaky):
+    live = LiveRouting(parse_routing(doc(disabled="maintenance"), lock), lock, "file t")
+    with pytest.raises(TierDisabled):
+        gen(ImageService(lock, live, flaky, may_pin=True), model="spare")

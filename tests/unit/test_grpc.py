@@ -107,7 +107,8 @@ def _png(b64: str) -> bytes:
     ({"tier": "final", "size": "96x64", "negative_prompt": "fog"},
      {"tier": "final", "size": "96x64", "negative_prompt": "fog"}),
     ({"quality": pb.QUALITY_HIGH}, {"quality": "high"}),
-    ({"quality": pb.QUALITY_UNSPECIFIED}, {"quality": None}),
+    ({"quality": pb.QUALITY_UNSPECIFIED}, {"quality": None, "model": None}),
+    ({"model": "tiny-final"}, {"model": "tiny-final"}),
 ])
 def test_unset_fields_take_the_http_defaults(fields, want):
     got = transport.to_request(pb.GenerateRequest(prompt="a fox", **fields).SerializeToString())

@@ -55,3 +55,12 @@ def test_refused_fields_name_themselves(fields, param):
     with pytest.raises(InvalidRequest) as info:
         req(**fields)
     assert info.value.details[0]["field"] == param
+
+
+def test_a_models_lock_name_as_model_pins_that_revision():
+    o = validate(OpenAIImageRequest, {"prompt": "a fox", "model": "tiny-final"})
+    pinned = to_generate_request(o, frozenset({"tiny-draft", "tiny-final"}))
+    assert (pinned.model, pinned.tier) == ("tiny-final", "draft")
+    assert to_generate_request(o).tier == "tiny-final"  # not a lock name: read as a tier
+    o = validate(OpenAIImageRequest, {"prompt": "a fox", "model": "tiny-final", "tier": "final"})
+    assert to_generate_request(o, frozenset({"tiny-final"})).tier == "final"

@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imagegen/v1/images.proto\x12\x0bimagegen.v1\"\xf1\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x01n\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04size\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x15\n\x08guidance\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12%\n\x07quality\x18\t \x01(\x0e\x32\x14.imagegen.v1.QualityB\x04\n\x02_nB\x07\n\x05_seedB\x08\n\x06_stepsB\x0b\n\t_guidance\"U\n\x05Image\x12\x0c\n\x04seed\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x11\n\tmime_type\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"B\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xf7\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x07 \x01(\x08\x12\x14\n\x0c\x62\x61tch_images\x18\x08 \x01(\r\x12\x12\n\ncost_units\x18\t \x01(\x01\x12\"\n\x06images\x18\n \x03(\x0b\x32\x12.imagegen.v1.Image\x12%\n\x07timings\x18\x0b \x01(\x0b\x32\x14.imagegen.v1.Timings\"\x13\n\x11ListModelsRequest\"O\n\rModelDefaults\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x10\n\x08guidance\x18\x04 \x01(\x01\"\x83\x01\n\x0bModelLimits\x12\x10\n\x08min_size\x18\x01 \x01(\r\x12\x11\n\tmax_width\x18\x02 \x01(\r\x12\x12\n\nmax_height\x18\x03 \x01(\r\x12\x11\n\tmax_steps\x18\x04 \x01(\r\x12\x14\n\x0cmax_guidance\x18\x05 \x01(\x01\x12\x12\n\nmax_images\x18\x06 \x01(\r\"\xec\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x12\n\ndeployment\x18\x03 \x01(\t\x12\x10\n\x08pipeline\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07license\x18\x06 \x01(\t\x12\x16\n\x0e\x63ommercial_use\x18\x07 \x01(\t\x12\r\n\x05tiers\x18\x08 \x03(\t\x12,\n\x08\x64\x65\x66\x61ults\x18\t \x01(\x0b\x32\x1a.imagegen.v1.ModelDefaults\x12(\n\x06limits\x18\n \x01(\x0b\x32\x18.imagegen.v1.ModelLimits\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.imagegen.v1.Model*[\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bQUALITY_LOW\x10\x01\x12\x14\n\x10QUALITY_STANDARD\x10\x02\x12\x10\n\x0cQUALITY_HIGH\x10\x03\x32\xa0\x01\n\x06Images\x12G\n\x08Generate\x12\x1c.imagegen.v1.GenerateRequest\x1a\x1d.imagegen.v1.GenerateResponse\x12M\n\nListModels\x12\x1e.imagegen.v1.ListModelsRequest\x1a\x1f.imagegen.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imagegen/v1/images.proto\x12\x0bimagegen.v1\"\x80\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x01n\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04size\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x15\n\x08guidance\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12%\n\x07quality\x18\t \x01(\x0e\x32\x14.imagegen.v1.Quality\x12\r\n\x05model\x18\n \x01(\tB\x04\n\x02_nB\x07\n\x05_seedB\x08\n\x06_stepsB\x0b\n\t_guidance\"U\n\x05Image\x12\x0c\n\x04seed\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x11\n\tmime_type\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"B\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x87\x02\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x07 \x01(\x08\x12\x14\n\x0c\x62\x61tch_images\x18\x08 \x01(\r\x12\x12\n\ncost_units\x18\t \x01(\x01\x12\"\n\x06images\x18\n \x03(\x0b\x32\x12.imagegen.v1.Image\x12%\n\x07timings\x18\x0b \x01(\x0b\x32\x14.imagegen.v1.Timings\x12\x0e\n\x06pinned\x18\x0c \x01(\x08\"\x13\n\x11ListModelsRequest\"O\n\rModelDefaults\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x10\n\x08guidance\x18\x04 \x01(\x01\"\x83\x01\n\x0bModelLimits\x12\x10\n\x08min_size\x18\x01 \x01(\r\x12\x11\n\tmax_width\x18\x02 \x01(\r\x12\x12\n\nmax_height\x18\x03 \x01(\r\x12\x11\n\tmax_steps\x18\x04 \x01(\r\x12\x14\n\x0cmax_guidance\x18\x05 \x01(\x01\x12\x12\n\nmax_images\x18\x06 \x01(\r\"\xec\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x12\n\ndeployment\x18\x03 \x01(\t\x12\x10\n\x08pipeline\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07license\x18\x06 \x01(\t\x12\x16\n\x0e\x63ommercial_use\x18\x07 \x01(\t\x12\r\n\x05tiers\x18\x08 \x03(\t\x12,\n\x08\x64\x65\x66\x61ults\x18\t \x01(\x0b\x32\x1a.imagegen.v1.ModelDefaults\x12(\n\x06limits\x18\n \x01(\x0b\x32\x18.imagegen.v1.ModelLimits\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.imagegen.v1.Model*[\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bQUALITY_LOW\x10\x01\x12\x14\n\x10QUALITY_STANDARD\x10\x02\x12\x10\n\x0cQUALITY_HIGH\x10\x03\x32\xa0\x01\n\x06Images\x12G\n\x08Generate\x12\x1c.imagegen.v1.GenerateRequest\x1a\x1d.imagegen.v1.GenerateResponse\x12M\n\nListModels\x12\x1e.imagegen.v1.ListModelsRequest\x1a\x1f.imagegen.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagegen.v1.images_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUALITY']._serialized_start=1223
-  _globals['_QUALITY']._serialized_end=1314
+  _globals['_QUALITY']._serialized_start=1254
+  _globals['_QUALITY']._serialized_end=1345
   _globals['_GENERATEREQUEST']._serialized_start=42
-  _globals['_GENERATEREQUEST']._serialized_end=283
-  _globals['_IMAGE']._serialized_start=285
-  _globals['_IMAGE']._serialized_end=370
-  _globals['_TIMINGS']._serialized_start=372
-  _globals['_TIMINGS']._serialized_end=438
-  _globals['_GENERATERESPONSE']._serialized_start=441
-  _globals['_GENERATERESPONSE']._serialized_end=688
-  _globals['_LISTMODELSREQUEST']._serialized_start=690
-  _globals['_LISTMODELSREQUEST']._serialized_end=709
-  _globals['_MODELDEFAULTS']._serialized_start=711
-  _globals['_MODELDEFAULTS']._serialized_end=790
-  _globals['_MODELLIMITS']._serialized_start=793
-  _globals['_MODELLIMITS']._serialized_end=924
-  _globals['_MODEL']._serialized_start=927
-  _globals['_MODEL']._serialized_end=1163
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1165
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1221
-  _globals['_IMAGES']._serialized_start=1317
-  _globals['_IMAGES']._serialized_end=1477
+  _globals['_GENERATEREQUEST']._serialized_end=298
+  _globals['_IMAGE']._serialized_start=300
+  _globals['_IMAGE']._serialized_end=385
+  _globals['_TIMINGS']._serialized_start=387
+  _globals['_TIMINGS']._serialized_end=453
+  _globals['_GENERATERESPONSE']._serialized_start=456
+  _globals['_GENERATERESPONSE']._serialized_end=719
+  _globals['_LISTMODELSREQUEST']._serialized_start=721
+  _globals['_LISTMODELSREQUEST']._serialized_end=740
+  _globals['_MODELDEFAULTS']._serialized_start=742
+  _globals['_MODELDEFAULTS']._serialized_end=821
+  _globals['_MODELLIMITS']._serialized_start=824
+  _globals['_MODELLIMITS']._serialized_end=955
+  _globals['_MODEL']._serialized_start=958
+  _globals['_MODEL']._serialized_end=1194
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1196
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1252
+  _globals['_IMAGES']._serialized_start=1348
+  _globals['_IMAGES']._serialized_end=1508
 # @@protoc_insertion_point(module_scope)

@@ -19,7 +19,7 @@ QUALITY_STANDARD: Quality
 QUALITY_HIGH: Quality
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "tier", "n", "size", "seed", "steps", "guidance", "quality")
+    __slots__ = ("prompt", "negative_prompt", "tier", "n", "size", "seed", "steps", "guidance", "quality", "model")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class GenerateRequest(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     tier: str
@@ -38,7 +39,8 @@ class GenerateRequest(_message.Message):
     steps: int
     guidance: float
     quality: Quality
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., tier: _Optional[str] = ..., n: _Optional[int] = ..., size: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., quality: _Optional[_Union[Quality, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., tier: _Optional[str] = ..., n: _Optional[int] = ..., size: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., quality: _Optional[_Union[Quality, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("seed", "width", "height", "mime_type", "data")
@@ -65,7 +67,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("id", "trace_id", "created", "tier", "model", "revision", "fallback", "batch_images", "cost_units", "images", "timings")
+    __slots__ = ("id", "trace_id", "created", "tier", "model", "revision", "fallback", "batch_images", "cost_units", "images", "timings", "pinned")
     ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +79,7 @@ class GenerateResponse(_message.Message):
     COST_UNITS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     id: str
     trace_id: str
     created: int
@@ -88,7 +91,8 @@ class GenerateResponse(_message.Message):
     cost_units: float
     images: _containers.RepeatedCompositeFieldContainer[Image]
     timings: Timings
-    def __init__(self, id: _Optional[str] = ..., trace_id: _Optional[str] = ..., created: _Optional[int] = ..., tier: _Optional[str] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., fallback: _Optional[bool] = ..., batch_images: _Optional[int] = ..., cost_units: _Optional[float] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, id: _Optional[str] = ..., trace_id: _Optional[str] = ..., created: _Optional[int] = ..., tier: _Optional[str] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., fallback: _Optional[bool] = ..., batch_images: _Optional[int] = ..., cost_units: _Optional[float] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class ImagesStub:
-    """Missing associated documentation comment in .proto file."""
+    """Image generation: the request path of POST /v1/images.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +48,8 @@ class ImagesStub:
 
 
 class ImagesServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Image generation: the request path of POST /v1/images.
+    """
 
     def Generate(self, request, context):
         """Generate n images. Errors: the status from README § Errors, the stable code in
@@ -86,7 +88,8 @@ def add_ImagesServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Images:
-    """Missing associated documentation comment in .proto file."""
+    """Image generation: the request path of POST /v1/images.
+    """
 
     @staticmethod
     def Generate(request,
