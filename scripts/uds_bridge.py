@@ -47,7 +47,8 @@ async def main(mode: str, a: str, b: str, ready: str | None = None) -> None:
                 _handler(lambda: asyncio.open_unix_connection(b)), host, int(port))
         except OSError as e:
             sys.exit(f"error: port {port} on {host} is in use ({e.strerror}); "
-                     "choose another with IMAGEGEN_PORT / IMAGEGEN_METRICS_PORT")
+                     "choose another with IMAGEGEN_PORT / IMAGEGEN_GRPC_PORT (0: no gRPC) / "
+                     "IMAGEGEN_METRICS_PORT")
         if ready:
             open(ready, "w").close()
     elif mode == "unix-to-tcp":

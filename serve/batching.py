@@ -26,6 +26,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from .engines.base import Generated, Job
+from .errors import ModelUnavailable
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -156,25 +157,31 @@ class Batcher(Generic[T, R]):
 
     async def _execute(self, batch: list[_Pending[T]]) -> None:
         assert self._slots is not None
-        run = asyncio.ensure_future(self._run([p.item for p in batch]))
+        run: asyncio.Future | None = None
 
         def abandon(_future: asyncio.Future) -> None:
             # Every caller went away (cancelled, deadline passed): stop the run too,
             # so its handle call (and the replica's queue) let go of the work.
-            if all(p.future.cancelled() for p in batch):
+            if run is not None and all(p.future.cancelled() for p in batch):
                 run.cancel()
 
-        for p in batch:
-            p.future.add_done_callback(abandon)
         try:
+            run = asyncio.ensure_future(self._run([p.item for p in batch]))
+            for p in batch:
+                p.future.add_done_callback(abandon)
             results = await run
             if len(results) != len(batch):
                 raise RuntimeError(f"run returned {len(results)} results for {len(batch)} items")
         except asyncio.CancelledError:
             if (task := asyncio.current_task()) is not None and task.cancelling():
-                run.cancel()
+                if run is not None:
+                    run.cancel()
                 raise  # this batcher itself is being stopped
-            return  # abandoned: nobody is left to answer
+            if all(p.future.cancelled() for p in batch):
+                return  # abandoned: nobody is left to answer
+            # Cancelled from elsewhere (Ray cancels a call whose replica stops):
+            # the callers still waiting get an answer they may retry elsewhere.
+            results = [ModelUnavailable("the model call was cancelled")] * len(batch)
         except Exception as e:  # noqa: BLE001 - every caller in the batch gets it
             results = [e] * len(batch)
         finally:

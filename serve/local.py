@@ -36,6 +36,13 @@ def ports(settings: Settings) -> dict[str, int]:
 
 def check_ports(settings: Settings) -> None:
     """ConfigError naming the first port that is taken (or given twice)."""
+    if settings.direct_ingress and settings.grpc_port and (
+            abs(settings.port - settings.grpc_port) <= DIRECT_INGRESS_PORTS):
+        # Each protocol's replicas take ports from its own range (port..port+8).
+        raise ConfigError(f"the HTTP ports {settings.port}-{settings.port + DIRECT_INGRESS_PORTS}"
+                          f" and the gRPC ports {settings.grpc_port}-"
+                          f"{settings.grpc_port + DIRECT_INGRESS_PORTS} overlap; choose "
+                          "--port and --grpc-port at least 9 apart")
     seen: dict[int, str] = {}
     for what, port in ports(settings).items():
         if port in seen:

@@ -57,7 +57,8 @@ class GenerateRequest(BaseModel):
     )
     model: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
         None, description="pin one models.lock revision by name (GET /v1/models): it alone "
-        "serves, no fallback; priced as the tier. Only where pinning is allowed (403 else)"
+        "serves, no fallback; priced at least as the dearest tier it serves. Only where "
+        "pinning is allowed (403 else)"
     )
     n: Annotated[int, Field(ge=1, le=8)] = Field(1, description="number of images")
     size: Annotated[str, Field(pattern=r"^[0-9]{1,5}x[0-9]{1,5}$")] | None = Field(

@@ -182,6 +182,8 @@ def bench_stack(settings: Settings, tier: str, n: int, levels: list[int]) -> lis
         body = {"prompt": "a lighthouse at dusk", "tier": tier}
         points = []
         for i, (route, path) in enumerate(ROUTES):
+            if path is None and not settings.grpc_port:
+                continue  # --grpc-port 0: no gRPC rows
             if path is None:
                 load = partial(_load_grpc, f"{settings.host}:{settings.grpc_port}")
             else:

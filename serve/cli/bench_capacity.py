@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     policy = load_policy(settings.policy_file)
     replicas = policy.for_model(model).autoscaling.max_replicas
     facts = ModelFacts.of_lock(lock.models)
-    url = local.start(settings.model_copy(update={"port": args.port})) + "/v1/images"
+    url = local.start(settings.model_copy(update={"port": args.port, "grpc_port": 0})) + "/v1/images"
     rows = []
     try:
         body = {"prompt": "a lighthouse at dusk", "tier": args.tier}

@@ -128,8 +128,16 @@ def _serve_config(args, settings) -> int:
         rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         build_args["policy_file"] = str(rel)
     app = serve_config(_policy(args, settings), lock, routing, args=build_args)
-    print(yaml.safe_dump({"applications": [app]}, sort_keys=False), end="")
+    print(yaml.safe_dump({"grpc_options": grpc_options(settings), "applications": [app]},
+                         sort_keys=False), end="")
     return 0
+
+
+def grpc_options(settings) -> dict:
+    """Serve's gRPC proxy on every node: imagegen.v1.Images, health and reflection."""
+    from ..ingress.grpc import SERVICER_FUNCTIONS
+
+    return {"port": settings.grpc_port or 9000, "grpc_servicer_functions": SERVICER_FUNCTIONS}
 
 
 def _pairs(values: list[str], what: str, cast=float) -> dict:

@@ -105,8 +105,11 @@ class HandleBackend:
             response.cancel()  # awaiting stops; the replica's work must stop too
             raise ModelTimeout(f"model {model} did not answer within {timeout:g} s") from None
         except asyncio.CancelledError:
-            response.cancel()  # every caller of this call went away (the batcher's abandon)
-            raise
+            response.cancel()  # the replica's work must stop too
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                raise  # every caller of this call went away (the batcher's abandon)
+            # Ray cancelled it (its replica is stopping): another revision may serve.
+            raise ModelUnavailable(f"model {model} call was cancelled") from None
         except DeploymentUnavailableError as e:
             raise ModelUnavailable(f"model {model} is unavailable: {e}") from None
         except BackPressureError:
@@ -140,7 +143,8 @@ class Ingress:
         backend = HandleBackend(models, coalescing, self.metrics,
                                 timeout_s=lambda: self.routing.table.breaker.timeout_s)
         self.service = ImageService(lock, self.routing, backend, may_pin=allow_pinning)
-        self.grpc = GrpcTransport(self.service, self.readiness, self.metrics)
+        self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
+                                  max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes
         self.statuses: dict[str, dict[str, Any]] = {}
         self._tasks = [asyncio.create_task(self._poll_readiness(), name="imagegen-readiness")]

@@ -144,7 +144,15 @@ class ModelDeployment:
         t0 = time.perf_counter()
         self.running_images = len(jobs)
         try:
-            out = await loop.run_in_executor(self._pool, self.engine.generate, jobs)
+            work = loop.run_in_executor(self._pool, self.engine.generate, jobs)
+            try:
+                out = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # Every caller left, but the pass runs on in its thread: hold the batch
+                # slot (and its accounting) until it ends, so the next batch is composed
+                # when the pipeline is free and its wait counts as queueing.
+                await asyncio.wait([work])
+                raise
         except Exception as e:
             log.exception("generation failed on %s", self.entry.deployment_name)
             self.failures_in_row += 1

@@ -12,6 +12,7 @@ exception would reach the caller as INTERNAL with Ray's traceback.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -23,7 +24,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2
 
-from ..errors import ImagegenError, MalformedBody, row
+from ..errors import ImagegenError, MalformedBody, PayloadTooLarge, row
 from ..schemas import GenerateRequest, GenerateResponse, validate
 from ..service import ImageService
 from ..telemetry import Metrics, annotate, request_scope, stage
@@ -36,9 +37,11 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Images"].full_name  # imagegen.v1.Imag
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVICER_FUNCTIONS = [f"{__name__}.add_servicers"]  # gRPCOptions.grpc_servicer_functions
 # Trailing metadata keys (README § gRPC). Serve adds `request_id`.
-CODE_KEY, DETAILS_KEY, TRACE_KEY, RETRY_KEY = (
-    "imagegen-code", "imagegen-details", "imagegen-trace-id", "retry-after")
-_MAX_DETAILS = 4096  # bytes of JSON: trailers share gRPC's 8 KiB metadata limit
+CODE_KEY, DETAILS_KEY, TRACE_KEY, RETRY_KEY, ID_KEY = (
+    "imagegen-code", "imagegen-details", "imagegen-trace-id", "retry-after",
+    "imagegen-request-id")
+# Trailers share gRPC's 8 KiB metadata limit: past it the caller sees a bare failure.
+_MAX_MESSAGE, _MAX_DETAILS = 1024, 4096
 _QUALITY = {pb.QUALITY_LOW: "low", pb.QUALITY_STANDARD: "standard", pb.QUALITY_HIGH: "high"}
 _METHODS = {SERVICE: ("Generate", "ListModels"), HEALTH: ("Check",)}
 
@@ -100,22 +103,25 @@ class GrpcTransport:
 
     def __init__(self, service: ImageService,
                  readiness: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, max_body_bytes: int = 64 << 10) -> None:
         self.service = service
         self.readiness = readiness
         self.metrics = metrics
+        # As on HTTP. Serve's gRPC servers take messages up to 2 GiB, and parsing one
+        # (and listing its unknown fields) would hold the event loop for seconds.
+        self.max_body_bytes = max_body_bytes
 
     async def generate(self, raw: bytes, context) -> pb.GenerateResponse:
-        async def call(rid: str) -> pb.GenerateResponse:
+        async def call(raw: bytes, rid: str) -> pb.GenerateResponse:
             with stage("validate"):
                 req = to_request(raw)
             return to_proto(await self.service.generate(req, rid))
 
-        return await self._call("Generate", call, context, pb.GenerateResponse,
+        return await self._call("Generate", call, raw, context, pb.GenerateResponse,
                                 generation=True)
 
     async def list_models(self, raw: bytes, context) -> pb.ListModelsResponse:
-        async def call(_rid: str) -> pb.ListModelsResponse:
+        async def call(raw: bytes, _rid: str) -> pb.ListModelsResponse:
             try:
                 pb.ListModelsRequest.FromString(raw)
             except DecodeError as e:
@@ -126,7 +132,7 @@ class GrpcTransport:
                          limits=pb.ModelLimits(**m.limits.model_dump()))
                 for m in self.service.models()])
 
-        return await self._call("ListModels", call, context, pb.ListModelsResponse,
+        return await self._call("ListModels", call, raw, context, pb.ListModelsResponse,
                                 generation=False)
 
     async def check(self, raw: bytes, context) -> health_pb2.HealthCheckResponse:
@@ -135,6 +141,8 @@ class GrpcTransport:
         the HTTP probes."""
         status = health_pb2.HealthCheckResponse
         try:
+            if len(raw) > self.max_body_bytes:
+                raise DecodeError("too large")
             service = health_pb2.HealthCheckRequest.FromString(raw).service
         except DecodeError:
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
@@ -144,11 +152,15 @@ class GrpcTransport:
             context.set_code(grpc.StatusCode.NOT_FOUND)
             context.set_details(f"unknown service {service!r}")
             return status()
-        ready, _ = await self.readiness()
+        try:
+            ready, _ = await self.readiness()
+        except Exception:  # cannot tell: not serving (never a traceback)
+            log.exception("readiness failed in %s/Check", HEALTH)
+            ready = False
         return status(status=status.SERVING if ready else status.NOT_SERVING)
 
-    async def _call(self, method: str, call: Callable[[str], Awaitable[Message]], context,
-                    empty: type[Message], *, generation: bool) -> Message:
+    async def _call(self, method: str, call: Callable[[bytes, str], Awaitable[Message]],
+                    raw: bytes, context, empty: type[Message], *, generation: bool) -> Message:
         """One request's telemetry scope (as the HTTP middleware opens it) around
         `call`; an error becomes the status, details and trailing metadata."""
         metadata = dict(context.invocation_metadata())
@@ -159,10 +171,16 @@ class GrpcTransport:
             metrics=self.metrics, generation=generation, transport="grpc",
             attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
         ) as rec:
-            trailers = [(TRACE_KEY, rec.trace_id)]
+            trailers = [(TRACE_KEY, rec.trace_id), (ID_KEY, rid)]
             try:
-                out = await call(rid)
+                if len(raw) > self.max_body_bytes:
+                    raise PayloadTooLarge(f"message of {len(raw)} bytes exceeds "
+                                          f"{self.max_body_bytes}")
+                out = await call(raw, rid)
                 rec.status, rec.grpc_status = 200, "OK"
+            except asyncio.CancelledError:
+                rec.grpc_status = "CANCELLED"  # the caller left (deadline, cancel)
+                raise
             except Exception as e:
                 if not isinstance(e, ImagegenError):
                     log.exception("unhandled error in %s", path)
@@ -172,7 +190,7 @@ class GrpcTransport:
                 annotate(code=e.code)
                 rec.status, rec.grpc_status = r.http, r.grpc
                 context.set_code(grpc.StatusCode[r.grpc])
-                context.set_details(e.message)
+                context.set_details(_truncate(e.message, _MAX_MESSAGE))
                 trailers.append((CODE_KEY, e.code))
                 if e.retry_after_s is not None:
                     trailers.append((RETRY_KEY, str(e.retry_after_s)))
@@ -182,6 +200,10 @@ class GrpcTransport:
                         trailers.append((DETAILS_KEY, details))
             context.set_trailing_metadata(trailers)
             return out
+
+
+def _truncate(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 15] + "... [truncated]"
 
 
 def _request_id(context) -> str:

@@ -126,13 +126,17 @@ class RoutingTable(_Strict):
         """What a megapixel costs on `tier` when `model` served it: the tier's weight,
         or less when the model is the primary of a cheaper tier (a fallback never
         charges more than the tier, nor more than its own tier). A revision the
-        caller pinned costs at least what its own tier costs (pinning the frontier
-        model from the draft tier pays the final price)."""
+        caller pinned costs at least the dearest tier it serves in any role (primary,
+        canary or fallback), and a revision no tier routes the dearest tier of all:
+        pinning the frontier model from the draft tier pays the final price."""
         route = self.tiers[tier]
         if model == route.model:
             return route.cost_weight
+        if pinned:
+            serves = self.backed_by(model) or list(self.tiers)
+            return max([route.cost_weight, *(self.tiers[t].cost_weight for t in serves)])
         own = [r.cost_weight for r in self.tiers.values() if r.model == model]
-        return (max if pinned else min)([route.cost_weight, *own])
+        return min([route.cost_weight, *own])
 
 
 def _narrower(fallback: ModelEntry, primary: ModelEntry) -> list[str]:

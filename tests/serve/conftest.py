@@ -49,8 +49,12 @@ def _free_port() -> int:
 def service_ports() -> dict[str, int]:
     """Free `port`, `grpc_port` and `metrics_port` for a local service (its Serve
     proxies take port + 8 and grpc_port + 8: those must be free too)."""
-    return {"port": _proxied_port(), "grpc_port": _proxied_port(),
-            "metrics_port": _free_port()}
+    from serve.local import DIRECT_INGRESS_PORTS
+
+    port = _proxied_port()
+    while abs((grpc := _proxied_port()) - port) <= DIRECT_INGRESS_PORTS:
+        pass  # the two direct-ingress ranges must not overlap
+    return {"port": port, "grpc_port": grpc, "metrics_port": _free_port()}
 
 
 def _proxied_port() -> int:

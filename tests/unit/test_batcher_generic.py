@@ -148,3 +148,17 @@ def test_one_caller_leaving_keeps_the_others_results():
 
     a, gone, c = asyncio.run(main())
     assert (a, c) == (0, 40) and isinstance(gone, asyncio.CancelledError)
+
+
+def test_a_run_cancelled_from_elsewhere_answers_its_callers_with_a_retryable_error():
+    from serve.errors import ModelUnavailable
+
+    async def run(items):
+        raise asyncio.CancelledError  # as Ray raises when the replica's call is cancelled
+
+    async def main():
+        b = Batcher(run, max_size=2)
+        return await asyncio.wait_for(
+            asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True), 2)
+
+    assert all(isinstance(r, ModelUnavailable) for r in asyncio.run(main()))

@@ -341,3 +341,17 @@ def test_a_pinned_request_honours_its_tier_being_disabled(lock, flaky):
     live = LiveRouting(parse_routing(doc(disabled="maintenance"), lock), lock, "file t")
     with pytest.raises(TierDisabled):
         gen(ImageService(lock, live, flaky, may_pin=True), model="spare")
+
+
+def test_a_pinned_revision_pays_the_dearest_tier_it_serves_or_the_dearest_of_all(lock):
+    d = doc(fallbacks=["spare"], canary={"model": "spare2", "weight": 0.1})
+    table = parse_routing(d, lock)
+    assert table.cost_weight("cheap", "tiny-final", pinned=True) == 4.0  # final's primary
+    assert table.cost_weight("cheap", "spare2", pinned=True) == 2.0  # draft's canary
+    assert table.cost_weight("cheap", "spare", pinned=False) == 0.5
+    d["tiers"]["dear"] = {"model": "spare", "fallbacks": ["spare2"], "cost_weight": 8.0}
+    assert parse_routing(d, lock).cost_weight("cheap", "spare2", pinned=True) == 8.0
+    del d["tiers"]["dear"], d["tiers"]["draft"]["canary"]
+    table = parse_routing(d, lock)
+    assert table.backed_by("spare2") == []
+    assert table.cost_weight("cheap", "spare2", pinned=True) == 4.0  # routed by none

@@ -88,6 +88,7 @@ def test_generate_answers_like_http(service):
     img = Image.open(io.BytesIO(r.images[0].data))
     assert img.size == (64, 48) and r.images[0].mime_type == "image/png"
     assert trailers[transport.TRACE_KEY] == TRACE and transport.CODE_KEY not in trailers
+    assert trailers[transport.ID_KEY] == r.id
     # the same request on the native route: the same images
     native = asyncio.run(service.generate(GenerateRequest(prompt="a fox", n=2, seed=7), "x"))
     assert [i.data for i in r.images] == [_png(i.b64_json) for i in native.images]
@@ -142,6 +143,8 @@ BAD = [
                  id="bad-utf8"),
     pytest.param(pb.GenerateRequest(prompt="x").SerializeToString() + b"\x60\x07",
                  "INVALID_ARGUMENT", "malformed_body", "[12]", id="unknown-field"),
+    pytest.param(pb.GenerateRequest(prompt="x" * 70_000), "INVALID_ARGUMENT",
+                 "payload_too_large", "exceeds 65536", id="too-large"),
 ]
 
 
@@ -174,6 +177,7 @@ class Failing:
 
 @pytest.mark.parametrize("exc", [
     ModelUnavailable("model tiny-draft is unavailable"), Overloaded("at capacity"),
+    ModelUnavailable("replica died: " + "x" * 9000),
     GenerationFailed("model tiny-draft failed: RuntimeError"), TierDisabled("maintenance"),
     RuntimeError("a bug with a secret in it"),
 ], ids=lambda e: type(e).__name__)
@@ -190,6 +194,7 @@ def test_backend_failures_map_through_the_one_table(lock, routing, exc):
         assert trailers[transport.RETRY_KEY] == str(err.retry_after_s)
     if not isinstance(exc, ImagegenError):  # never the exception's text, never a traceback
         assert e.details() == "internal error; see server logs"
+    assert len(e.details()) <= 1024  # trailers stay within gRPC's 8 KiB metadata limit
 
 
 class Slow:

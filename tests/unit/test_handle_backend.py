@@ -144,3 +144,15 @@ def test_a_call_whose_requests_all_left_is_cancelled_in_the_replica():
 
     kept, cancelled = asyncio.run(main())
     assert not kept and cancelled
+
+
+def test_a_call_ray_cancelled_is_model_unavailable_not_a_hang():
+    from serve.errors import ModelUnavailable
+
+    async def main():
+        h = FakeHandle(fail=asyncio.CancelledError())  # the replica stopped mid-call
+        h.release.set()
+        return await asyncio.wait_for(backend(h).generate("m", [job(1)]), 2)
+
+    with pytest.raises(ModelUnavailable, match="cancelled"):
+        asyncio.run(main())

@@ -61,8 +61,13 @@ def test_free_ports_pass_and_a_port_given_twice_does_not():
                               direct_ingress=False))
     with pytest.raises(ConfigError, match=f"metrics port and the HTTP port are both {port}"):
         check_ports(load_settings(port=port, metrics_port=port, grpc_port=0))
-    with pytest.raises(ConfigError, match=f"gRPC port and the HTTP port are both {port}"):
-        check_ports(load_settings(port=port, metrics_port=_free_port(), grpc_port=port))
+
+
+def test_overlapping_direct_ingress_ranges_are_refused():
+    with pytest.raises(ConfigError, match="overlap; choose --port and --grpc-port at least 9"):
+        check_ports(load_settings(port=8000, grpc_port=8004))
+    with pytest.raises(ConfigError, match="gRPC port and the HTTP port are both 8000"):
+        check_ports(load_settings(port=8000, grpc_port=8000, direct_ingress=False))
 
 
 def test_grpc_port_zero_serves_no_grpc():
