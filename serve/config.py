@@ -23,6 +23,11 @@ from .errors import ConfigError, describe
 ROOT = Path(__file__).resolve().parent.parent  # the checkout or RayService working_dir
 
 
+def _state_url() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return f"sqlite://{Path(base) / 'imagegen' / 'state.db'}"
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "imagegen" / "models"
@@ -92,6 +97,14 @@ class Settings(BaseSettings):
     )
     max_body_bytes: Annotated[int, Field(ge=1024, le=16 << 20)] = Field(
         64 << 10, description="largest accepted request body"
+    )
+    state_url: str = Field(
+        default_factory=_state_url, description="the state store (API keys; quotas and "
+        "queues next): sqlite:///ABSOLUTE/PATH (one machine) or redis://HOST:PORT/DB",
+    )
+    keys_file: Path | None = Field(
+        None, description="read-only API keys from a YAML file (a mounted Secret), beside "
+        "the state store's",
     )
     allow_pinning: bool = Field(
         False, description="any caller may pin a models.lock revision (`model`): it alone "

@@ -56,6 +56,12 @@ class LimitExceeded(ImagegenError):
     code = "limit_exceeded"
 
 
+class Unauthenticated(ImagegenError):
+    """No API key, a malformed Authorization header, or a key that is unknown or revoked."""
+
+    code = "unauthenticated"
+
+
 class Forbidden(ImagegenError):
     """The caller may not do this (pin a revision, now; roles and plans next)."""
 
@@ -102,6 +108,13 @@ class TierDisabled(ImagegenError):
     retry_after_s = 60
 
 
+class StateUnavailable(ImagegenError):
+    """The state store (SQLite file, Redis) cannot be reached: fail closed, retry later."""
+
+    code = "state_unavailable"
+    retry_after_s = 5
+
+
 class GenerationFailed(ImagegenError):
     """The pipeline raised while generating; nothing about the request was wrong."""
 
@@ -139,6 +152,7 @@ STATUS: dict[type[ImagegenError], Row] = {
     UnsupportedMediaType: Row(415, "INVALID_ARGUMENT", *_BAD),
     UnknownTier: Row(422, "INVALID_ARGUMENT", *_BAD),
     LimitExceeded: Row(422, "OUT_OF_RANGE", *_BAD),
+    Unauthenticated: Row(401, "UNAUTHENTICATED", 401, "authentication_error"),
     Forbidden: Row(403, "PERMISSION_DENIED", 403, "permission_error"),
     NotFound: Row(404, "NOT_FOUND", 404, "not_found_error"),
     MethodNotAllowed: Row(405, "UNIMPLEMENTED", 405, "invalid_request_error"),
@@ -147,6 +161,7 @@ STATUS: dict[type[ImagegenError], Row] = {
     ModelTimeout: Row(503, "DEADLINE_EXCEEDED", *_DOWN),
     Overloaded: Row(503, "RESOURCE_EXHAUSTED", *_DOWN),
     TierDisabled: Row(503, "UNAVAILABLE", *_DOWN),
+    StateUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
     GenerationFailed: Row(500, "INTERNAL", *_FAILED),
     ConfigError: Row(500, "FAILED_PRECONDITION", *_FAILED),
     ModelVerificationError: Row(500, "FAILED_PRECONDITION", *_FAILED),

@@ -24,15 +24,17 @@ TREE = [c for c in _subclasses(ImagegenError) if c.__module__.startswith("serve.
 CLIENT = {
     "invalid_request", "malformed_body", "unsupported_media_type", "unknown_tier",
     "limit_exceeded", "not_found", "method_not_allowed", "payload_too_large", "forbidden",
+    "unauthenticated",
 }
 SERVER = {
     "internal", "model_unavailable", "overloaded", "generation_failed", "config_error",
-    "model_verification_failed", "tier_disabled", "model_timeout",
+    "model_verification_failed", "tier_disabled", "model_timeout", "state_unavailable",
 }
 # The error types OpenAI's API answers with (its client maps the status to the
-# exception class: 400 BadRequestError, 403 PermissionDeniedError, 404 NotFoundError,
-# 5xx InternalServerError).
-OPENAI_TYPES = {"invalid_request_error", "permission_error", "not_found_error", "server_error"}
+# exception class: 400 BadRequestError, 401 AuthenticationError, 403 PermissionDeniedError,
+# 404 NotFoundError, 5xx InternalServerError).
+OPENAI_TYPES = {"invalid_request_error", "authentication_error", "permission_error",
+                "not_found_error", "server_error"}
 GRPC_CODES = {
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
     "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",

@@ -1,0 +1,81 @@
+"""Where API keys live: the state store (`state_url`: SQLite or Redis, one contract,
+tests/unit/test_state_contract.py) and, read-only beside it, a mounted keys file (a
+Kubernetes Secret). The backends are serve/quotas/sqlite_backend.py and
+redis_backend.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import ConfigError, describe
+from .principals import KeyRecord
+
+
+class KeyExists(Exception):
+    """add() of a key id or hash the store already holds."""
+
+
+class KeyStore(Protocol):
+    async def add(self, record: KeyRecord) -> None:
+        """Store a new key; KeyExists if its id or hash is taken."""
+
+    async def find(self, sha256: str) -> KeyRecord | None:
+        """The key with this hash (revoked ones too), or None."""
+
+    async def revoke(self, key_id: str) -> bool:
+        """Mark the key revoked; False when there is no such key."""
+
+    async def list(self) -> list[KeyRecord]:
+        """Every key, oldest first."""
+
+    async def close(self) -> None: ...
+
+
+class _KeysFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[KeyRecord] = []
+
+
+class FileKeys:
+    """Keys from a YAML file (`keys: [{key_id, sha256, principal, roles, plan}]`), as a
+    Secret mounts it; read once at start. Read-only: revoke by editing the Secret."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            doc = yaml.safe_load(Path(path).read_text()) or {}
+            keys = _KeysFile.model_validate(doc, strict=False).keys
+        except OSError as e:
+            raise ConfigError(f"keys file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"keys file {path} is not YAML: {e}") from None
+        except ValidationError as e:
+            raise ConfigError(f"keys file {path}: {describe(e)}") from None
+        self.by_hash = {k.sha256: k for k in keys}
+
+    async def find(self, sha256: str) -> KeyRecord | None:
+        return self.by_hash.get(sha256)
+
+
+def open_keys(state_url: str) -> KeyStore:
+    """The key store of the state store at `state_url`."""
+    if state_url.startswith("sqlite://"):
+        from .sqlite_backend import SQLiteKeys
+
+        return SQLiteKeys(sqlite_path(state_url))
+    if state_url.startswith(("redis://", "rediss://")):
+        from .redis_backend import RedisKeys
+
+        return RedisKeys(state_url)
+    raise ConfigError(f"state_url {state_url!r}: expected sqlite:///PATH or redis://HOST:PORT/DB")
+
+
+def sqlite_path(url: str) -> Path:
+    path = url.removeprefix("sqlite://")
+    if not path.startswith("/"):
+        raise ConfigError(f"state_url {url!r}: expected sqlite:///ABSOLUTE/PATH")
+    return Path(path)
