@@ -13,10 +13,11 @@ from autoscaling.policies import (
 )
 
 from .config import Settings, load_settings
-from .deployments.ingress import Coalescing, Ingress, RoutingSource
+from .deployments.ingress import Access, Coalescing, Ingress, RoutingSource
 from .deployments.model import ModelDeployment
 from .engines.base import Engine
 from .lockfile import load_lock
+from .quotas.keys import FileKeys
 from .routing import load_routing
 
 APP_NAME = "imagegen"
@@ -63,6 +64,11 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
             logging_config=logging_config,
             **model_deployment_options(p),
         ).bind(entry, engine_cls, str(settings.model_dir), options)
+    if settings.keys_file:
+        FileKeys(settings.keys_file)  # a bad keys file refuses to start, naming the problem
+    access = Access(settings.state_url,
+                    str(settings.keys_file) if settings.keys_file else None,
+                    settings.allow_pinning)
     source = RoutingSource(
         file=str(settings.routing_file), configmap=settings.routing_configmap,
         namespace=settings.routing_namespace, key=settings.routing_key,
@@ -70,5 +76,4 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
     )
     return Ingress.options(
         logging_config=logging_config, **ingress_deployment_options(policy.ingress)
-    ).bind(lock, routing, models, coalescing, settings.max_body_bytes, source,
-           settings.allow_pinning)
+    ).bind(lock, routing, models, coalescing, settings.max_body_bytes, source, access)

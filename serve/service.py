@@ -1,6 +1,6 @@
 """The transport-free request path (DESIGN.md stages). Transports call this.
 
-Stages present now: validate -> route -> resolve request against the tier's
+Stages present now: authenticate -> validate -> route -> resolve request against the tier's
 primary (defaults and limits; every fallback accepts at least as much) ->
 generate on the first usable revision, failing over -> encode -> answer. Each
 stage has its span (`stage`) and tells the request's record what it learned
@@ -25,9 +25,11 @@ from .errors import (
     ModelTimeout,
     ModelUnavailable,
     Overloaded,
+    Unauthenticated,
 )
 from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
+from .quotas.principals import Principal
 from .routing import LiveRouting, RoutingTable
 from .schemas import MAX_SEED, GenerateRequest, GenerateResponse, Image, ModelInfo, Timings
 from .telemetry import annotate, current_trace_id, stage
@@ -40,6 +42,12 @@ class Backend(Protocol):
     """Reaches the model deployments (Serve handles in production, fakes in tests)."""
 
     async def generate(self, model: str, jobs: list[Job]) -> Generated: ...
+
+
+class Authenticator(Protocol):
+    """Stage 1 (serve/quotas/auth.py)."""
+
+    async def authenticate(self, authorization: str | None) -> Principal: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,11 +127,22 @@ class ImageService:
     """Stages 2-12 of the request path for one ingress replica."""
 
     def __init__(self, lock: Lock, routing: LiveRouting, backend: Backend, *,
-                 may_pin: bool = False) -> None:
+                 auth: Authenticator | None = None, may_pin: bool = False) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
+        self.auth = auth
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """Stage 1: the caller's `Authorization` value -> its principal (401 if none).
+        Every transport calls it first, the same way."""
+        if self.auth is None:
+            raise Unauthenticated("this service has no API keys configured")
+        with stage("authenticate"):
+            principal = await self.auth.authenticate(authorization)
+        annotate(principal=principal.name)
+        return principal
 
     def models(self) -> list[ModelInfo]:
         return [

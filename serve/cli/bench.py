@@ -47,6 +47,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     bc.add_argument("--overhead-ms", type=float, default=15.0,
                     help="planner's per-request stack overhead (bench serve's added p50)")
     bc.add_argument("--port", type=int, default=8123)
+    from . import bench_state
+
+    bench_state.add_arguments(bsub.add_parser(
+        "state", help="what authenticating costs per request, per state store backend"))
     return b
 
 
@@ -56,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
         from . import bench_capacity
 
         return bench_capacity.run(args, settings)
+    if args.bench_command == "state":
+        from . import bench_state
+
+        return bench_state.run(args, settings)
     return run_serve(args, settings)
 
 
@@ -111,7 +119,28 @@ def bench_in_process(entry, settings: Settings, threads: int, n: int, batch: int
     return [single, batched]
 
 
-async def _load(url: str, body: dict, n: int, c: int) -> tuple[list[float], float, list[int]]:
+def throwaway_key(settings: Settings) -> tuple[Settings, str]:
+    """Settings whose state store is a fresh temporary file holding one key, and the
+    key: a benchmark never writes to the user's state store."""
+    import tempfile
+
+    from ..quotas.keys import open_keys
+    from ..quotas.principals import new_key, record_for
+
+    url = f"sqlite://{tempfile.mkdtemp(prefix='imagegen-bench-')}/state.db"
+    key_id, key = new_key()
+
+    async def add() -> None:
+        store = open_keys(url)
+        await store.add(record_for(key, key_id, "bench"))
+        await store.close()
+
+    asyncio.run(add())
+    return settings.model_copy(update={"state_url": url}), key
+
+
+async def _load(url: str, key: str, body: dict, n: int, c: int
+                ) -> tuple[list[float], float, list[int]]:
     import aiohttp
 
     lat: list[float] = []
@@ -131,7 +160,8 @@ async def _load(url: str, body: dict, n: int, c: int) -> tuple[list[float], floa
             bar.update()
 
     conn = aiohttp.TCPConnector(limit=c)
-    async with aiohttp.ClientSession(connector=conn) as session:
+    async with aiohttp.ClientSession(connector=conn,
+                                     headers={"Authorization": f"Bearer {key}"}) as session:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(c)))
         wall = time.perf_counter() - t0
@@ -139,7 +169,7 @@ async def _load(url: str, body: dict, n: int, c: int) -> tuple[list[float], floa
     return lat, wall, batch_sizes
 
 
-async def _load_grpc(target: str, body: dict, n: int, c: int
+async def _load_grpc(target: str, key: str, body: dict, n: int, c: int
                      ) -> tuple[list[float], float, list[int]]:
     """As _load, over one gRPC channel (HTTP/2 carries the c calls at once)."""
     import grpc
@@ -155,7 +185,8 @@ async def _load_grpc(target: str, body: dict, n: int, c: int
     async def worker(stub) -> None:
         for i in remaining:
             t = time.perf_counter()
-            r = await stub.Generate(pb.GenerateRequest(**body, seed=i), timeout=120)
+            r = await stub.Generate(pb.GenerateRequest(**body, seed=i), timeout=120,
+                                    metadata=(("authorization", f"Bearer {key}"),))
             lat.append(time.perf_counter() - t)
             batch_sizes.append(r.batch_images)
             bar.update()
@@ -177,6 +208,7 @@ ROUTES = (("HTTP", "/v1/images"), ("OpenAI", "/v1/images/generations"), ("gRPC",
 def bench_stack(settings: Settings, tier: str, n: int, levels: list[int]) -> list[Point]:
     from .. import local
 
+    settings, key = throwaway_key(settings)
     base = local.start(settings)
     try:
         body = {"prompt": "a lighthouse at dusk", "tier": tier}
@@ -185,9 +217,9 @@ def bench_stack(settings: Settings, tier: str, n: int, levels: list[int]) -> lis
             if path is None and not settings.grpc_port:
                 continue  # --grpc-port 0: no gRPC rows
             if path is None:
-                load = partial(_load_grpc, f"{settings.host}:{settings.grpc_port}")
+                load = partial(_load_grpc, f"{settings.host}:{settings.grpc_port}", key)
             else:
-                load = partial(_load, base + path)
+                load = partial(_load, base + path, key)
             asyncio.run(load(body, 10, 1))  # warm the handles and replica
             for c in levels if i == 0 else sorted({min(levels), max(levels)}):
                 lat, wall, sizes = asyncio.run(load(body, max(n, 4 * c), c))

@@ -14,9 +14,11 @@ from tqdm import tqdm
 from ..config import Settings
 from ..lockfile import load_lock
 from ..routing import load_routing
+from .bench import throwaway_key
 
 
-async def _poisson(url: str, body: dict, rate: float, duration: float, seed: int) -> list[float]:
+async def _poisson(url: str, key: str, body: dict, rate: float, duration: float,
+                   seed: int) -> list[float]:
     """Latencies of requests sent at Poisson times (open loop: a slow answer never
     delays the next arrival, as with real callers)."""
     import aiohttp
@@ -36,7 +38,8 @@ async def _poisson(url: str, body: dict, rate: float, duration: float, seed: int
         lat.append(time.perf_counter() - t)
 
     conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn) as session:
+    async with aiohttp.ClientSession(connector=conn,
+                                     headers={"Authorization": f"Bearer {key}"}) as session:
         start, at, tasks = time.perf_counter(), 0.0, []
         with tqdm(total=round(rate * duration), desc=f"{rate:g} req/s", leave=False) as bar:
             while (at := at + rng.expovariate(rate)) < duration:
@@ -65,13 +68,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     policy = load_policy(settings.policy_file)
     replicas = policy.for_model(model).autoscaling.max_replicas
     facts = ModelFacts.of_lock(lock.models)
-    url = local.start(settings.model_copy(update={"port": args.port, "grpc_port": 0})) + "/v1/images"
+    settings, key = throwaway_key(settings.model_copy(update={"port": args.port, "grpc_port": 0}))
+    url = local.start(settings) + "/v1/images"
     rows = []
     try:
         body = {"prompt": "a lighthouse at dusk", "tier": args.tier}
-        asyncio.run(_poisson(url, body, 5, 3, 0))  # warm up
+        asyncio.run(_poisson(url, key, body, 5, 3, 0))  # warm up
         for rate in args.rates:
-            lat = asyncio.run(_poisson(url, body, rate, args.duration, int(rate)))
+            lat = asyncio.run(_poisson(url, key, body, rate, args.duration, int(rate)))
             inputs = plan_inputs(policy, facts, {args.tier: model}, {args.tier: rate},
                                  {args.tier: 10.0}, service_cv=args.cv,
                                  overhead_s=args.overhead_ms / 1e3)

@@ -15,3 +15,20 @@ def settings(args: argparse.Namespace) -> Settings:
         getattr(args, "config", None),
         **{name: getattr(args, name, None) for name in _SETTING_FLAGS},
     )
+
+
+def api_key(args: argparse.Namespace, settings: Settings) -> str | None:
+    """--api-key, else IMAGEGEN_API_KEY, else the local development key file."""
+    import os
+
+    from ..quotas.keys import dev_key_file
+
+    if key := getattr(args, "api_key", None) or os.environ.get("IMAGEGEN_API_KEY"):
+        return key
+    path = dev_key_file(settings.state_url)
+    return path.read_text().strip() if path is not None and path.exists() else None
+
+
+def add_api_key_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", help="default: $IMAGEGEN_API_KEY, else the local development "
+                   "key `imagegen serve` made")

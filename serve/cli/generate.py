@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .common import add_api_key_flag, api_key
+from .common import settings as settings_of
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="call a running service and save the images")
@@ -20,6 +23,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="out.png")
     g.add_argument("--url", default="http://127.0.0.1:8000")
     g.add_argument("--timeout", type=float, default=300.0)
+    add_api_key_flag(g)
     return g
 
 
@@ -32,8 +36,11 @@ def run(args: argparse.Namespace) -> int:
     for key in ("negative_prompt", "size", "seed", "steps", "guidance"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
+    key = api_key(args, settings_of(args))
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        r = httpx.post(f"{args.url.rstrip('/')}/v1/images", json=body, timeout=args.timeout)
+        r = httpx.post(f"{args.url.rstrip('/')}/v1/images", json=body, headers=headers,
+                       timeout=args.timeout)
     except httpx.HTTPError as e:
         print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
         return 2

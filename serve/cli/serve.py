@@ -63,11 +63,14 @@ def run(args: argparse.Namespace) -> int:
             from ..tinymodels import build_missing
 
             build_missing(settings.lock_file, settings.model_dir)
+        dev_key = _dev_key(settings)
         t0 = time.perf_counter()
         print("starting Ray and Serve (about 20 s)...", flush=True)
         url = local.start(settings)
         if not _summary(local.readiness(url), url, time.perf_counter() - t0, settings):
             return 1
+        if dev_key:
+            print(dev_key, flush=True)
         serving = True
         while True:
             signal.pause()
@@ -78,6 +81,23 @@ def run(args: argparse.Namespace) -> int:
         for sig in STOP_SIGNALS:
             signal.signal(sig, _exit_now)
         local.stop()
+
+
+def _dev_key(settings) -> str | None:
+    """The line about the local development key: made and printed on first run."""
+    import asyncio
+
+    from ..quotas.keys import dev_key_file, ensure_dev_key
+
+    made = asyncio.run(ensure_dev_key(settings.state_url))
+    if made is None:
+        return None
+    key, new = made
+    where = dev_key_file(settings.state_url)
+    if new:
+        return (f"  dev API key (made now, kept in {where}; imagegen generate uses it):\n"
+                f"    Authorization: Bearer {key}")
+    return f"  dev API key: in {where}"
 
 
 def _summary(ready: dict[str, Any], url: str, took_s: float, settings) -> bool:

@@ -24,6 +24,8 @@ from ..errors import GenerationFailed, ImagegenError, ModelTimeout, ModelUnavail
 from ..ingress.grpc import GrpcTransport
 from ..ingress.http import build_http_app
 from ..lockfile import Lock
+from ..quotas.auth import Authenticator
+from ..quotas.keys import FileKeys, open_keys
 from ..routing import LiveRouting, RoutingTable
 from ..routing.sources import ConfigMapSource, watch_file
 from ..service import ImageService
@@ -51,6 +53,20 @@ class RoutingSource:
         if self.configmap:
             return f"configmap {self.namespace or '(pod namespace)'}/{self.configmap}"
         return f"file {self.file}"
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call: API keys from the state store and a mounted keys file; whether
+    any caller may pin a revision."""
+
+    state_url: str
+    keys_file: str | None = None
+    allow_pinning: bool = False
+
+    def authenticator(self) -> Authenticator:
+        return Authenticator(open_keys(self.state_url),
+                             FileKeys(Path(self.keys_file)) if self.keys_file else None)
 
 
 @dataclass(frozen=True)
@@ -133,7 +149,7 @@ class Ingress:
         coalescing: dict[str, Coalescing],
         max_body_bytes: int,
         source: RoutingSource | None = None,
-        allow_pinning: bool = False,
+        access: Access | None = None,
     ) -> None:
         setup("ingress")
         self.metrics = Metrics()
@@ -142,7 +158,9 @@ class Ingress:
         self.status_handles = {n: h.options(method_name="status") for n, h in models.items()}
         backend = HandleBackend(models, coalescing, self.metrics,
                                 timeout_s=lambda: self.routing.table.breaker.timeout_s)
-        self.service = ImageService(lock, self.routing, backend, may_pin=allow_pinning)
+        self.service = ImageService(
+            lock, self.routing, backend, auth=access.authenticator() if access else None,
+            may_pin=bool(access and access.allow_pinning))
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
                                   max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes

@@ -176,6 +176,7 @@ class GrpcTransport:
                 if len(raw) > self.max_body_bytes:
                     raise PayloadTooLarge(f"message of {len(raw)} bytes exceeds "
                                           f"{self.max_body_bytes}")
+                await self.service.authenticate(metadata.get("authorization"))
                 out = await call(raw, rid)
                 rec.status, rec.grpc_status = 200, "OK"
             except asyncio.CancelledError:

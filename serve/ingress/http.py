@@ -18,6 +18,7 @@ from ..errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    Unauthenticated,
     UnsupportedMediaType,
     http_status,
 )
@@ -38,7 +39,7 @@ _ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/models", "/v1/
                      "/healthz", "/readyz"})  # span names
 _GENERATION = frozenset({("POST", "/v1/images"), ("POST", "/v1/images/generations")})
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorEnvelope} for code in (400, 403, 404, 413, 415, 422, 503)
+    code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 413, 415, 422, 503)
 }
 
 
@@ -63,6 +64,8 @@ def error_headers(request: Request, err: ImagegenError,
     headers = {**(headers or {}), **id_header(request)}
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(err.retry_after_s)
+    if isinstance(err, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="imagegen"'
     return headers
 
 
@@ -111,6 +114,7 @@ def build_http_app(
             "application/json": {"schema": GenerateRequest.model_json_schema()}}}},
     )
     async def generate(request: Request) -> Response:
+        await service.authenticate(request.headers.get("authorization"))
         body = await read_json_body(request, max_body_bytes)
         with stage("validate"):
             req = parse_request(body)
@@ -122,8 +126,9 @@ def build_http_app(
 
     openai.add_routes(app, service, max_body_bytes=max_body_bytes)
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def models() -> ModelList:
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def models(request: Request) -> ModelList:
+        await service.authenticate(request.headers.get("authorization"))
         return ModelList(models=service.models())
 
     @app.get("/v1/routing")

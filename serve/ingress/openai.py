@@ -143,6 +143,7 @@ def add_routes(app: FastAPI, service: ImageService, *, max_body_bytes: int) -> N
     async def generations(request: Request) -> JSONResponse:
         """OpenAI's images API shape over the same service (README § OpenAI-compatible)."""
         try:
+            await service.authenticate(request.headers.get("authorization"))
             body = await read_json_body(request, max_body_bytes)
             with stage("validate"):
                 o = validate(OpenAIImageRequest, load_json(body))

@@ -79,3 +79,39 @@ def sqlite_path(url: str) -> Path:
     if not path.startswith("/"):
         raise ConfigError(f"state_url {url!r}: expected sqlite:///ABSOLUTE/PATH")
     return Path(path)
+
+
+DEV_PRINCIPAL = "local-dev"
+
+
+def dev_key_file(state_url: str) -> Path | None:
+    """Where the local development key is kept (beside a SQLite state store, 0600)."""
+    return sqlite_path(state_url).parent / "dev-key" if state_url.startswith("sqlite://") \
+        else None
+
+
+async def ensure_dev_key(state_url: str) -> tuple[str, bool] | None:
+    """(key, made now) of the local development key (`local-dev`, roles user and
+    admin) for a SQLite state store; made on first run, when the store holds no
+    active key. None when keys are managed otherwise (Redis, or other keys exist)."""
+    from .principals import key_hash, new_key, record_for
+
+    path = dev_key_file(state_url)
+    if path is None:
+        return None
+    store = open_keys(state_url)
+    try:
+        if path.exists():
+            key = path.read_text().strip()
+            found = await store.find(key_hash(key))
+            if found is not None and found.revoked is None:
+                return key, False
+        if any(r.revoked is None for r in await store.list()):
+            return None
+        key_id, key = new_key()
+        await store.add(record_for(key, key_id, DEV_PRINCIPAL, ("user", "admin")))
+        path.touch(mode=0o600)
+        path.write_text(key + "\n")
+        return key, True
+    finally:
+        await store.close()

@@ -161,11 +161,36 @@ def served_models(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def stack_settings(tmp_path_factory):
-    return service_ports()
+    state = tmp_path_factory.mktemp("state") / "state.db"
+    return {**service_ports(), "state_url": f"sqlite://{state}"}
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, otlp, stack_settings, served_models):
+def api_key(stack_settings) -> str:
+    """A key in the stack's state store (principal `tester`), as `imagegen keys create`
+    makes one."""
+    import asyncio
+
+    from serve.quotas.keys import open_keys
+    from serve.quotas.principals import new_key, record_for
+
+    async def make() -> str:
+        store = open_keys(stack_settings["state_url"])
+        key_id, key = new_key()
+        await store.add(record_for(key, key_id, "tester", ("user", "admin")))
+        await store.close()
+        return key
+
+    return asyncio.run(make())
+
+
+@pytest.fixture(scope="session")
+def auth_headers(api_key) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, otlp, stack_settings, served_models, api_key):
     """Base URL of a running stack; torn down at the end of the session."""
     _loopback_only()
     from serve import local
@@ -211,8 +236,8 @@ def _wait_ready(url: str, models: tuple[str, ...], deadline_s: float = 120) -> N
 
 
 @pytest.fixture
-def client(stack):
-    with httpx.Client(base_url=stack, timeout=60) as c:
+def client(stack, auth_headers):
+    with httpx.Client(base_url=stack, timeout=60, headers=auth_headers) as c:
         yield c
 
 

@@ -32,7 +32,8 @@ class Service:
         self.config = config = tmp_path / "imagegen.yaml"
         config.write_text(yaml.safe_dump({
             "lock_file": str(lock), "model_dir": str(models), "engine": "fake",
-            "routing_file": str(self.routing_file), **(settings or {}),
+            "routing_file": str(self.routing_file),
+            "state_url": f"sqlite://{tmp_path / 'state.db'}", **(settings or {}),
         }))
         self.url = f"http://127.0.0.1:{ports['port']}"
         self.grpc_target = f"127.0.0.1:{ports['grpc_port']}"
@@ -49,6 +50,17 @@ class Service:
             if sigint_ignored else None,
         )
         threading.Thread(target=self._read, daemon=True).start()
+
+    @property
+    def key(self) -> str:
+        """The development API key the service made and printed on its first run."""
+        self.wait_for("Authorization: Bearer ")
+        line = next(x for x in self.lines if "Authorization: Bearer " in x)
+        return line.split("Bearer ", 1)[1].strip()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         """`imagegen --config <this service's settings> ARGS`, as an operator runs it."""

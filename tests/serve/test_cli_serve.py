@@ -102,7 +102,7 @@ def test_summary_names_the_unready_revision_and_sigint_under_load_stops_it(servi
     stop = threading.Event()
 
     def client() -> None:
-        with httpx.Client(base_url=s.url, timeout=10) as c:
+        with httpx.Client(base_url=s.url, timeout=10, headers=s.headers) as c:
             while not stop.is_set():
                 try:
                     r = c.post("/v1/images", json={"prompt": "a fox", "tier": "draft"})

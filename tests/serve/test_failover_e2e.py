@@ -37,6 +37,7 @@ class Load:
     """Closed-loop draft requests from `clients` threads; every answer kept."""
 
     url: str
+    headers: dict[str, str]
     clients: int = 4
     # (sent at, status, model, fallback, error code, seconds)
     results: list[tuple[float, int, str, bool, str, float]] = field(default_factory=list)
@@ -55,7 +56,7 @@ class Load:
             t.join(30)
 
     def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as c:
+        with httpx.Client(base_url=self.url, timeout=30, headers=self.headers) as c:
             while not self._stop.is_set():
                 t = time.monotonic()
                 try:
@@ -119,7 +120,7 @@ def _wait(cond, deadline_s: float, what: str) -> float:
 
 
 def test_the_switch_moves_the_tier_within_2s_and_back_with_no_failed_request(svc):
-    with Load(svc.url) as load:
+    with Load(svc.url, svc.headers) as load:
         time.sleep(1)
         asked = time.monotonic()
         flip = svc.cli("fallback", "enable", "draft", "--kube", "--url", svc.url)
@@ -162,7 +163,7 @@ def _replicas(svc, model: str) -> list[psutil.Process]:
 def test_killing_a_primary_replica_fails_no_request(svc):
     victims = _replicas(svc, "tiny-draft")
     assert len(victims) == 2  # the policy's two draft replicas
-    with Load(svc.url) as load:
+    with Load(svc.url, svc.headers) as load:
         time.sleep(1)
         killed = time.monotonic()
         os.kill(victims[0].pid, signal.SIGKILL)
@@ -180,7 +181,7 @@ def test_a_failing_primary_opens_its_breaker_and_recovery_closes_it(svc, served_
     fault = load_lock(served_models[0]).models["tiny-draft"].local_dir(models) / "FAULT"
     _wait(lambda: len(_replicas(svc, "tiny-draft")) == 2, 30, "two draft replicas")
     _wait(lambda: _routing(svc)["revisions"]["tiny-draft"]["ready"], 30, "tiny-draft ready")
-    with Load(svc.url) as load:
+    with Load(svc.url, svc.headers) as load:
         time.sleep(1)
         fault.write_text("injected by the test\n")
         broke = time.monotonic()
@@ -207,7 +208,8 @@ def test_an_invalid_document_keeps_the_last_good_one(svc, kube):
     _wait(lambda: _routing(svc)["error"] is not None, 5, "the refusal")
     live = _routing(svc)
     assert live["version"] == before and "nope" in live["error"]
-    assert httpx.post(f"{svc.url}/v1/images", json={"prompt": "x"}, timeout=10).status_code == 200
+    assert httpx.post(f"{svc.url}/v1/images", json={"prompt": "x"}, timeout=10,
+                      headers=svc.headers).status_code == 200
     ready = httpx.get(f"{svc.url}/readyz", timeout=5)
     assert ready.status_code == 200 and "nope" in ready.json()["routing"]["error"]
     kube.set(NS, CM, {"routing.yaml": yaml.safe_dump(ROUTING | {"version": before + 1})})
@@ -230,16 +232,17 @@ def test_a_pinned_revision_serves_on_every_transport_with_no_fallback(svc, serve
     unpinned request moves to the spare)."""
     import grpc
     import openai
+    from grpc_key import keyed_channel
 
     from serve.ingress.proto import images_pb2 as pb
     from serve.ingress.proto import images_pb2_grpc as pb_grpc
 
-    oa = openai.OpenAI(base_url=f"{svc.url}/v1", api_key="x", max_retries=0)
-    with grpc.insecure_channel(svc.grpc_target) as ch:
+    oa = openai.OpenAI(base_url=f"{svc.url}/v1", api_key=svc.key, max_retries=0)
+    with keyed_channel(svc.grpc_target, svc.key) as ch:
         stub = pb_grpc.ImagesStub(ch)
         g = stub.Generate(pb.GenerateRequest(prompt="x", model="tiny-spare"), timeout=30)
         h = httpx.post(f"{svc.url}/v1/images", json={"prompt": "x", "model": "tiny-spare"},
-                       timeout=30).json()
+                       timeout=30, headers=svc.headers).json()
         o = oa.images.generate(prompt="x", model="tiny-spare").model_extra["imagegen"]
         assert (g.model, g.pinned, h["model"], h["pinned"], o["model"], o["pinned"]) == (
             "tiny-spare", True, "tiny-spare", True, "tiny-spare", True)

@@ -18,13 +18,14 @@ pytestmark = pytest.mark.serve
 HERE = Path(__file__).resolve().parent
 
 
-def test_the_live_openapi_contract(stack, tmp_path):
+def test_the_live_openapi_contract(stack, tmp_path, api_key):
     cli = Path(sys.executable).with_name("schemathesis")
     run = subprocess.run(
         [str(cli), "--no-color", "run", f"{stack}/openapi.json",
          "--checks", "no_server_error,negative_data_rejection,one_envelope",
          "--mode", "all", "--max-examples", "25", "--seed", "1", "--workers", "1",
          "--request-timeout", "30", "--exclude-path", "/readyz",
+         "--header", f"Authorization: Bearer {api_key}",
          "--report", "junit", "--report-dir", str(tmp_path)],
         env={**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
              "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_key import keyed_channel
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serve.ingress.grpc import CODE_KEY, DETAILS_KEY, RETRY_KEY, SERVICE, TRACE_KEY
@@ -22,8 +23,8 @@ pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
-def channel(stack, stack_settings):
-    with grpc.insecure_channel(f"127.0.0.1:{stack_settings['grpc_port']}") as ch:
+def channel(stack, stack_settings, api_key):
+    with keyed_channel(f"127.0.0.1:{stack_settings['grpc_port']}", api_key) as ch:
         yield ch
 
 
@@ -33,9 +34,9 @@ def stub(channel):
 
 
 @pytest.mark.parametrize("via", ["direct", "proxy"])
-def test_generate_gives_the_same_images_as_http(client, stack_settings, via):
+def test_generate_gives_the_same_images_as_http(client, stack_settings, api_key, via):
     port = stack_settings["grpc_port"] + (DIRECT_INGRESS_PORTS if via == "proxy" else 0)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with keyed_channel(f"127.0.0.1:{port}", api_key) as ch:
         r, call = pb_grpc.ImagesStub(ch).Generate.with_call(
             pb.GenerateRequest(prompt="a red fox", n=2, seed=41, tier="final"), timeout=60)
     trailers = dict(call.trailing_metadata())
@@ -140,3 +141,12 @@ def test_pinning_where_it_is_not_allowed_is_permission_denied_on_every_transport
     assert dict(info.value.trailing_metadata())[CODE_KEY] == "forbidden"
     r = client.post("/v1/images", json={"prompt": "x", "model": "tiny-final"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+
+
+def test_no_key_is_unauthenticated_and_health_stays_open(stack, stack_settings):
+    with grpc.insecure_channel(f"127.0.0.1:{stack_settings['grpc_port']}") as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ImagesStub(ch).Generate(pb.GenerateRequest(prompt="x"), timeout=30)
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert dict(info.value.trailing_metadata())[CODE_KEY] == "unauthenticated"

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.serve
 
 
 @pytest.fixture
-def client(stack):
-    return openai.OpenAI(base_url=f"{stack}/v1", api_key="not-checked-yet", max_retries=0)
+def client(stack, api_key):
+    return openai.OpenAI(base_url=f"{stack}/v1", api_key=api_key, max_retries=0)
 
 
 def _png(b64: str) -> Image.Image:
@@ -80,3 +80,11 @@ def test_pinning_a_revision_where_it_is_not_allowed_is_permission_denied(client)
         client.images.generate(prompt="a fox", model="tiny-final")
     assert info.value.status_code == 403
     assert info.value.body["code"] == "forbidden" and info.value.body["param"] == "model"
+
+
+def test_a_bad_api_key_is_an_authentication_error(stack):
+    bad = openai.OpenAI(base_url=f"{stack}/v1", api_key="ig_aaaaaaaaaaaa_" + "b" * 27,
+                        max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.images.generate(prompt="a fox")
+    assert info.value.status_code == 401 and info.value.body["code"] == "unauthenticated"

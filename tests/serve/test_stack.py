@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -55,9 +56,10 @@ def test_same_seed_same_png_bytes(client):
     assert first != other
 
 
-def test_concurrent_requests_share_batches(client, stack):
+def test_concurrent_requests_share_batches(client, stack, auth_headers):
     def one(seed: int) -> dict:
-        r = httpx.post(f"{stack}/v1/images", json={**DRAFT, "seed": seed}, timeout=120)
+        r = httpx.post(f"{stack}/v1/images", json={**DRAFT, "seed": seed}, timeout=120,
+                       headers=auth_headers)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -141,12 +143,13 @@ def test_models_lists_every_revision_with_its_tiers(client, lock_entries):
     assert models["tiny-final"]["deployment"] == lock_entries["tiny-final"].deployment_name
 
 
-def test_cli_generate_writes_the_images(stack, tmp_path):
+def test_cli_generate_writes_the_images(stack, tmp_path, api_key):
     out = tmp_path / "fox.png"
+    env = {**os.environ, "IMAGEGEN_API_KEY": api_key}
     run = subprocess.run(
         [sys.executable, "-m", "serve.cli", "generate", "a red fox", "--tier", "final",
          "-n", "2", "--seed", "5", "-o", str(out), "--url", stack],
-        check=False, capture_output=True, text=True, timeout=120,
+        check=False, capture_output=True, text=True, timeout=120, env=env,
     )
     assert run.returncode == 0, run.stderr
     assert Image.open(out).size == (64, 64)
@@ -155,6 +158,12 @@ def test_cli_generate_writes_the_images(stack, tmp_path):
 
     bad = subprocess.run(
         [sys.executable, "-m", "serve.cli", "generate", "x", "--tier", "gold", "--url", stack],
-        check=False, capture_output=True, text=True, timeout=60,
+        check=False, capture_output=True, text=True, timeout=60, env=env,
     )
     assert bad.returncode == 1 and "unknown_tier" in bad.stderr
+    anonymous = subprocess.run(
+        [sys.executable, "-m", "serve.cli", "generate", "x", "--url", stack,
+         "--api-key", "ig_aaaaaaaaaaaa_" + "b" * 27],
+        check=False, capture_output=True, text=True, timeout=60,
+    )
+    assert anonymous.returncode == 1 and "401 unauthenticated" in anonymous.stderr

@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+from grpc_key import keyed_channel
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve.telemetry.metrics import CATALOGUE, RAY_NAMESPACE
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.serve
 
 PARENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN = "b7ad6b7169203331"
-STAGES = {"POST /v1/images", "imagegen.validate", "imagegen.route", "imagegen.generate",
+STAGES = {"POST /v1/images", "imagegen.authenticate", "imagegen.validate", "imagegen.route", "imagegen.generate",
           "imagegen.model.call", "imagegen.model.generate", "imagegen.pipeline",
           "imagegen.encode"}
 
@@ -47,14 +48,12 @@ def test_one_trace_spans_ingress_and_model_replica(client, otlp):
     assert not any("heron" in str(s["attributes"]) for s in spans.values())
 
 
-def test_a_grpc_call_is_one_trace_too(stack, stack_settings, otlp):
-    import grpc
-
+def test_a_grpc_call_is_one_trace_too(stack, stack_settings, otlp, api_key):
     from serve.ingress.proto import images_pb2 as pb
     from serve.ingress.proto import images_pb2_grpc as pb_grpc
 
     trace_id = "1bf7651916cd43dd8448eb211c80319d"
-    with grpc.insecure_channel(f"127.0.0.1:{stack_settings['grpc_port']}") as ch:
+    with keyed_channel(f"127.0.0.1:{stack_settings['grpc_port']}", api_key) as ch:
         r = pb_grpc.ImagesStub(ch).Generate(
             pb.GenerateRequest(prompt="a heron", seed=5), timeout=30,
             metadata=[("traceparent", f"00-{trace_id}-{PARENT_SPAN}-01")])
@@ -101,15 +100,13 @@ def total(series: dict[str, list], name: str, **match: str) -> float:
                if all(labels.get(k) == x for k, x in match.items()))
 
 
-def test_metrics_endpoint_counts_requests(client, stack_settings):
-    import grpc
-
+def test_metrics_endpoint_counts_requests(client, stack_settings, api_key):
     from serve.ingress.proto import images_pb2 as pb
     from serve.ingress.proto import images_pb2_grpc as pb_grpc
 
     port = stack_settings["metrics_port"]
     before = settled(port)
-    with grpc.insecure_channel(f"127.0.0.1:{stack_settings['grpc_port']}") as ch:
+    with keyed_channel(f"127.0.0.1:{stack_settings['grpc_port']}", api_key) as ch:
         pb_grpc.ImagesStub(ch).Generate(pb.GenerateRequest(prompt="x", tier="final"), timeout=30)
     for seed in range(4):
         assert client.post("/v1/images", json={"prompt": "x", "n": 2, "seed": seed}).status_code \

@@ -3,6 +3,7 @@ ImageService over FakeEngine. No Ray: the backend calls the engine in-process.""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import time
@@ -13,6 +14,9 @@ import pytest
 from serve.engines.base import EngineSpec, Generated, Job
 from serve.engines.fake import FakeEngine
 from serve.lockfile import Lock, parse_lock
+from serve.quotas.auth import Authenticator
+from serve.quotas.keys import open_keys
+from serve.quotas.principals import new_key, record_for
 from serve.routing import LiveRouting, RoutingTable, parse_routing
 from serve.service import ImageService
 from serve.telemetry import Metrics
@@ -141,8 +145,27 @@ def backend(lock: Lock) -> FakeBackend:
 
 
 @pytest.fixture
-def service(lock: Lock, routing: RoutingTable, backend: FakeBackend) -> ImageService:
-    return ImageService(lock, LiveRouting(routing, lock, "file test"), backend)
+def keys(tmp_path) -> tuple[Authenticator, str]:
+    """A real authenticator over a SQLite state store holding one key, and the key."""
+    store = open_keys(f"sqlite://{tmp_path / 'state.db'}")
+    key_id, key = new_key()
+    asyncio.run(store.add(record_for(key, key_id, "tester")))
+    return Authenticator(store), key
+
+
+@pytest.fixture
+def auth(keys) -> Authenticator:
+    return keys[0]
+
+
+@pytest.fixture
+def api_key(keys) -> str:
+    return keys[1]
+
+
+@pytest.fixture
+def service(lock: Lock, routing: RoutingTable, backend: FakeBackend, auth) -> ImageService:
+    return ImageService(lock, LiveRouting(routing, lock, "file test"), backend, auth=auth)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ the generated client stub (tests/serve/test_grpc.py runs it through Ray Serve)."
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import subprocess
 import sys
@@ -43,8 +44,22 @@ class Servicer:
         self.Generate, self.ListModels, self.Check = t.generate, t.list_models, t.check
 
 
-def serve(service: ImageService, body, *, ready: bool = True, metrics=None):
-    """Run `body(channel)` against a server over `service`; its result."""
+class Key(grpc.aio.UnaryUnaryClientInterceptor):
+    """Sends `authorization: Bearer <key>` with every unary call, as a client would."""
+
+    def __init__(self, key: str | None) -> None:
+        self.key = key
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        if self.key:
+            md = [*(details.metadata or []), ("authorization", f"Bearer {self.key}")]
+            details = details._replace(metadata=grpc.aio.Metadata(*md))
+        return await continuation(details, request)
+
+
+def _serve(service: ImageService, body, *, key: str, ready: bool = True, metrics=None):
+    """Run `body(channel)` against a server over `service`, the channel sending
+    `key` with every call; its result."""
 
     async def readiness():
         return ready, {}
@@ -57,7 +72,9 @@ def serve(service: ImageService, body, *, ready: bool = True, metrics=None):
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async with grpc.aio.insecure_channel(
+                    f"127.0.0.1:{port}", interceptors=[Key(key)]
+            ) as channel:
                 return await body(channel)
         finally:
             await server.stop(None)
@@ -65,7 +82,18 @@ def serve(service: ImageService, body, *, ready: bool = True, metrics=None):
     return asyncio.run(main())
 
 
-def call(service, request, **kw):
+@pytest.fixture
+def serve(api_key):
+    """_serve with the key of the `auth` fixture's store."""
+    return functools.partial(_serve, key=api_key)
+
+
+@pytest.fixture
+def call(serve):
+    return functools.partial(_call, serve)
+
+
+def _call(serve, service, request, **kw):
     """(response, trailing metadata) or the RpcError."""
 
     metadata = kw.pop("metadata", None)
@@ -80,7 +108,7 @@ def call(service, request, **kw):
     return serve(service, body, **kw)
 
 
-def test_generate_answers_like_http(service):
+def test_generate_answers_like_http(service, call):
     r, trailers = call(service, pb.GenerateRequest(prompt="a fox", n=2, seed=7),
                        metadata=[("traceparent", f"00-{TRACE}-b7ad6b7169203331-01")])
     assert (r.tier, r.model, r.fallback, r.trace_id) == ("draft", "tiny-draft", False, TRACE)
@@ -149,7 +177,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(("request_", "status", "code", "text"), BAD)
-def test_bad_input_gets_its_status_and_code(service, request_, status, code, text):
+def test_bad_input_gets_its_status_and_code(service, serve, request_, status, code, text):
     raw = request_ if isinstance(request_, bytes) else request_.SerializeToString()
 
     async def body(channel):
@@ -181,8 +209,8 @@ class Failing:
     GenerationFailed("model tiny-draft failed: RuntimeError"), TierDisabled("maintenance"),
     RuntimeError("a bug with a secret in it"),
 ], ids=lambda e: type(e).__name__)
-def test_backend_failures_map_through_the_one_table(lock, routing, exc):
-    svc = ImageService(lock, LiveRouting(routing, lock, "file test"), Failing(exc))
+def test_backend_failures_map_through_the_one_table(lock, routing, auth, call, exc):
+    svc = ImageService(lock, LiveRouting(routing, lock, "file test"), Failing(exc), auth=auth)
     e = call(svc, pb.GenerateRequest(prompt="x"))
     err = exc if isinstance(exc, ImagegenError) else ImagegenError("x")
     assert e.code() == grpc.StatusCode[row(err).grpc]
@@ -213,9 +241,10 @@ class Slow:
         raise AssertionError("not cancelled")
 
 
-def test_a_client_deadline_cancels_the_request_and_is_counted_cancelled(lock, routing, metrics):
+def test_a_client_deadline_cancels_the_request_and_is_counted_cancelled(lock, routing, metrics,
+                                                                        auth, serve):
     slow = Slow(10)
-    svc = ImageService(lock, LiveRouting(routing, lock, "file test"), slow)
+    svc = ImageService(lock, LiveRouting(routing, lock, "file test"), slow, auth=auth)
 
     async def body(channel):
         t0 = time.monotonic()
@@ -231,9 +260,9 @@ def test_a_client_deadline_cancels_the_request_and_is_counted_cancelled(lock, ro
         "outcome": "cancelled", "code": "client_closed", "transport": "grpc"}) == 1
 
 
-def test_a_client_cancel_stops_the_server_side(lock, routing):
+def test_a_client_cancel_stops_the_server_side(lock, routing, auth, serve):
     slow = Slow(10)
-    svc = ImageService(lock, LiveRouting(routing, lock, "file test"), slow)
+    svc = ImageService(lock, LiveRouting(routing, lock, "file test"), slow, auth=auth)
 
     async def body(channel):
         c = pb_grpc.ImagesStub(channel).Generate(pb.GenerateRequest(prompt="x"), timeout=10)
@@ -245,7 +274,7 @@ def test_a_client_cancel_stops_the_server_side(lock, routing):
     assert serve(svc, body)
 
 
-def test_list_models_matches_the_service(service):
+def test_list_models_matches_the_service(service, serve):
     async def body(channel):
         return await pb_grpc.ImagesStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
 
@@ -260,7 +289,7 @@ def test_list_models_matches_the_service(service):
     (True, "", "SERVING"), (False, "", "NOT_SERVING"),
     (True, "imagegen.v1.Images", "SERVING"), (False, "imagegen.v1.Images", "NOT_SERVING"),
 ])
-def test_health_follows_readiness(service, ready, name, want):
+def test_health_follows_readiness(service, serve, ready, name, want):
     async def body(channel):
         return await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=name), timeout=5)
@@ -269,7 +298,7 @@ def test_health_follows_readiness(service, ready, name, want):
     assert health_pb2.HealthCheckResponse.ServingStatus.Name(got.status) == want
 
 
-def test_health_of_an_unknown_service_is_not_found_and_watch_is_unimplemented(service):
+def test_health_of_an_unknown_service_is_not_found_and_watch_is_unimplemented(service, serve):
     async def body(channel):
         stub = health_pb2_grpc.HealthStub(channel)
         out = []
@@ -299,3 +328,20 @@ def test_the_committed_stubs_are_what_the_pinned_grpcio_tools_generate():
     run = subprocess.run([sys.executable, "scripts/gen_proto.py", "--check"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(("key", "says"), [
+    (None, "missing API key"), ("ig_aaaaaaaaaaaa_" + "b" * 27, "invalid or revoked"),
+])
+def test_no_key_or_a_bad_one_is_unauthenticated(service, key, says):
+    async def body(channel):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.ImagesStub(channel).Generate(pb.GenerateRequest(prompt="x"), timeout=5)
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5)  # health stays open
+        return info.value, health.status
+
+    e, health = _serve(service, body, key=key)
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED and says in e.details()
+    assert dict(e.trailing_metadata())[transport.CODE_KEY] == "unauthenticated"
+    assert health == health_pb2.HealthCheckResponse.SERVING

@@ -33,17 +33,18 @@ def readiness() -> Readiness:
     return Readiness()
 
 
-def make_client(service, readiness, metrics=None) -> TestClient:
+def make_client(service, readiness, metrics=None, key: str | None = None) -> TestClient:
     app = build_http_app(service, readiness, max_body_bytes=MAX_BODY,
                          metrics=metrics or Metrics("prometheus"))
     # The Exception handler answers 500 and then re-raises for the server to log;
     # the client must not turn that re-raise into a test error.
-    return TestClient(app, raise_server_exceptions=False)
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    return TestClient(app, raise_server_exceptions=False, headers=headers)
 
 
 @pytest.fixture
-def client(service, readiness) -> TestClient:
-    return make_client(service, readiness)
+def client(service, readiness, api_key) -> TestClient:
+    return make_client(service, readiness, key=api_key)
 
 
 def _json(body: dict) -> dict:
@@ -218,8 +219,10 @@ class RaisingBackend:
         pytest.param(Overloaded("at capacity"), 503, "overloaded", id="overloaded"),
     ],
 )
-def test_backend_failures(lock, routing, readiness, exc, status, code):
-    client = make_client(ImageService(lock, LiveRouting(routing, lock, "file test"), RaisingBackend(exc)), readiness)
+def test_backend_failures(lock, routing, readiness, auth, api_key, exc, status, code):
+    svc = ImageService(lock, LiveRouting(routing, lock, "file test"), RaisingBackend(exc),
+                       auth=auth)
+    client = make_client(svc, readiness, key=api_key)
     r = client.post("/v1/images", json=GOOD, headers={"x-request-id": "rid-500"})
     assert r.status_code == status
     assert r.json()["error"]["code"] == code
@@ -234,12 +237,14 @@ def test_backend_failures(lock, routing, readiness, exc, status, code):
         assert r.headers["retry-after"] == "1"
 
 
-def test_ray_style_dynamic_subclass_keeps_its_status(lock, routing, readiness):
+def test_ray_style_dynamic_subclass_keeps_its_status(lock, routing, readiness, auth, api_key):
     class RayTaskError(Exception):
         pass
 
     dyn = type("RayTaskError(LimitExceeded)", (RayTaskError, LimitExceeded), {})
-    client = make_client(ImageService(lock, LiveRouting(routing, lock, "file test"), RaisingBackend(dyn("remote"))), readiness)
+    svc = ImageService(lock, LiveRouting(routing, lock, "file test"),
+                       RaisingBackend(dyn("remote")), auth=auth)
+    client = make_client(svc, readiness, key=api_key)
     r = client.post("/v1/images", json=GOOD)
     assert (r.status_code, r.json()["error"]["code"]) == (422, "limit_exceeded")
 
@@ -251,3 +256,28 @@ def test_good_request_still_succeeds_after_bad_ones(client):
     r = client.post("/v1/images", json={**GOOD, "tier": "final", "n": 2})
     assert r.status_code == 200, r.text
     assert [i["seed"] for i in r.json()["images"]] == [3, 4]
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"Authorization": "Bearer"}, {"Authorization": "Basic eDp5"},
+    {"Authorization": "Bearer ig_aaaaaaaaaaaa_" + "b" * 27}, {"Authorization": "Bearer \x7f"},
+], ids=["none", "empty-bearer", "basic", "unknown-key", "junk"])
+@pytest.mark.parametrize(("method", "path", "kwargs"), [
+    ("POST", "/v1/images", {"json": GOOD}), ("GET", "/v1/models", {}),
+    ("POST", "/v1/images/generations", {"json": {"prompt": "x"}}),
+])
+def test_a_missing_or_bad_key_is_401_on_every_api_route(service, readiness, headers, method,
+                                                         path, kwargs):
+    r = make_client(service, readiness).request(method, path, headers=headers, **kwargs)
+    assert r.status_code == 401, r.text
+    assert r.headers["www-authenticate"] == 'Bearer realm="imagegen"'
+    err = r.json()["error"]
+    assert err["code"] == "unauthenticated"
+    if path.endswith("generations"):
+        assert err["type"] == "authentication_error"  # the openai client's AuthenticationError
+
+
+def test_health_readiness_routing_and_docs_stay_open(service, readiness):
+    c = make_client(service, readiness)
+    for path in ("/healthz", "/readyz", "/v1/routing", "/docs", "/openapi.json"):
+        assert c.get(path).status_code == 200, path

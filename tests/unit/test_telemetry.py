@@ -37,9 +37,10 @@ def logs():
 
 
 @pytest.fixture
-def client(service, metrics) -> TestClient:
+def client(service, metrics, api_key) -> TestClient:
     app = build_http_app(service, _ready, max_body_bytes=4096, metrics=metrics)
-    return TestClient(app, raise_server_exceptions=False)
+    return TestClient(app, raise_server_exceptions=False,
+                      headers={"Authorization": f"Bearer {api_key}"})
 
 
 def samples(metrics: Metrics, name: str) -> dict[tuple, float]:
@@ -63,7 +64,8 @@ def test_one_trace_per_request_with_a_span_per_stage(client, spans):
     by_name = {s.name: s for s in finished}
     server = by_name["POST /v1/images"]
     assert server.parent is None
-    for child in ("imagegen.validate", "imagegen.route", "imagegen.generate", "imagegen.encode"):
+    for child in ("imagegen.authenticate", "imagegen.validate", "imagegen.route",
+                  "imagegen.generate", "imagegen.encode"):
         assert by_name[child].parent.span_id == server.context.span_id, child
     gen = by_name["imagegen.generate"].attributes
     assert gen["gen_ai.operation.name"] == "generate_content"
@@ -150,7 +152,7 @@ def test_one_json_log_line_per_api_request(client, logs):
     assert (ok["tier"], ok["model"], ok["outcome"], ok["status"]) == (
         "final", "tiny-final", "ok", 200)
     assert ok["revision"] == r.json()["revision"]
-    assert ok["principal"] == "anonymous"
+    assert ok["principal"] == "tester"  # the key's principal, never the key
     assert ok["duration_ms"] > 0 and ok["generate_ms"] >= 0
     assert (bad["outcome"], bad["code"], bad["status"]) == ("rejected", "invalid_request", 422)
     assert bad["level"] == "INFO"
@@ -239,13 +241,14 @@ class _Raising:
 
 
 def test_unhandled_error_is_answered_logged_and_counted_in_its_trace(lock, routing, metrics,
-                                                                      logs):
+                                                                      logs, auth, api_key):
     from serve.routing import LiveRouting
     from serve.service import ImageService
 
-    service = ImageService(lock, LiveRouting(routing, lock, "file test"), _Raising())
+    service = ImageService(lock, LiveRouting(routing, lock, "file test"), _Raising(), auth=auth)
     app = build_http_app(service, _ready, max_body_bytes=4096, metrics=metrics)
-    r = TestClient(app, raise_server_exceptions=False).post("/v1/images", json={"prompt": "x"})
+    r = TestClient(app, raise_server_exceptions=False).post(
+        "/v1/images", json={"prompt": "x"}, headers={"Authorization": f"Bearer {api_key}"})
     assert r.status_code == 500
     assert r.json()["error"]["trace_id"] == r.headers["x-trace-id"]
     (line,) = [x for x in logs() if x["logger"] == "imagegen.access"]

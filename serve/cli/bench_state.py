@@ -1,0 +1,54 @@
+"""`imagegen bench state`: what stage 1 (authenticate) costs per request on each
+state store backend, side by side: a key looked up in the store (the first call
+per key, and every call after the cache's TTL) and from the authenticator's cache."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+
+from tqdm import tqdm
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="also measure this Redis (e.g. a local redis-server)")
+    p.add_argument("--keys", type=int, default=2000, help="distinct keys looked up")
+
+
+async def _measure(url: str, keys: int) -> dict[str, float]:
+    from ..quotas.auth import Authenticator
+    from ..quotas.keys import open_keys
+    from ..quotas.principals import new_key, record_for
+
+    store = open_keys(url)
+    made = [new_key() for _ in range(keys)]
+    for key_id, key in tqdm(made, desc=f"adding {keys} keys", leave=False):
+        await store.add(record_for(key, key_id, f"p-{key_id}"))
+    auth = Authenticator(store)
+    cold, warm = [], []
+    for _, key in tqdm(made, desc="authenticating", leave=False):
+        for out in (cold, warm):  # first through the store, then from the cache
+            t = time.perf_counter()
+            await auth.authenticate(f"Bearer {key}")
+            out.append(time.perf_counter() - t)
+    await store.close()
+    q = statistics.quantiles
+    return {"store p50 ms": statistics.median(cold) * 1e3, "store p95 ms": q(cold, n=20)[-1] * 1e3,
+            "cached p50 ms": statistics.median(warm) * 1e3,
+            "cached p95 ms": q(warm, n=20)[-1] * 1e3}
+
+
+def run(args: argparse.Namespace, settings) -> int:
+    backends = {"sqlite": f"sqlite://{tempfile.mkdtemp(prefix='imagegen-bench-')}/state.db"}
+    if args.redis_url:
+        backends["redis"] = args.redis_url
+    rows = {name: asyncio.run(_measure(url, args.keys)) for name, url in backends.items()}
+    cols = list(next(iter(rows.values())))
+    print(f"\nimagegen bench state — authenticate, {args.keys} keys (target: p50 < 1 ms)\n")
+    print(f"{'backend':<10}" + "".join(f"{c:>16}" for c in cols))
+    for name, r in rows.items():
+        print(f"{name:<10}" + "".join(f"{r[c]:>16.3f}" for c in cols))
+    return 0
