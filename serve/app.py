@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray.serve import Application
@@ -16,11 +17,14 @@ from .config import Settings, load_settings
 from .deployments.ingress import Access, Coalescing, Ingress, RoutingSource
 from .deployments.model import ModelDeployment
 from .engines.base import Engine
+from .errors import ConfigError
 from .lockfile import load_lock
 from .quotas.keys import FileKeys
+from .quotas.plans import load_plans, unrouted_tiers
 from .routing import load_routing
 
 APP_NAME = "imagegen"
+log = logging.getLogger("imagegen")
 
 
 def engine_class(kind: str) -> type[Engine]:
@@ -64,11 +68,18 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
             logging_config=logging_config,
             **model_deployment_options(p),
         ).bind(entry, engine_cls, str(settings.model_dir), options)
-    if settings.keys_file:
-        FileKeys(settings.keys_file)  # a bad keys file refuses to start, naming the problem
+    plans = load_plans(settings.plans_file)
+    for name, tiers in unrouted_tiers(plans, set(routing.tiers)).items():
+        log.warning("plan %r names tiers the routing document does not have: %s", name,
+                    ", ".join(tiers))
+    if settings.keys_file:  # a bad keys file refuses to start, naming the problem
+        for record in FileKeys(settings.keys_file).by_hash.values():
+            if record.plan not in plans.plans:
+                raise ConfigError(f"keys file {settings.keys_file}: key {record.key_id} names "
+                                  f"plan {record.plan!r}, not in {settings.plans_file}")
     access = Access(settings.state_url,
                     str(settings.keys_file) if settings.keys_file else None,
-                    settings.allow_pinning)
+                    settings.allow_pinning, plans)
     source = RoutingSource(
         file=str(settings.routing_file), configmap=settings.routing_configmap,
         namespace=settings.routing_namespace, key=settings.routing_key,

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
         None, description="read-only API keys from a YAML file (a mounted Secret), beside "
         "the state store's",
     )
+    plans_file: Path = Field(
+        ROOT / "serve" / "plans.yaml", description="the plans a key may name: tiers, "
+        "limits, budget, pricing (README § Plans)",
+    )
     allow_pinning: bool = Field(
         False, description="any caller may pin a models.lock revision (`model`): it alone "
         "serves, no fallback (with principals this becomes a plan's permission)",

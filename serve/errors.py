@@ -68,6 +68,19 @@ class Forbidden(ImagegenError):
     code = "forbidden"
 
 
+class PlanLimit(Forbidden):
+    """The caller's plan does not allow this request (tier, n, size, raw prompt)."""
+
+    code = "plan_limit"
+
+
+class CommercialUseForbidden(Forbidden):
+    """A commercial plan asked for a tier (or pinned a revision) whose every usable
+    revision's licence forbids or restricts commercial use."""
+
+    code = "commercial_use_forbidden"
+
+
 class NotFound(ImagegenError):
     code = "not_found"
 
@@ -154,6 +167,8 @@ STATUS: dict[type[ImagegenError], Row] = {
     LimitExceeded: Row(422, "OUT_OF_RANGE", *_BAD),
     Unauthenticated: Row(401, "UNAUTHENTICATED", 401, "authentication_error"),
     Forbidden: Row(403, "PERMISSION_DENIED", 403, "permission_error"),
+    PlanLimit: Row(403, "PERMISSION_DENIED", 403, "permission_error"),
+    CommercialUseForbidden: Row(403, "PERMISSION_DENIED", 403, "permission_error"),
     NotFound: Row(404, "NOT_FOUND", 404, "not_found_error"),
     MethodNotAllowed: Row(405, "UNIMPLEMENTED", 405, "invalid_request_error"),
     PayloadTooLarge: Row(413, "INVALID_ARGUMENT", *_BAD),

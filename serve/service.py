@@ -1,8 +1,10 @@
 """The transport-free request path (DESIGN.md stages). Transports call this.
 
-Stages present now: authenticate -> validate -> route -> resolve request against the tier's
-primary (defaults and limits; every fallback accepts at least as much) ->
-generate on the first usable revision, failing over -> encode -> answer. Each
+Stages present now: authenticate -> validate -> route the tier and resolve the
+request against its primary (defaults and limits; every fallback accepts at least
+as much; a commercial plan keeps only revisions licensed for it) -> admit (the
+plan's limits) -> generate on the first usable revision, failing over -> encode ->
+answer. Each
 stage has its span (`stage`) and tells the request's record what it learned
 (`annotate`): the log line and the metrics are written once, by the transport.
 """
@@ -18,6 +20,7 @@ from typing import Protocol
 
 from .engines.base import Generated, Job
 from .errors import (
+    CommercialUseForbidden,
     Forbidden,
     GenerationFailed,
     InvalidRequest,
@@ -29,6 +32,7 @@ from .errors import (
 )
 from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
+from .quotas.plans import Plans, PlanSpec, admit, commercially_usable
 from .quotas.principals import Principal
 from .routing import LiveRouting, RoutingTable
 from .schemas import MAX_SEED, GenerateRequest, GenerateResponse, Image, ModelInfo, Timings
@@ -127,11 +131,13 @@ class ImageService:
     """Stages 2-12 of the request path for one ingress replica."""
 
     def __init__(self, lock: Lock, routing: LiveRouting, backend: Backend, *,
-                 auth: Authenticator | None = None, may_pin: bool = False) -> None:
+                 auth: Authenticator | None = None, plans: Plans | None = None,
+                 may_pin: bool = False) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
         self.auth = auth
+        self.plans = plans
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -155,18 +161,25 @@ class ImageService:
             for e in self.lock.models.values()
         ]
 
-    async def generate(self, req: GenerateRequest, request_id: str) -> GenerateResponse:
+    async def generate(self, req: GenerateRequest, request_id: str,
+                       principal: Principal | None = None) -> GenerateResponse:
         t0 = time.perf_counter()
         table = self.routing.table  # one document for the whole request
+        spec = self.plans.get(principal.plan) if self.plans and principal else None
         with stage("route", **{"imagegen.tier": req.tier}) as span:
             p = plan(req, self.lock, table, may_pin=self.may_pin)
+            order = self._order(p, spec)
             span.set_attributes({"gen_ai.request.model": p.entry.name,
                                  "imagegen.revision": p.entry.revision})
         annotate(tier=p.tier, model=p.entry.name, revision=p.entry.revision, images=len(p.jobs))
         if p.pinned:
             annotate(pinned=True)
+        if spec is not None:
+            with stage("admit"):
+                admit(principal.plan, spec, tier=p.tier, n=len(p.jobs),
+                      megapixels=p.megapixels())
         with stage("generate", **_genai_attributes(p)) as span:
-            out, e = await self._failover(p)
+            out, e = await self._failover(p, order)
             # a canary is no fallback; a pinned revision serves as itself
             fallback = not p.pinned and e.name in table.tiers[p.tier].fallbacks
             span.set_attributes({"imagegen.batch_images": out.batch_images,
@@ -195,14 +208,27 @@ class ImageService:
             ),
         )
 
-    async def _failover(self, p: Plan) -> tuple[Generated, ModelEntry]:
+    def _order(self, p: Plan, spec: PlanSpec | None) -> list[str]:
+        """The revisions to try, in order: the pinned one, or the tier's candidates;
+        for a commercial plan only those whose licence allows commercial use."""
+        order = [p.entry.name] if p.pinned else self.routing.candidates(p.tier)
+        if spec is None or not spec.commercial:
+            return order
+        usable = [m for m in order if commercially_usable(spec, self.lock.get(m))]
+        if not usable:
+            terms = ", ".join(f"{m} {self.lock.get(m).commercial_use}" for m in order)
+            raise CommercialUseForbidden(
+                f"a commercial plan may not use tier {p.tier!r}: its revisions' commercial "
+                f"use is {terms}", details=[{"field": "tier", "type": "commercial_use"}])
+        return usable
+
+    async def _failover(self, p: Plan, order: list[str]) -> tuple[Generated, ModelEntry]:
         """Generate on the tier's first usable revision (ready, breaker closed or
         probing). A revision that fails is tried once more (Ray's router drops a
         dead replica, and the same revision and seed give the same image), unless
         it timed out (its call is cancelled; a second one would wait as long), then
         the next one. With nothing usable, the first candidate still gets the
         request (its error is the answer)."""
-        order = [p.entry.name] if p.pinned else self.routing.candidates(p.tier)
         err: Exception | None = None
         for model in order:
             for _ in range(2):

@@ -26,6 +26,7 @@ from ..ingress.http import build_http_app
 from ..lockfile import Lock
 from ..quotas.auth import Authenticator
 from ..quotas.keys import FileKeys, open_keys
+from ..quotas.plans import Plans
 from ..routing import LiveRouting, RoutingTable
 from ..routing.sources import ConfigMapSource, watch_file
 from ..service import ImageService
@@ -63,6 +64,7 @@ class Access:
     state_url: str
     keys_file: str | None = None
     allow_pinning: bool = False
+    plans: Plans | None = None
 
     def authenticator(self) -> Authenticator:
         return Authenticator(open_keys(self.state_url),
@@ -160,7 +162,7 @@ class Ingress:
                                 timeout_s=lambda: self.routing.table.breaker.timeout_s)
         self.service = ImageService(
             lock, self.routing, backend, auth=access.authenticator() if access else None,
-            may_pin=bool(access and access.allow_pinning))
+            plans=access.plans if access else None, may_pin=bool(access and access.allow_pinning))
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
                                   max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes

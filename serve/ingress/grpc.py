@@ -112,16 +112,16 @@ class GrpcTransport:
         self.max_body_bytes = max_body_bytes
 
     async def generate(self, raw: bytes, context) -> pb.GenerateResponse:
-        async def call(raw: bytes, rid: str) -> pb.GenerateResponse:
+        async def call(raw: bytes, rid: str, principal) -> pb.GenerateResponse:
             with stage("validate"):
                 req = to_request(raw)
-            return to_proto(await self.service.generate(req, rid))
+            return to_proto(await self.service.generate(req, rid, principal))
 
         return await self._call("Generate", call, raw, context, pb.GenerateResponse,
                                 generation=True)
 
     async def list_models(self, raw: bytes, context) -> pb.ListModelsResponse:
-        async def call(raw: bytes, _rid: str) -> pb.ListModelsResponse:
+        async def call(raw: bytes, _rid: str, _principal) -> pb.ListModelsResponse:
             try:
                 pb.ListModelsRequest.FromString(raw)
             except DecodeError as e:
@@ -159,7 +159,7 @@ class GrpcTransport:
             ready = False
         return status(status=status.SERVING if ready else status.NOT_SERVING)
 
-    async def _call(self, method: str, call: Callable[[bytes, str], Awaitable[Message]],
+    async def _call(self, method: str, call: Callable[..., Awaitable[Message]],
                     raw: bytes, context, empty: type[Message], *, generation: bool) -> Message:
         """One request's telemetry scope (as the HTTP middleware opens it) around
         `call`; an error becomes the status, details and trailing metadata."""
@@ -176,8 +176,8 @@ class GrpcTransport:
                 if len(raw) > self.max_body_bytes:
                     raise PayloadTooLarge(f"message of {len(raw)} bytes exceeds "
                                           f"{self.max_body_bytes}")
-                await self.service.authenticate(metadata.get("authorization"))
-                out = await call(raw, rid)
+                principal = await self.service.authenticate(metadata.get("authorization"))
+                out = await call(raw, rid, principal)
                 rec.status, rec.grpc_status = 200, "OK"
             except asyncio.CancelledError:
                 rec.grpc_status = "CANCELLED"  # the caller left (deadline, cancel)

@@ -114,11 +114,11 @@ def build_http_app(
             "application/json": {"schema": GenerateRequest.model_json_schema()}}}},
     )
     async def generate(request: Request) -> Response:
-        await service.authenticate(request.headers.get("authorization"))
+        principal = await service.authenticate(request.headers.get("authorization"))
         body = await read_json_body(request, max_body_bytes)
         with stage("validate"):
             req = parse_request(body)
-        resp = await service.generate(req, request_id(request))
+        resp = await service.generate(req, request_id(request), principal)
         return Response(resp.model_dump_json(), media_type="application/json",
                         headers=id_header(request))
 

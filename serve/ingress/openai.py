@@ -143,14 +143,14 @@ def add_routes(app: FastAPI, service: ImageService, *, max_body_bytes: int) -> N
     async def generations(request: Request) -> JSONResponse:
         """OpenAI's images API shape over the same service (README § OpenAI-compatible)."""
         try:
-            await service.authenticate(request.headers.get("authorization"))
+            principal = await service.authenticate(request.headers.get("authorization"))
             body = await read_json_body(request, max_body_bytes)
             with stage("validate"):
                 o = validate(OpenAIImageRequest, load_json(body))
                 req = to_generate_request(o, models)
             if who := o.safety_identifier or o.user:
                 annotate(openai_user=hashlib.sha256(who.encode()).hexdigest()[:16])
-            resp = await service.generate(req, request_id(request))
+            resp = await service.generate(req, request_id(request), principal)
         except ImagegenError as e:
             return error(request, e)
         return JSONResponse(to_openai(resp, QUALITY_NAME.get(o.quality or "")),

@@ -32,6 +32,11 @@ defaults = {{ width = 64, height = 64, steps = 2, guidance = 5.0 }}
 limits = {{ max_width = 128, max_height = 128, max_steps = 8 }}
 files = {{ "model_index.json" = "{sha}" }}
 """
+PLANS = """
+plans:
+  default: {tiers: [draft, final, broken]}
+  drafts-only: {tiers: [draft], max_n: 2}
+"""
 ROUTING = """
 tiers:
   draft: {model: tiny-draft}
@@ -161,8 +166,11 @@ def served_models(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def stack_settings(tmp_path_factory):
-    state = tmp_path_factory.mktemp("state") / "state.db"
-    return {**service_ports(), "state_url": f"sqlite://{state}"}
+    tmp = tmp_path_factory.mktemp("state")
+    plans = tmp / "plans.yaml"  # the stack's tiers, `broken` included, and a drafts-only plan
+    plans.write_text(PLANS)
+    return {**service_ports(), "state_url": f"sqlite://{tmp / 'state.db'}",
+            "plans_file": str(plans)}
 
 
 @pytest.fixture(scope="session")

@@ -88,3 +88,25 @@ def test_a_bad_api_key_is_an_authentication_error(stack):
     with pytest.raises(openai.AuthenticationError) as info:
         bad.images.generate(prompt="a fox")
     assert info.value.status_code == 401 and info.value.body["code"] == "unauthenticated"
+
+
+def test_a_plan_limit_is_permission_denied_naming_the_field(stack, stack_settings):
+    import asyncio
+
+    from serve.quotas.keys import open_keys
+    from serve.quotas.principals import new_key, record_for
+
+    key_id, key = new_key()
+
+    async def add():
+        store = open_keys(stack_settings["state_url"])
+        await store.add(record_for(key, key_id, "drafter", ("user",), "drafts-only"))
+        await store.close()
+
+    asyncio.run(add())
+    client = openai.OpenAI(base_url=f"{stack}/v1", api_key=key, max_retries=0)
+    assert len(client.images.generate(prompt="a fox", n=2).data) == 2
+    for kw, param in (({"n": 3}, "n"), ({"model": "final"}, "model")):
+        with pytest.raises(openai.PermissionDeniedError) as info:
+            client.images.generate(prompt="a fox", **kw)
+        assert info.value.body["code"] == "plan_limit" and info.value.body["param"] == param

@@ -145,6 +145,12 @@ def backend(lock: Lock) -> FakeBackend:
 
 
 @pytest.fixture
+def backend_for():
+    """FakeBackend itself, for a test's own lock."""
+    return FakeBackend
+
+
+@pytest.fixture
 def keys(tmp_path) -> tuple[Authenticator, str]:
     """A real authenticator over a SQLite state store holding one key, and the key."""
     store = open_keys(f"sqlite://{tmp_path / 'state.db'}")

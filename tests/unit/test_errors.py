@@ -24,7 +24,7 @@ TREE = [c for c in _subclasses(ImagegenError) if c.__module__.startswith("serve.
 CLIENT = {
     "invalid_request", "malformed_body", "unsupported_media_type", "unknown_tier",
     "limit_exceeded", "not_found", "method_not_allowed", "payload_too_large", "forbidden",
-    "unauthenticated",
+    "unauthenticated", "plan_limit", "commercial_use_forbidden",
 }
 SERVER = {
     "internal", "model_unavailable", "overloaded", "generation_failed", "config_error",
