@@ -12,6 +12,19 @@ from redis.exceptions import RedisError
 
 from ..errors import StateUnavailable
 from .keys import KeyExists
+from .ledger import (
+    EPSILON,
+    HOLD_S,
+    Admission,
+    Budget,
+    Reservation,
+    Usage,
+    day_of,
+    month_of,
+    refilled,
+    seconds_to,
+    seconds_to_full,
+)
 from .principals import KeyRecord
 
 TIMEOUT_S = 2.0
@@ -83,6 +96,158 @@ class RedisKeys:
         raws = await self.redis.mget([_KEY + s for s in shas]) if shas else []
         records = [KeyRecord.model_validate_json(r) for r in raws if r is not None]
         return sorted(records, key=lambda r: (r.created, r.key_id))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+# One principal's quota is one hash, {imagegen:<principal>}:quota: tokens, at,
+# credits, day, day_used, month, month_units, and each held reservation as a field
+# r:<id> = "bucket|credit|units|day|expires". One key per script: Cluster-safe.
+_QUOTA_LOAD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local k = KEYS[1]
+local burst, refill, month = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local h = redis.call('HGETALL', k)
+local f = {}
+for i = 1, #h, 2 do f[h[i]] = h[i + 1] end
+local tokens = tonumber(f.tokens or burst)
+local at = tonumber(f.at or now)
+local credits = tonumber(f.credits or 0)
+local day = math.floor(now / 86400)
+local day_used = tonumber(f.day_used or 0)
+if tonumber(f.day or -1) ~= day then day_used = 0 end
+local month_units = tonumber(f.month_units or 0)
+if tonumber(f.month or -1) ~= month then month_units = 0 end
+tokens = math.min(burst, tokens + math.max(0, now - at) * refill)
+local function give_back(name, keep)
+  local v = f[name]
+  if not v then return nil end
+  local b, c, u, d = string.match(v, '([^|]+)|([^|]+)|([^|]+)|([^|]+)|')
+  b, u, d = tonumber(b), tonumber(u), tonumber(d)
+  local back = u - math.min(keep, u)
+  local to_bucket = math.min(back, b)
+  tokens = math.min(burst, tokens + to_bucket)
+  credits = credits + back - to_bucket
+  if d == day then day_used = math.max(0, day_used - back) end
+  local before = month_units
+  month_units = month_units + u - back
+  redis.call('HDEL', k, name)
+  f[name] = nil
+  return before
+end
+local function save()
+  local fmt = '%.17g'
+  redis.call('HSET', k, 'tokens', string.format(fmt, tokens), 'at', string.format(fmt, now),
+             'credits', string.format(fmt, credits), 'day', day,
+             'day_used', string.format(fmt, day_used), 'month', month,
+             'month_units', string.format(fmt, month_units))
+end
+"""
+
+# ARGV 4..: units, daily (-1: none), hold_s, reservation id, epsilon.
+_RESERVE = _QUOTA_LOAD + """
+local units, daily, hold, rid, eps = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+  ARGV[7], tonumber(ARGV[8])
+for name, v in pairs(f) do
+  if string.sub(name, 1, 2) == 'r:' then
+    local expires = tonumber(string.match(v, '|([^|]+)$'))
+    if expires < now then give_back(name, 0) end
+  end
+end
+if daily >= 0 and day_used + units > daily + eps then
+  save()
+  return {0, string.format('%.17g', tokens), 'daily', string.format('%.17g', 86400 - now % 86400),
+          string.format('%.17g', credits)}
+end
+if tokens + credits + eps < units then
+  save()
+  return {0, string.format('%.17g', tokens), 'bucket', '', string.format('%.17g', credits)}
+end
+local from_bucket = math.min(tokens, units)
+local from_credits = math.max(0, units - from_bucket)
+tokens = tokens - from_bucket
+credits = math.max(0, credits - from_credits)
+day_used = day_used + units
+redis.call('HSET', k, 'r:' .. rid, string.format('%.17g|%.17g|%.17g|%d|%.17g', from_bucket,
+           from_credits, units, day, now + hold))
+save()
+return {1, string.format('%.17g', tokens), '', '', string.format('%.17g', credits)}
+"""
+
+# ARGV 4..: reservation id, units kept. Returns the month's volume before, or -1.
+_SETTLE = _QUOTA_LOAD + """
+local before = give_back('r:' .. ARGV[4], tonumber(ARGV[5]))
+if before == nil then return '-1' end
+save()
+return string.format('%.17g', before)
+"""
+
+
+def _quota_key(principal: str) -> str:
+    return "{imagegen:" + principal + "}:quota"
+
+
+class RedisLedger:
+    def __init__(self, url: str) -> None:
+        from uuid import uuid4
+
+        self._uuid = uuid4
+        self.redis = connect(url)
+        self._reserve = self.redis.register_script(_RESERVE)
+        self._settle_script = self.redis.register_script(_SETTLE)
+
+    @staticmethod
+    def _budget_args(budget: Budget) -> list:
+        return [repr(float(budget.burst)), repr(float(budget.refill_per_s)), month_of(time.time())]
+
+    @unavailable
+    async def reserve(self, principal: str, units: float, budget: Budget, *,
+                      hold_s: float = HOLD_S) -> Admission:
+        rid = self._uuid().hex
+        ok, tokens, reason, retry, credits = await self._reserve(
+            keys=[_quota_key(principal)],
+            args=[*self._budget_args(budget), repr(float(units)),
+                  -1 if budget.daily is None else repr(float(budget.daily)), repr(hold_s), rid,
+                  repr(EPSILON)])
+        tokens, credits = float(tokens), float(credits)
+        if ok:
+            return Admission(Reservation(principal, rid, units, budget), tokens,
+                             seconds_to_full(tokens, budget))
+        wait = float(retry) if reason == "daily" else seconds_to(units, tokens, credits, budget)
+        return Admission(None, tokens, seconds_to_full(tokens, budget), wait, reason)
+
+    async def _settle(self, r: Reservation, keep: float) -> float:
+        before = await self._settle_script(keys=[_quota_key(r.principal)],
+                                           args=[*self._budget_args(r.budget), r.id,
+                                                 repr(float(keep))])
+        return max(0.0, float(before))
+
+    @unavailable
+    async def commit(self, reservation: Reservation, units: float | None = None) -> float:
+        return await self._settle(reservation, reservation.units if units is None else units)
+
+    @unavailable
+    async def refund(self, reservation: Reservation) -> None:
+        await self._settle(reservation, 0.0)
+
+    @unavailable
+    async def usage(self, principal: str, budget: Budget) -> Usage:
+        f = await self.redis.hgetall(_quota_key(principal))
+        sec, usec = await self.redis.time()
+        now = sec + usec / 1e6
+        tokens = refilled(float(f.get("tokens", budget.burst)), float(f.get("at", now)), now,
+                          budget)
+        today = float(f.get("day_used", 0)) if int(f.get("day", -1)) == day_of(now) else 0.0
+        month = (float(f.get("month_units", 0)) if int(f.get("month", -1)) == month_of(now)
+                 else 0.0)
+        held = sum(1 for name in f if name.startswith("r:"))
+        return Usage(tokens, float(f.get("credits", 0)), today, month, held)
+
+    @unavailable
+    async def grant(self, principal: str, units: float) -> float:
+        return float(await self.redis.hincrbyfloat(_quota_key(principal), "credits", units))
 
     async def close(self) -> None:
         await self.redis.aclose()

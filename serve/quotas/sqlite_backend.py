@@ -9,15 +9,41 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from ..errors import StateUnavailable
 from .keys import KeyExists
+from .ledger import (
+    EPSILON,
+    Admission,
+    Budget,
+    Reservation,
+    Usage,
+    day_of,
+    month_of,
+    refilled,
+    seconds_to,
+    seconds_to_full,
+    seconds_to_midnight,
+)
 from .principals import KeyRecord
 
 BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS quota (
+    principal TEXT PRIMARY KEY,
+    tokens REAL NOT NULL, at REAL NOT NULL, credits REAL NOT NULL,
+    day INTEGER NOT NULL, day_used REAL NOT NULL,
+    month INTEGER NOT NULL, month_units REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    id TEXT PRIMARY KEY, principal TEXT NOT NULL,
+    bucket_units REAL NOT NULL, credit_units REAL NOT NULL, units REAL NOT NULL,
+    day INTEGER NOT NULL, expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reservations_by_principal ON reservations (principal, expires);
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id    TEXT PRIMARY KEY,
     sha256    TEXT NOT NULL UNIQUE,
@@ -110,6 +136,141 @@ class SQLiteKeys:
                                 ).fetchall()
 
         return [_row(r) for r in await self.db.run(rows)]
+
+    async def close(self) -> None:
+        self.db.close()
+
+
+class _Q:
+    """One principal's quota row, read and written inside a transaction."""
+
+    __slots__ = ("at", "credits", "day", "day_used", "month", "month_units", "principal",
+                 "tokens")
+
+    @classmethod
+    def load(cls, conn, principal: str, budget: Budget, now: float) -> _Q:
+        q = cls()
+        row = conn.execute("SELECT tokens, at, credits, day, day_used, month, month_units "
+                           "FROM quota WHERE principal = ?", (principal,)).fetchone()
+        q.principal = principal
+        if row is None:
+            row = (budget.burst, now, 0.0, day_of(now), 0.0, month_of(now), 0.0)
+        (q.tokens, q.at, q.credits, q.day, q.day_used, q.month, q.month_units) = row
+        q.tokens, q.at = refilled(q.tokens, q.at, now, budget), now
+        if q.day != day_of(now):
+            q.day, q.day_used = day_of(now), 0.0
+        if q.month != month_of(now):
+            q.month, q.month_units = month_of(now), 0.0
+        return q
+
+    def save(self, conn) -> None:
+        conn.execute("INSERT OR REPLACE INTO quota VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (self.principal, self.tokens, self.at, self.credits, self.day,
+                      self.day_used, self.month, self.month_units))
+
+    def give_back(self, conn, rid: str, keep: float, budget: Budget) -> float | None:
+        """Settle reservation `rid`: keep `keep` units, return the rest; the month's
+        volume before (None: no such reservation)."""
+        row = conn.execute("SELECT bucket_units, credit_units, units, day FROM reservations "
+                           "WHERE id = ?", (rid,)).fetchone()
+        if row is None:
+            return None
+        bucket_units, _, units, day = row
+        back = units - min(keep, units)
+        to_bucket = min(back, bucket_units)
+        self.tokens = min(budget.burst, self.tokens + to_bucket)
+        self.credits += back - to_bucket
+        if day == self.day:
+            self.day_used = max(0.0, self.day_used - back)
+        before = self.month_units
+        self.month_units += units - back
+        conn.execute("DELETE FROM reservations WHERE id = ?", (rid,))
+        return before
+
+
+def _tx(conn, fn):
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        out = fn()
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return out
+
+
+class SQLiteLedger:
+    def __init__(self, path: Path) -> None:
+        self.db = SQLiteDB(path)
+
+    async def reserve(self, principal: str, units: float, budget: Budget, *,
+                      hold_s: float = 600.0) -> Admission:
+        def reserve(conn):
+            now = time.time()
+            q = _Q.load(conn, principal, budget, now)
+            for (rid,) in conn.execute("SELECT id FROM reservations WHERE principal = ? AND "
+                                       "expires < ?", (principal, now)).fetchall():
+                q.give_back(conn, rid, 0.0, budget)  # its request died: refund
+            if budget.daily is not None and q.day_used + units > budget.daily + EPSILON:
+                q.save(conn)
+                return Admission(None, q.tokens, seconds_to_full(q.tokens, budget),
+                                 seconds_to_midnight(now), "daily")
+            if q.tokens + q.credits + EPSILON < units:
+                q.save(conn)
+                return Admission(None, q.tokens, seconds_to_full(q.tokens, budget),
+                                 seconds_to(units, q.tokens, q.credits, budget), "bucket")
+            from_bucket = min(q.tokens, units)
+            from_credits = max(0.0, units - from_bucket)
+            q.tokens -= from_bucket
+            q.credits = max(0.0, q.credits - from_credits)
+            q.day_used += units
+            rid = uuid.uuid4().hex
+            conn.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (rid, principal, from_bucket, from_credits, units, q.day,
+                          now + hold_s))
+            q.save(conn)
+            return Admission(Reservation(principal, rid, units, budget), q.tokens,
+                             seconds_to_full(q.tokens, budget))
+
+        return await self.db.run(lambda conn: _tx(conn, lambda: reserve(conn)))
+
+    async def _settle(self, r: Reservation, keep: float) -> float:
+        def settle(conn):
+            q = _Q.load(conn, r.principal, r.budget, time.time())
+            before = q.give_back(conn, r.id, keep, r.budget)
+            q.save(conn)
+            return before or 0.0
+
+        return await self.db.run(lambda conn: _tx(conn, lambda: settle(conn)))
+
+    async def commit(self, reservation: Reservation, units: float | None = None) -> float:
+        return await self._settle(reservation, reservation.units if units is None else units)
+
+    async def refund(self, reservation: Reservation) -> None:
+        await self._settle(reservation, 0.0)
+
+    async def usage(self, principal: str, budget: Budget) -> Usage:
+        def usage(conn):
+            q = _Q.load(conn, principal, budget, time.time())
+            held = conn.execute("SELECT COUNT(*) FROM reservations WHERE principal = ?",
+                                (principal,)).fetchone()[0]
+            return Usage(q.tokens, q.credits, q.day_used, q.month_units, held)
+
+        return await self.db.run(usage)
+
+    async def grant(self, principal: str, units: float) -> float:
+        def grant(conn):
+            row = conn.execute("SELECT credits FROM quota WHERE principal = ?",
+                               (principal,)).fetchone()
+            if row is None:  # a principal never seen: its bucket starts full at first use
+                conn.execute("INSERT INTO quota VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (principal, float("inf"), 0.0, units, 0, 0.0, 0, 0.0))
+                return units
+            conn.execute("UPDATE quota SET credits = credits + ? WHERE principal = ?",
+                         (units, principal))
+            return row[0] + units
+
+        return await self.db.run(lambda conn: _tx(conn, lambda: grant(conn)))
 
     async def close(self) -> None:
         self.db.close()
