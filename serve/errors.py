@@ -121,6 +121,19 @@ class TierDisabled(ImagegenError):
     retry_after_s = 60
 
 
+class QuotaExceeded(ImagegenError):
+    """The principal's budget (token bucket or daily cap) cannot pay for this request
+    now; `retry_after_s` says when it can. `ratelimit`: what the RateLimit headers say."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, ratelimit: dict | None = None,
+                 details=None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after_s = retry_after_s
+        self.ratelimit = ratelimit or {}
+
+
 class StateUnavailable(ImagegenError):
     """The state store (SQLite file, Redis) cannot be reached: fail closed, retry later."""
 
@@ -174,7 +187,10 @@ STATUS: dict[type[ImagegenError], Row] = {
     PayloadTooLarge: Row(413, "INVALID_ARGUMENT", *_BAD),
     ModelUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
     ModelTimeout: Row(503, "DEADLINE_EXCEEDED", *_DOWN),
-    Overloaded: Row(503, "RESOURCE_EXHAUSTED", *_DOWN),
+    # The caller's budget is RESOURCE_EXHAUSTED; an overloaded revision is the
+    # retryable UNAVAILABLE (gRPC clients retry UNAVAILABLE by policy, not the other).
+    Overloaded: Row(503, "UNAVAILABLE", *_DOWN),
+    QuotaExceeded: Row(429, "RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
     TierDisabled: Row(503, "UNAVAILABLE", *_DOWN),
     StateUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
     GenerationFailed: Row(500, "INTERNAL", *_FAILED),

@@ -139,6 +139,8 @@ class GenerateResponse(BaseModel):
     batch_images: int = Field(description="images in the pipeline call that ran this request")
     cost_units: float = Field(description="charged: cost weight x images x megapixels (a "
                               "fallback never costs more than the tier)")
+    price: float | None = Field(None, description="what the caller's plan charged: the cost "
+                                "units at the month's progressive price (none without a plan)")
     images: list[Image]
     timings: Timings
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -28,15 +29,20 @@ from .errors import (
     ModelTimeout,
     ModelUnavailable,
     Overloaded,
+    QuotaExceeded,
+    StateUnavailable,
     Unauthenticated,
 )
 from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
-from .quotas.plans import Plans, PlanSpec, admit, commercially_usable
+from .quotas.ledger import Budget, Ledger, Reservation, ceil_s
+from .quotas.plans import Plans, PlanSpec, admit, commercially_usable, price
 from .quotas.principals import Principal
 from .routing import LiveRouting, RoutingTable
 from .schemas import MAX_SEED, GenerateRequest, GenerateResponse, Image, ModelInfo, Timings
 from .telemetry import annotate, current_trace_id, stage
+
+log = logging.getLogger("imagegen.service")
 
 # Above this many pixels per request, PNG encoding moves off the event loop.
 _ENCODE_INLINE_PIXELS = 256 * 256
@@ -132,12 +138,13 @@ class ImageService:
 
     def __init__(self, lock: Lock, routing: LiveRouting, backend: Backend, *,
                  auth: Authenticator | None = None, plans: Plans | None = None,
-                 may_pin: bool = False) -> None:
+                 ledger: Ledger | None = None, may_pin: bool = False) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
         self.auth = auth
         self.plans = plans
+        self.ledger = ledger
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -174,25 +181,36 @@ class ImageService:
         annotate(tier=p.tier, model=p.entry.name, revision=p.entry.revision, images=len(p.jobs))
         if p.pinned:
             annotate(pinned=True)
+        reservation = None
         if spec is not None:
             with stage("admit"):
                 admit(principal.plan, spec, tier=p.tier, n=len(p.jobs),
                       megapixels=p.megapixels())
-        with stage("generate", **_genai_attributes(p)) as span:
-            out, e = await self._failover(p, order)
-            # a canary is no fallback; a pinned revision serves as itself
-            fallback = not p.pinned and e.name in table.tiers[p.tier].fallbacks
-            span.set_attributes({"imagegen.batch_images": out.batch_images,
-                                 "imagegen.queue_ms": out.queue_s * 1e3,
-                                 "imagegen.fallback": fallback, "imagegen.served_by": e.name})
-        cost = round(table.cost_weight(p.tier, e.name, pinned=p.pinned) * p.megapixels(), 6)
-        annotate(model=e.name, revision=e.revision, cost_units=cost, fallback=fallback,
-                 queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3)
-        with stage("encode", **{"imagegen.images": len(p.jobs)}):
-            if p.jobs[0].width * p.jobs[0].height * len(p.jobs) > _ENCODE_INLINE_PIXELS:
-                encoded = await asyncio.to_thread(lambda: [encode_png(i) for i in out.images])
-            else:
-                encoded = [encode_png(i) for i in out.images]
+            if self.ledger is not None:
+                reservation = await self._reserve(principal, spec, p)
+        try:
+            with stage("generate", **_genai_attributes(p)) as span:
+                out, e = await self._failover(p, order)
+                # a canary is no fallback; a pinned revision serves as itself
+                fallback = not p.pinned and e.name in table.tiers[p.tier].fallbacks
+                span.set_attributes({"imagegen.batch_images": out.batch_images,
+                                     "imagegen.queue_ms": out.queue_s * 1e3,
+                                     "imagegen.fallback": fallback,
+                                     "imagegen.served_by": e.name})
+            cost = round(table.cost_weight(p.tier, e.name, pinned=p.pinned) * p.megapixels(), 6)
+            annotate(model=e.name, revision=e.revision, cost_units=cost, fallback=fallback,
+                     queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3)
+            with stage("encode", **{"imagegen.images": len(p.jobs)}):
+                if p.jobs[0].width * p.jobs[0].height * len(p.jobs) > _ENCODE_INLINE_PIXELS:
+                    encoded = await asyncio.to_thread(
+                        lambda: [encode_png(i) for i in out.images])
+                else:
+                    encoded = [encode_png(i) for i in out.images]
+        except BaseException:
+            if reservation is not None:  # failed, blocked or cancelled: nothing is charged
+                await asyncio.shield(self._settle(reservation, 0.0, spec))
+            raise
+        charged = None if reservation is None else await self._settle(reservation, cost, spec)
         images = [
             Image(seed=j.seed, width=j.width, height=j.height,
                   b64_json=base64.b64encode(png).decode())
@@ -201,12 +219,46 @@ class ImageService:
         return GenerateResponse(
             id=request_id, trace_id=current_trace_id(), created=int(time.time()), tier=p.tier,
             model=e.name, revision=e.revision, fallback=fallback, pinned=p.pinned,
-            batch_images=out.batch_images, cost_units=cost, images=images,
+            batch_images=out.batch_images, cost_units=cost, price=charged, images=images,
             timings=Timings(
                 queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3,
                 total_ms=(time.perf_counter() - t0) * 1e3,
             ),
         )
+
+    async def _reserve(self, principal: Principal, spec: PlanSpec, p: Plan) -> Reservation:
+        """Stage 7: the request's cost units out of the principal's budget, before any
+        GPU work; QuotaExceeded (429, with when to retry) if it cannot pay now."""
+        budget = Budget.of(spec)
+        with stage("reserve", **{"imagegen.cost_units": p.cost_units}):
+            got = await self.ledger.reserve(principal.name, p.cost_units, budget)
+        if got.reservation is not None:
+            return got.reservation
+        annotate(quota_reason=got.reason)
+        window = budget.burst / budget.refill_per_s if budget.refill_per_s > 0 else 86400
+        limit, left, reset = (budget.burst, got.remaining, got.reset_s)
+        if got.reason == "daily":
+            limit, window, left, reset = budget.daily, 86400, 0.0, got.retry_after_s
+        raise QuotaExceeded(
+            f"plan {principal.plan!r}: {p.cost_units:g} cost units do not fit the "
+            f"{'daily cap' if got.reason == 'daily' else 'budget'} now; retry in "
+            f"{ceil_s(got.retry_after_s)} s", retry_after_s=ceil_s(got.retry_after_s),
+            ratelimit={"policy": got.reason, "limit": limit, "window": window,
+                       "remaining": left, "reset": reset},
+            details=[{"field": "budget", "type": got.reason}])
+
+    async def _settle(self, r: Reservation, units: float, spec: PlanSpec) -> float | None:
+        """Commit `units` of the reservation (0: refund it); the price charged. A state
+        store that fails here never costs the caller the answer: the reservation is
+        refunded by itself when its hold expires."""
+        with stage("commit" if units else "refund"):
+            try:
+                before = await self.ledger.commit(r, units)
+            except StateUnavailable:
+                log.warning("could not settle reservation %s of %s; its hold will expire",
+                            r.id, r.principal)
+                return None
+        return price(spec, units, before) if units else None
 
     def _order(self, p: Plan, spec: PlanSpec | None) -> list[str]:
         """The revisions to try, in order: the pinned one, or the tier's candidates;

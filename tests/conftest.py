@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -17,14 +18,16 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A real `redis-server` on a free loopback port, no persistence; restartable on
-    the same port (the tests of Redis going away)."""
+    """A real `redis-server` on a free loopback port, appending to a file in its own
+    temporary directory, so a restart on the same port keeps the data (the tests of
+    Redis going away and coming back)."""
 
     def __init__(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:  # never a skip: .ci/run installs Debian's redis-server
             pytest.fail("redis-server is not installed (apt-get install redis-server)")
         self.exe = exe
+        self.dir = tempfile.mkdtemp(prefix="imagegen-redis-")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
@@ -33,7 +36,8 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--protected-mode", "yes"],
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir,
+             "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         end = time.monotonic() + 10
         while True:
@@ -65,3 +69,4 @@ def redis_server():
     server = RedisServer()
     yield server
     server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)

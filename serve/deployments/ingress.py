@@ -26,6 +26,7 @@ from ..ingress.http import build_http_app
 from ..lockfile import Lock
 from ..quotas.auth import Authenticator
 from ..quotas.keys import FileKeys, open_keys
+from ..quotas.ledger import open_ledger
 from ..quotas.plans import Plans
 from ..routing import LiveRouting, RoutingTable
 from ..routing.sources import ConfigMapSource, watch_file
@@ -162,7 +163,9 @@ class Ingress:
                                 timeout_s=lambda: self.routing.table.breaker.timeout_s)
         self.service = ImageService(
             lock, self.routing, backend, auth=access.authenticator() if access else None,
-            plans=access.plans if access else None, may_pin=bool(access and access.allow_pinning))
+            plans=access.plans if access else None,
+            ledger=open_ledger(access.state_url) if access else None,
+            may_pin=bool(access and access.allow_pinning))
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
                                   max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes

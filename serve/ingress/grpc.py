@@ -24,11 +24,11 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2
 
-from ..errors import ImagegenError, MalformedBody, PayloadTooLarge, row
+from ..errors import ImagegenError, MalformedBody, PayloadTooLarge, QuotaExceeded, row
 from ..schemas import GenerateRequest, GenerateResponse, validate
 from ..service import ImageService
 from ..telemetry import Metrics, annotate, request_scope, stage
-from .http import valid_request_id
+from .http import ratelimit_fields, valid_request_id
 from .proto import images_pb2 as pb
 
 log = logging.getLogger("imagegen.grpc")
@@ -91,7 +91,7 @@ def to_proto(r: GenerateResponse) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         id=r.id, trace_id=r.trace_id, created=r.created, tier=r.tier, model=r.model,
         revision=r.revision, fallback=r.fallback, pinned=r.pinned, batch_images=r.batch_images,
-        cost_units=r.cost_units,
+        cost_units=r.cost_units, price=r.price,
         images=[pb.Image(seed=i.seed, width=i.width, height=i.height, mime_type=i.mime_type,
                          data=base64.b64decode(i.b64_json)) for i in r.images],
         timings=pb.Timings(**r.timings.model_dump()),
@@ -195,6 +195,8 @@ class GrpcTransport:
                 trailers.append((CODE_KEY, e.code))
                 if e.retry_after_s is not None:
                     trailers.append((RETRY_KEY, str(e.retry_after_s)))
+                if isinstance(e, QuotaExceeded) and e.ratelimit:  # as the HTTP fields say
+                    trailers += [(k.lower(), v) for k, v in ratelimit_fields(e.ratelimit).items()]
                 if e.details is not None:
                     details = json.dumps(e.details, separators=(",", ":"))  # ASCII
                     if len(details) <= _MAX_DETAILS:

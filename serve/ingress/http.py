@@ -18,6 +18,7 @@ from ..errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    QuotaExceeded,
     Unauthenticated,
     UnsupportedMediaType,
     http_status,
@@ -39,7 +40,7 @@ _ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/models", "/v1/
                      "/healthz", "/readyz"})  # span names
 _GENERATION = frozenset({("POST", "/v1/images"), ("POST", "/v1/images/generations")})
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 413, 415, 422, 503)
+    code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)
 }
 
 
@@ -66,7 +67,22 @@ def error_headers(request: Request, err: ImagegenError,
         headers["Retry-After"] = str(err.retry_after_s)
     if isinstance(err, Unauthenticated):
         headers["WWW-Authenticate"] = 'Bearer realm="imagegen"'
+    if isinstance(err, QuotaExceeded) and err.ratelimit:
+        headers.update(ratelimit_fields(err.ratelimit))
     return headers
+
+
+def ratelimit_fields(rl: dict[str, Any]) -> dict[str, str]:
+    """The RateLimit-Policy and RateLimit fields of draft-ietf-httpapi-ratelimit-headers-10
+    for a refused budget. Quotas and remainders are integers there, cost units are
+    fractional: they are sent in thousandths, said by the `imagegen-unit` parameter."""
+    name = f'"{rl["policy"]}"'
+    return {
+        "RateLimit-Policy": f'{name};q={int(rl["limit"] * 1000)};w={round(rl["window"])};'
+                            f'imagegen-unit="milli-cost-units"',
+        "RateLimit": f'{name};r={int(max(0.0, rl["remaining"]) * 1000)};'
+                     f't={max(1, round(rl["reset"]))}',
+    }
 
 
 def error_response(

@@ -117,6 +117,7 @@ def to_openai(resp: GenerateResponse, quality: str | None) -> dict[str, Any]:
                      "model": resp.model, "revision": resp.revision, "fallback": resp.fallback,
                      "pinned": resp.pinned,
                      "seeds": [i.seed for i in resp.images], "cost_units": resp.cost_units,
+                     "price": resp.price,
                      "batch_images": resp.batch_images,
                      "timings": resp.timings.model_dump()},
     }

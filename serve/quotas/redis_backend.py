@@ -8,7 +8,9 @@ import functools
 import time
 
 from redis import asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 from ..errors import StateUnavailable
 from .keys import KeyExists
@@ -43,8 +45,13 @@ return 1
 
 
 def connect(url: str) -> aioredis.Redis:
+    # One retry on a fresh connection: after Redis restarts, every pooled connection
+    # is dead, and the first use of each would otherwise fail a request. (A script
+    # whose reply was lost may then run twice: the spare reservation is refunded
+    # when its hold expires, so it can only under-admit for that long.)
     return aioredis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S,
-                             decode_responses=True)
+                             decode_responses=True, retry=Retry(NoBackoff(), 1),
+                             retry_on_error=[ConnectionError, TimeoutError])
 
 
 def unavailable(fn):

@@ -34,8 +34,11 @@ files = {{ "model_index.json" = "{sha}" }}
 """
 PLANS = """
 plans:
-  default: {tiers: [draft, final, broken]}
+  default: {tiers: [draft, final, broken], bucket: {burst: 100000, refill_per_s: 1000}}
   drafts-only: {tiers: [draft], max_n: 2}
+  ten-drafts:  # ten 64x64 drafts' worth, refilled only after minutes
+    tiers: [draft]
+    bucket: {burst: 0.04096, refill_per_s: 0.0001}
 """
 ROUTING = """
 tiers:

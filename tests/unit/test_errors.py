@@ -24,7 +24,7 @@ TREE = [c for c in _subclasses(ImagegenError) if c.__module__.startswith("serve.
 CLIENT = {
     "invalid_request", "malformed_body", "unsupported_media_type", "unknown_tier",
     "limit_exceeded", "not_found", "method_not_allowed", "payload_too_large", "forbidden",
-    "unauthenticated", "plan_limit", "commercial_use_forbidden",
+    "unauthenticated", "plan_limit", "commercial_use_forbidden", "quota_exceeded",
 }
 SERVER = {
     "internal", "model_unavailable", "overloaded", "generation_failed", "config_error",
@@ -32,9 +32,9 @@ SERVER = {
 }
 # The error types OpenAI's API answers with (its client maps the status to the
 # exception class: 400 BadRequestError, 401 AuthenticationError, 403 PermissionDeniedError,
-# 404 NotFoundError, 5xx InternalServerError).
+# 404 NotFoundError, 429 RateLimitError, 5xx InternalServerError).
 OPENAI_TYPES = {"invalid_request_error", "authentication_error", "permission_error",
-                "not_found_error", "server_error"}
+                "not_found_error", "rate_limit_error", "server_error"}
 GRPC_CODES = {
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
     "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
@@ -125,10 +125,17 @@ def test_dynamic_subclass_resolves_to_its_base_row(base):
     assert err.envelope()["error"]["code"] == base.code
 
 
-def test_overloaded_row_is_not_its_parents():
-    # Exact class first: Overloaded must not fall back to ModelUnavailable's row.
-    assert grpc_status(errors.Overloaded("x")) == "RESOURCE_EXHAUSTED"
+def test_a_subclass_row_is_not_its_parents():
+    # Exact class first: ModelTimeout must not fall back to ModelUnavailable's row.
+    assert grpc_status(errors.ModelTimeout("x")) == "DEADLINE_EXCEEDED"
     assert grpc_status(errors.ModelUnavailable("x")) == "UNAVAILABLE"
+
+
+def test_overload_is_retryable_and_a_spent_budget_is_resource_exhausted():
+    # gRPC clients retry UNAVAILABLE by policy; RESOURCE_EXHAUSTED means "your quota".
+    assert grpc_status(errors.Overloaded("x")) == "UNAVAILABLE"
+    assert grpc_status(errors.QuotaExceeded("x", retry_after_s=3)) == "RESOURCE_EXHAUSTED"
+    assert http_status(errors.QuotaExceeded("x", retry_after_s=3)) == 429
 
 
 @pytest.mark.parametrize("cls", [ImagegenError, *TREE], ids=lambda c: c.__name__)

@@ -1,0 +1,128 @@
+"""Stage 7 through the service and the HTTP transport: reserve before any GPU work,
+commit on success with its price, refund on failure and cancellation, 429 with
+Retry-After and the RateLimit fields (draft-ietf-httpapi-ratelimit-headers-10)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.errors import GenerationFailed, QuotaExceeded
+from serve.ingress.http import build_http_app
+from serve.quotas.ledger import Budget, open_ledger
+from serve.quotas.plans import Plans
+from serve.quotas.principals import Principal
+from serve.routing import LiveRouting
+from serve.schemas import GenerateRequest
+from serve.service import ImageService
+
+UNIT = 64 * 48 / 1e6  # one tiny-draft image at the test lock's default size, weight 1
+PLANS = Plans.model_validate({"plans": {
+    "tight": {"tiers": ["draft"], "bucket": {"burst": 3 * UNIT, "refill_per_s": UNIT / 10},
+              "pricing": [{"up_to": 2 * UNIT, "price": 10.0}, {"price": 1.0}]},
+    "capped": {"tiers": ["draft"], "bucket": {"burst": 100, "refill_per_s": 1},
+               "daily_units": 1.5 * UNIT}}})
+WHO = Principal(name="alice", roles=frozenset({"user"}), plan="tight")
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    return open_ledger(f"sqlite://{tmp_path / 'state.db'}")
+
+
+def svc(lock, routing, backend, ledger, auth=None):
+    return ImageService(lock, LiveRouting(routing, lock, "file t"), backend, auth=auth,
+                        plans=PLANS, ledger=ledger)
+
+
+def gen(s, who=WHO, **fields):
+    return asyncio.run(s.generate(GenerateRequest(prompt="a fox", **fields), "r", who))
+
+
+def tokens(ledger, plan="tight"):
+    return asyncio.run(ledger.usage("alice", Budget.of(PLANS.plans[plan]))).tokens
+
+
+def test_each_request_is_charged_and_priced_then_refused_when_the_budget_is_spent(
+        lock, routing, backend, ledger):
+    s = svc(lock, routing, backend, ledger)
+    first, second = gen(s), gen(s, n=2)
+    assert first.price == pytest.approx(10 * UNIT)  # the first band
+    assert second.price == pytest.approx(10 * UNIT + 1 * UNIT)  # crosses into the second
+    with pytest.raises(QuotaExceeded) as e:
+        gen(s)
+    assert e.value.retry_after_s >= 10 and e.value.ratelimit["policy"] == "bucket"
+    assert len(backend.calls) == 2  # the refused request never reached a model
+
+
+class Failing:
+    async def generate(self, model, jobs):
+        raise GenerationFailed("boom")
+
+
+class Hanging:
+    async def generate(self, model, jobs):
+        await asyncio.sleep(30)
+
+
+def test_a_failed_request_is_refunded(lock, routing, ledger):
+    s = svc(lock, routing, Failing(), ledger)
+    with pytest.raises(GenerationFailed):
+        gen(s)
+    assert tokens(ledger) == pytest.approx(3 * UNIT)
+
+
+def test_a_cancelled_request_is_refunded(lock, routing, ledger):
+    s = svc(lock, routing, Hanging(), ledger)
+
+    async def main():
+        task = asyncio.create_task(s.generate(GenerateRequest(prompt="x"), "r", WHO))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.1)  # the shielded refund finishes
+
+    asyncio.run(main())
+    assert tokens(ledger) == pytest.approx(3 * UNIT, abs=UNIT / 10)
+
+
+def test_the_daily_cap_refuses_with_its_own_policy(lock, routing, backend, ledger):
+    s = svc(lock, routing, backend, ledger)
+    who = Principal(name="alice", roles=frozenset({"user"}), plan="capped")
+    gen(s, who)
+    with pytest.raises(QuotaExceeded) as e:
+        gen(s, who)
+    assert e.value.ratelimit["policy"] == "daily" and e.value.details[0]["type"] == "daily"
+
+
+def test_http_answers_429_with_retry_after_and_the_ratelimit_fields(lock, routing, backend,
+                                                                     ledger, keys):
+    auth, key = keys  # the key's principal is `tester`, on plan default: give it `tight`
+    plans = Plans.model_validate({"plans": {"default": PLANS.plans["tight"].model_dump()}})
+    s = ImageService(lock, LiveRouting(routing, lock, "file t"), backend, auth=auth,
+                     plans=plans, ledger=ledger)
+
+    async def ready():
+        return True, {}
+
+    app = build_http_app(s, ready, max_body_bytes=4096, metrics=_metrics())
+    c = TestClient(app, headers={"Authorization": f"Bearer {key}"})
+    assert [c.post("/v1/images", json={"prompt": "x"}).status_code for _ in range(3)] == [
+        200, 200, 200]
+    r = c.post("/v1/images", json={"prompt": "x"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+    assert int(r.headers["retry-after"]) >= 10
+    assert r.headers["ratelimit-policy"] == \
+        f'"bucket";q={int(3 * UNIT * 1000)};w=30;imagegen-unit="milli-cost-units"'
+    assert r.headers["ratelimit"].startswith('"bucket";r=0;t=')
+    o = c.post("/v1/images/generations", json={"prompt": "x"})
+    assert o.status_code == 429 and o.json()["error"]["type"] == "rate_limit_error"
+
+
+def _metrics():
+    from serve.telemetry import Metrics
+
+    return Metrics("prometheus")
