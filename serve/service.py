@@ -210,7 +210,11 @@ class ImageService:
             if reservation is not None:  # failed, blocked or cancelled: nothing is charged
                 await asyncio.shield(self._settle(reservation, 0.0, spec))
             raise
-        charged = None if reservation is None else await self._settle(reservation, cost, spec)
+        charged = None
+        if reservation is not None:
+            charged = await self._settle(reservation, cost, spec)
+            annotate(price=charged, quota={"plan": principal.plan, "units": cost,
+                                           "outcome": "charged", "reason": "ok"})
         images = [
             Image(seed=j.seed, width=j.width, height=j.height,
                   b64_json=base64.b64encode(png).decode())
@@ -234,7 +238,8 @@ class ImageService:
             got = await self.ledger.reserve(principal.name, p.cost_units, budget)
         if got.reservation is not None:
             return got.reservation
-        annotate(quota_reason=got.reason)
+        annotate(quota={"plan": principal.plan, "units": p.cost_units, "outcome": "rejected",
+                        "reason": got.reason})
         window = budget.burst / budget.refill_per_s if budget.refill_per_s > 0 else 86400
         limit, left, reset = (budget.burst, got.remaining, got.reset_s)
         if got.reason == "daily":

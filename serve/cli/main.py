@@ -1,4 +1,4 @@
-"""`imagegen ...`: serve, generate, models, keys, routing, fallback, capacity, bench.
+"""`imagegen ...`: serve, generate, models, keys, quota, routing, fallback, capacity, bench.
 Heavy imports stay inside each verb's `run`."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from ..errors import ImagegenError
-from . import bench, capacity, fallback, generate, keys, models, routing
+from . import bench, capacity, fallback, generate, keys, models, quota, routing
 from . import serve as serve_verb
 
-VERBS = (serve_verb, generate, models, keys, routing, fallback, capacity, bench)
+VERBS = (serve_verb, generate, models, keys, quota, routing, fallback, capacity, bench)
 
 
 def parser() -> argparse.ArgumentParser:

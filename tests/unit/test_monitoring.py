@@ -77,10 +77,11 @@ def test_dashboard_and_alerts_cover_what_sres_asked_for():
     alerts = {r["alert"] for r in rules()}
     assert {"imagegen_images_total", "imagegen_requests_total", "imagegen_cost_units_total",
             "imagegen_request_duration_seconds", "imagegen_gpu_memory_bytes",
-            "imagegen_fallback_active", "imagegen_blocked_total"} <= used
+            "imagegen_fallback_active", "imagegen_blocked_total",
+            "imagegen_quota_units_total"} <= used
     assert {"ImagegenErrorRateSpike", "ImagegenDraftP95OverSLO", "ImagegenFinalP95OverSLO",
             "ImagegenGPUMemoryNearExhaustion", "ImagegenFallbackActiveTooLong",
-            "ImagegenDeadLetterGrowth"} <= alerts
+            "ImagegenDeadLetterGrowth", "ImagegenQuotaRejectionsSpike"} <= alerts
 
 
 def test_podmonitor_gives_ray_exported_series_their_own_names():

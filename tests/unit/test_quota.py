@@ -126,3 +126,26 @@ def _metrics():
     from serve.telemetry import Metrics
 
     return Metrics("prometheus")
+
+
+def test_charged_and_refused_units_are_counted_by_plan(lock, routing, backend, ledger, keys):
+    from serve.telemetry import request_scope
+
+    metrics = _metrics()
+    s = svc(lock, routing, backend, ledger)
+
+    async def one():
+        with request_scope("t", request_id="r", route="/v1/images", carrier=None,
+                           metrics=metrics):
+            await s.generate(GenerateRequest(prompt="x"), "r", WHO)
+
+    for _ in range(3):
+        asyncio.run(one())
+    with pytest.raises(QuotaExceeded):
+        asyncio.run(one())
+
+    def units(**labels):
+        return metrics.registry.get_sample_value("imagegen_quota_units_total", labels)
+
+    assert units(plan="tight", outcome="charged", reason="ok") == pytest.approx(3 * UNIT)
+    assert units(plan="tight", outcome="rejected", reason="bucket") == pytest.approx(UNIT)
