@@ -136,3 +136,27 @@ def test_fifty_concurrent_reserves_against_ten_units_admit_exactly_ten(url):
         return sum(a.reservation is not None for a in got)
 
     assert asyncio.run(body()) == 10
+
+
+_RESERVER = """
+import asyncio, sys
+from serve.quotas.ledger import Budget, open_ledger
+async def main():
+    ledger = open_ledger(sys.argv[1])
+    budget = Budget(burst=10.0, refill_per_s=0.0)
+    got = await asyncio.gather(*(ledger.reserve("shared", 1.0, budget) for _ in range(30)))
+    await ledger.close()
+    print(sum(a.reservation is not None for a in got))
+asyncio.run(main())
+"""
+
+
+def test_one_sqlite_file_shared_by_two_processes_stays_exact(tmp_path):
+    import subprocess
+    import sys
+
+    url = f"sqlite://{tmp_path / 'state.db'}"
+    procs = [subprocess.Popen([sys.executable, "-c", _RESERVER, url], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    admitted = [int(p.communicate(timeout=60)[0]) for p in procs]
+    assert sum(admitted) == 10, admitted
