@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from ..errors import ConfigError, describe
+from ..errors import ConfigError
+from . import yamlfile
 from .principals import KeyRecord
 
 
@@ -46,16 +46,7 @@ class FileKeys:
     Secret mounts it; read once at start. Read-only: revoke by editing the Secret."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            doc = yaml.safe_load(Path(path).read_text()) or {}
-            keys = _KeysFile.model_validate(doc, strict=False).keys
-        except OSError as e:
-            raise ConfigError(f"keys file {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"keys file {path} is not YAML: {e}") from None
-        except ValidationError as e:
-            raise ConfigError(f"keys file {path}: {describe(e)}") from None
-        self.by_hash = {k.sha256: k for k in keys}
+        self.by_hash = {k.sha256: k for k in yamlfile.load(path, _KeysFile, "keys file").keys}
 
     async def find(self, sha256: str) -> KeyRecord | None:
         return self.by_hash.get(sha256)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import ConfigError, PlanLimit, describe
+from ..errors import PlanLimit
 from ..lockfile import ModelEntry
+from . import yamlfile
 
 Units = Annotated[float, Field(gt=0)]
 
@@ -79,16 +79,7 @@ class Plans(BaseModel):
 
 def load_plans(path: Path) -> Plans:
     """The plans file, validated."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-        plans = Plans.model_validate(doc)
-    except OSError as e:
-        raise ConfigError(f"plans file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"plans file {path} is not YAML: {e}") from None
-    except ValidationError as e:
-        raise ConfigError(f"plans file {path}: {describe(e)}") from None
-    return plans
+    return yamlfile.load(path, Plans, "plans file")
 
 
 def unrouted_tiers(plans: Plans, tiers: set[str]) -> dict[str, list[str]]:

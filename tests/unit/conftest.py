@@ -197,3 +197,14 @@ def spans(_span_memory):
     """The SDK's in-memory exporter, emptied before each test."""
     _span_memory.clear()
     return _span_memory
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def state_url(request, tmp_path):
+    """A fresh state store on each backend: a SQLite file, or the session's real
+    redis-server (tests/conftest.py), emptied."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'state.db'}"
+    server = request.getfixturevalue("redis_server")
+    server.flush()
+    return server.url

@@ -15,15 +15,6 @@ from serve.quotas.ledger import NEVER_S, Budget, open_ledger
 B = Budget(burst=10.0, refill_per_s=0.0)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'state.db'}"
-    server = request.getfixturevalue("redis_server")
-    server.flush()
-    return server.url
-
-
 def run(url, fn):
     async def body():
         ledger = open_ledger(url)
@@ -35,21 +26,21 @@ def run(url, fn):
     return asyncio.run(body())
 
 
-def test_a_new_principal_starts_full_and_is_refused_past_the_burst(url):
+def test_a_new_principal_starts_full_and_is_refused_past_the_burst(state_url):
     async def body(ledger):
         a = await ledger.reserve("alice", 6, B)
         b = await ledger.reserve("alice", 6, B)  # 4 left
         c = await ledger.reserve("bob", 6, B)  # someone else's bucket
         return a, b, c, await ledger.usage("alice", B)
 
-    a, b, c, usage = run(url, body)
+    a, b, c, usage = run(state_url, body)
     assert a.reservation and a.remaining == pytest.approx(4)
     assert b.reservation is None and b.reason == "bucket" and b.retry_after_s == NEVER_S
     assert c.reservation is not None
     assert (usage.tokens, usage.today, usage.held) == (pytest.approx(4), pytest.approx(6), 1)
 
 
-def test_refund_gives_back_commit_keeps_and_both_settle_once(url):
+def test_refund_gives_back_commit_keeps_and_both_settle_once(state_url):
     async def body(ledger):
         r = (await ledger.reserve("alice", 6, B)).reservation
         await ledger.refund(r)
@@ -61,7 +52,7 @@ def test_refund_gives_back_commit_keeps_and_both_settle_once(url):
         await ledger.refund(r)  # no-op
         return after_refund, before, again, await ledger.usage("alice", B)
 
-    after_refund, before, again, usage = run(url, body)
+    after_refund, before, again, usage = run(state_url, body)
     assert (after_refund.tokens, after_refund.today, after_refund.held) == (
         pytest.approx(10), pytest.approx(0), 0)
     assert before == 0 and again == 0
@@ -69,7 +60,7 @@ def test_refund_gives_back_commit_keeps_and_both_settle_once(url):
         pytest.approx(6), pytest.approx(4), pytest.approx(4), 0)
 
 
-def test_the_bucket_refills_and_says_when(url):
+def test_the_bucket_refills_and_says_when(state_url):
     fast = Budget(burst=2.0, refill_per_s=20.0)
 
     async def body(ledger):
@@ -78,36 +69,36 @@ def test_the_bucket_refills_and_says_when(url):
         await asyncio.sleep(refused.retry_after_s + 0.05)
         return refused, await ledger.reserve("alice", 1, fast)
 
-    refused, later = run(url, body)
+    refused, later = run(state_url, body)
     assert refused.reason == "bucket" and 0 < refused.retry_after_s <= 0.05 + 1e-6
     assert refused.reset_s == pytest.approx(0.1, abs=0.05)
     assert later.reservation is not None
 
 
-def test_the_daily_cap_refuses_until_midnight(url):
+def test_the_daily_cap_refuses_until_midnight(state_url):
     daily = Budget(burst=100.0, refill_per_s=0.0, daily=5.0)
 
     async def body(ledger):
         assert (await ledger.reserve("alice", 3, daily)).reservation
         return await ledger.reserve("alice", 3, daily)
 
-    refused = run(url, body)
+    refused = run(state_url, body)
     assert refused.reason == "daily"
     assert 0 < refused.retry_after_s <= 86400 - time.time() % 86400 + 1
 
 
-def test_a_reservation_whose_request_died_is_refunded_after_its_hold(url):
+def test_a_reservation_whose_request_died_is_refunded_after_its_hold(state_url):
     async def body(ledger):
         await ledger.reserve("alice", 8, B, hold_s=0.2)  # never settled
         blocked = await ledger.reserve("alice", 8, B)
         await asyncio.sleep(0.3)
         return blocked, await ledger.reserve("alice", 8, B)
 
-    blocked, later = run(url, body)
+    blocked, later = run(state_url, body)
     assert blocked.reservation is None and later.reservation is not None
 
 
-def test_credits_are_spent_once_the_bucket_is_short(url):
+def test_credits_are_spent_once_the_bucket_is_short(state_url):
     async def body(ledger):
         balance = await ledger.grant("alice", 5)
         r = await ledger.reserve("alice", 13, B)  # 10 from the bucket, 3 from credits
@@ -115,18 +106,18 @@ def test_credits_are_spent_once_the_bucket_is_short(url):
         await ledger.refund(r.reservation)
         return balance, r, usage, await ledger.usage("alice", B)
 
-    balance, r, during, after = run(url, body)
+    balance, r, during, after = run(state_url, body)
     assert balance == 5 and r.reservation is not None
     assert (during.tokens, during.credits) == (pytest.approx(0), pytest.approx(2))
     assert (after.tokens, after.credits) == (pytest.approx(10), pytest.approx(5))
 
 
-def test_fifty_concurrent_reserves_against_ten_units_admit_exactly_ten(url):
+def test_fifty_concurrent_reserves_against_ten_units_admit_exactly_ten(state_url):
     unit = 0.004096  # one 64x64 image: sums of these must still fit exactly
     budget = Budget(burst=10 * unit, refill_per_s=0.0)
 
     async def body():
-        ledgers = [open_ledger(url) for _ in range(2)]  # two clients, as two replicas
+        ledgers = [open_ledger(state_url) for _ in range(2)]  # two clients, as two replicas
         try:
             got = await asyncio.gather(*(ledgers[i % 2].reserve("alice", unit, budget)
                                          for i in range(50)))

@@ -12,15 +12,6 @@ from serve.quotas.keys import KeyExists, open_keys
 from serve.quotas.principals import key_hash, new_key, record_for
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def state_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path / 'state.db'}"
-    server = request.getfixturevalue("redis_server")
-    server.flush()
-    return server.url
-
-
 def run(coro):
     return asyncio.run(coro)
 
