@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -109,10 +110,8 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
     """Start Ray and Serve, deploy the app, wait until it runs; returns the base URL.
     ConfigError (and nothing left running) when a port is taken."""
     import ray
-    from ray import serve as ray_serve
 
-    from .app import APP_NAME, build_app
-    from .ingress.grpc import SERVICER_FUNCTIONS
+    from .app import build_app
 
     check_ports(settings)
     # Build before Ray starts so a bad lock or routing fails fast and plainly.
@@ -147,6 +146,32 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
     if not ray.is_initialized():
         with _signals_held():
             _init_ray(settings, num_cpus)
+    try:
+        _start_serve(settings, app, proxy_port, grpc_proxy_port)
+    except Exception as e:
+        # A port another process took after check_ports (Serve says which address).
+        taken = re.search(r"Failed to bind to address '[^']*:(\d+)'", str(e))
+        if taken is None:
+            raise
+        stop()
+        port = int(taken.group(1))
+        what = next((w for w, n in ports(settings).items() if n == port), "a")
+        raise ConfigError(f"{what} port {port} was taken by another process while the "
+                          f"service started; {_flag(what)}") from None
+    try:
+        _check_listeners(settings)
+    except ConfigError:
+        stop()
+        raise
+    return f"http://{settings.host}:{settings.port}"
+
+
+def _start_serve(settings: Settings, app, proxy_port: int, grpc_proxy_port: int) -> None:
+    from ray import serve as ray_serve
+
+    from .app import APP_NAME
+    from .ingress.grpc import SERVICER_FUNCTIONS
+
     ray_serve.start(
         http_options={
             "host": settings.host,
@@ -163,12 +188,6 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
         logging_config={"enable_access_log": settings.log_requests},
     )
     ray_serve.run(app, name=APP_NAME, route_prefix="/")
-    try:
-        _check_listeners(settings)
-    except ConfigError:
-        stop()
-        raise
-    return f"http://{settings.host}:{settings.port}"
 
 
 def _init_ray(settings: Settings, num_cpus: int | None) -> None:

@@ -48,10 +48,28 @@ tiers:
 """
 
 
+# Service ports come from below the kernel's ephemeral range (32768+ here): a port
+# handed out by bind(0) is one an outgoing connection (Ray's, a client's) may take
+# next, so a service told to listen there could find it taken. Above Ray's worker
+# port range (10002-19999) too.
+_SERVICE_PORTS = range(20000, 32760)
+_taken: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    import random
+
+    while True:
+        port = random.choice(_SERVICE_PORTS)
+        if port in _taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken.add(port)  # never twice in one session, even once it is free again
+        return port
 
 
 def service_ports() -> dict[str, int]:

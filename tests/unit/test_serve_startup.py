@@ -118,3 +118,29 @@ def test_summary_fails_when_no_tier_can_serve(capsys):
     captured = capsys.readouterr()
     assert "error: no tier has a ready revision" in captured.err
     assert "NOT READY: boom" in captured.out and "metrics:" not in captured.out
+
+
+def test_a_port_taken_while_serve_starts_is_named_not_a_traceback(monkeypatch):
+    from serve import local
+
+    port, grpc = _free_port(), _free_port()
+    while abs(port - grpc) <= DIRECT_INGRESS_PORTS:
+        grpc = _free_port()
+    settings = load_settings(port=port, grpc_port=grpc, metrics_port=_free_port(),
+                             engine="fake")
+    proxy = port + DIRECT_INGRESS_PORTS
+
+    def taken(*_args):
+        raise RuntimeError(f"Failed to bind to address '127.0.0.1:{proxy}'.")
+
+    monkeypatch.setattr(local, "check_ports", lambda s: None)
+    monkeypatch.setattr(local, "_init_ray", lambda *a: None)
+    monkeypatch.setattr(local, "_start_serve", taken)
+    stopped = []
+    monkeypatch.setattr(local, "stop", lambda: stopped.append(True))  # a session's Ray lives on
+    for var in ("MIN_HTTP_PORT", "MAX_HTTP_PORT", "MIN_GRPC_PORT", "MAX_GRPC_PORT"):
+        monkeypatch.delenv(f"RAY_SERVE_DIRECT_INGRESS_{var}", raising=False)  # restored after
+    with pytest.raises(ConfigError, match=f"Serve proxy port {proxy} was taken by another "
+                       "process while the service started; it is --port \\+ 8"):
+        local.start(settings)
+    assert stopped  # nothing is left running
