@@ -79,7 +79,7 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
                                   f"plan {record.plan!r}, not in {settings.plans_file}")
     access = Access(settings.state_url,
                     str(settings.keys_file) if settings.keys_file else None,
-                    settings.allow_pinning, plans)
+                    settings.allow_pinning, plans, settings.in_flight_per_principal)
     source = RoutingSource(
         file=str(settings.routing_file), configmap=settings.routing_configmap,
         namespace=settings.routing_namespace, key=settings.routing_key,

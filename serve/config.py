@@ -110,6 +110,10 @@ class Settings(BaseSettings):
         ROOT / "serve" / "plans.yaml", description="the plans a key may name: tiers, "
         "limits, budget, pricing (README § Plans)",
     )
+    in_flight_per_principal: Annotated[int, Field(ge=0, le=100000)] = Field(
+        64, description="requests one principal may have in flight per ingress replica "
+        "(its fair share of the queue); the next is 429 rate_limited. 0: no limit",
+    )
     allow_pinning: bool = Field(
         False, description="any caller may pin a models.lock revision (`model`): it alone "
         "serves, no fallback (with principals this becomes a plan's permission)",

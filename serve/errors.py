@@ -134,6 +134,13 @@ class QuotaExceeded(ImagegenError):
         self.ratelimit = ratelimit or {}
 
 
+class RateLimited(ImagegenError):
+    """The principal already has its share of this ingress replica's queue in flight."""
+
+    code = "rate_limited"
+    retry_after_s = 1
+
+
 class StateUnavailable(ImagegenError):
     """The state store (SQLite file, Redis) cannot be reached: fail closed, retry later."""
 
@@ -191,6 +198,7 @@ STATUS: dict[type[ImagegenError], Row] = {
     # retryable UNAVAILABLE (gRPC clients retry UNAVAILABLE by policy, not the other).
     Overloaded: Row(503, "UNAVAILABLE", *_DOWN),
     QuotaExceeded: Row(429, "RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
+    RateLimited: Row(429, "RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
     TierDisabled: Row(503, "UNAVAILABLE", *_DOWN),
     StateUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
     GenerationFailed: Row(500, "INTERNAL", *_FAILED),

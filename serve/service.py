@@ -35,6 +35,7 @@ from .errors import (
 )
 from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
+from .quotas.fairness import InFlight
 from .quotas.ledger import Budget, Ledger, Reservation, ceil_s
 from .quotas.plans import Plans, PlanSpec, admit, commercially_usable, price
 from .quotas.principals import Principal
@@ -138,13 +139,15 @@ class ImageService:
 
     def __init__(self, lock: Lock, routing: LiveRouting, backend: Backend, *,
                  auth: Authenticator | None = None, plans: Plans | None = None,
-                 ledger: Ledger | None = None, may_pin: bool = False) -> None:
+                 ledger: Ledger | None = None, may_pin: bool = False,
+                 in_flight_per_principal: int = 0) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
         self.auth = auth
         self.plans = plans
         self.ledger = ledger
+        self.fairness = InFlight(in_flight_per_principal)
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -181,40 +184,25 @@ class ImageService:
         annotate(tier=p.tier, model=p.entry.name, revision=p.entry.revision, images=len(p.jobs))
         if p.pinned:
             annotate(pinned=True)
-        reservation = None
         if spec is not None:
             with stage("admit"):
                 admit(principal.plan, spec, tier=p.tier, n=len(p.jobs),
                       megapixels=p.megapixels())
-            if self.ledger is not None:
+        with self.fairness.hold(principal.name if principal else None):
+            reservation = None
+            if spec is not None and self.ledger is not None:
                 reservation = await self._reserve(principal, spec, p)
-        try:
-            with stage("generate", **_genai_attributes(p)) as span:
-                out, e = await self._failover(p, order)
-                # a canary is no fallback; a pinned revision serves as itself
-                fallback = not p.pinned and e.name in table.tiers[p.tier].fallbacks
-                span.set_attributes({"imagegen.batch_images": out.batch_images,
-                                     "imagegen.queue_ms": out.queue_s * 1e3,
-                                     "imagegen.fallback": fallback,
-                                     "imagegen.served_by": e.name})
-            cost = round(table.cost_weight(p.tier, e.name, pinned=p.pinned) * p.megapixels(), 6)
-            annotate(model=e.name, revision=e.revision, cost_units=cost, fallback=fallback,
-                     queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3)
-            with stage("encode", **{"imagegen.images": len(p.jobs)}):
-                if p.jobs[0].width * p.jobs[0].height * len(p.jobs) > _ENCODE_INLINE_PIXELS:
-                    encoded = await asyncio.to_thread(
-                        lambda: [encode_png(i) for i in out.images])
-                else:
-                    encoded = [encode_png(i) for i in out.images]
-        except BaseException:
-            if reservation is not None:  # failed, blocked or cancelled: nothing is charged
-                await asyncio.shield(self._settle(reservation, 0.0, spec))
-            raise
-        charged = None
-        if reservation is not None:
-            charged = await self._settle(reservation, cost, spec)
-            annotate(price=charged, quota={"plan": principal.plan, "units": cost,
-                                           "outcome": "charged", "reason": "ok"})
+            try:
+                out, e, fallback, cost, encoded = await self._produce(p, order, table)
+            except BaseException:
+                if reservation is not None:  # failed, blocked or cancelled: nothing charged
+                    await asyncio.shield(self._settle(reservation, 0.0, spec))
+                raise
+            charged = None
+            if reservation is not None:
+                charged = await self._settle(reservation, cost, spec)
+                annotate(price=charged, quota={"plan": principal.plan, "units": cost,
+                                               "outcome": "charged", "reason": "ok"})
         images = [
             Image(seed=j.seed, width=j.width, height=j.height,
                   b64_json=base64.b64encode(png).decode())
@@ -229,6 +217,26 @@ class ImageService:
                 total_ms=(time.perf_counter() - t0) * 1e3,
             ),
         )
+
+    async def _produce(self, p: Plan, order: list[str], table: RoutingTable):
+        """Stages 8-10: generate on the first usable revision, price what served, encode.
+        (out, revision served, fallback?, cost units, PNGs)."""
+        with stage("generate", **_genai_attributes(p)) as span:
+            out, e = await self._failover(p, order)
+            # a canary is no fallback; a pinned revision serves as itself
+            fallback = not p.pinned and e.name in table.tiers[p.tier].fallbacks
+            span.set_attributes({"imagegen.batch_images": out.batch_images,
+                                 "imagegen.queue_ms": out.queue_s * 1e3,
+                                 "imagegen.fallback": fallback, "imagegen.served_by": e.name})
+        cost = round(table.cost_weight(p.tier, e.name, pinned=p.pinned) * p.megapixels(), 6)
+        annotate(model=e.name, revision=e.revision, cost_units=cost, fallback=fallback,
+                 queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3)
+        with stage("encode", **{"imagegen.images": len(p.jobs)}):
+            if p.jobs[0].width * p.jobs[0].height * len(p.jobs) > _ENCODE_INLINE_PIXELS:
+                encoded = await asyncio.to_thread(lambda: [encode_png(i) for i in out.images])
+            else:
+                encoded = [encode_png(i) for i in out.images]
+        return out, e, fallback, cost, encoded
 
     async def _reserve(self, principal: Principal, spec: PlanSpec, p: Plan) -> Reservation:
         """Stage 7: the request's cost units out of the principal's budget, before any

@@ -66,6 +66,7 @@ class Access:
     keys_file: str | None = None
     allow_pinning: bool = False
     plans: Plans | None = None
+    in_flight_per_principal: int = 0
 
     def authenticator(self) -> Authenticator:
         return Authenticator(open_keys(self.state_url),
@@ -165,7 +166,8 @@ class Ingress:
             lock, self.routing, backend, auth=access.authenticator() if access else None,
             plans=access.plans if access else None,
             ledger=open_ledger(access.state_url) if access else None,
-            may_pin=bool(access and access.allow_pinning))
+            may_pin=bool(access and access.allow_pinning),
+            in_flight_per_principal=access.in_flight_per_principal if access else 0)
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
                                   max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes

@@ -149,3 +149,49 @@ def test_charged_and_refused_units_are_counted_by_plan(lock, routing, backend, l
 
     assert units(plan="tight", outcome="charged", reason="ok") == pytest.approx(3 * UNIT)
     assert units(plan="tight", outcome="rejected", reason="bucket") == pytest.approx(UNIT)
+
+
+class Gate:
+    """A model call that waits until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def generate(self, model, jobs):
+        await self.release.wait()
+        return await _ok(jobs)
+
+
+async def _ok(jobs):
+    import numpy as np
+
+    from serve.engines.base import Generated
+
+    return Generated([np.zeros((j.height, j.width, 3), np.uint8) for j in jobs], 0.0, 0.001,
+                     len(jobs))
+
+
+def test_one_principal_gets_a_bounded_share_and_others_still_get_in(lock, routing, ledger):
+    from serve.errors import RateLimited
+
+    gate = Gate()
+    s = ImageService(lock, LiveRouting(routing, lock, "file t"), gate,
+                     in_flight_per_principal=2)
+    bob = Principal(name="bob", roles=frozenset({"user"}), plan="tight")
+
+    async def main():
+        held = [asyncio.create_task(s.generate(GenerateRequest(prompt="x"), "r", WHO))
+                for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(RateLimited) as e:
+            await s.generate(GenerateRequest(prompt="x"), "r", WHO)
+        other = asyncio.create_task(s.generate(GenerateRequest(prompt="x"), "r", bob))
+        await asyncio.sleep(0.05)
+        gate.release.set()
+        await asyncio.gather(*held, other)
+        again = await s.generate(GenerateRequest(prompt="x"), "r", WHO)  # a slot came back
+        return e.value, other.result(), again, dict(s.fairness.counts)
+
+    refused, other, again, counts = asyncio.run(main())
+    assert refused.code == "rate_limited" and refused.retry_after_s == 1
+    assert other.images and again.images and counts == {}
