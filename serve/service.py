@@ -148,6 +148,7 @@ class ImageService:
         self.plans = plans
         self.ledger = ledger
         self.fairness = InFlight(in_flight_per_principal)
+        self._orphans: set[asyncio.Task] = set()  # refunds of reserves whose caller left
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -201,8 +202,9 @@ class ImageService:
             charged = None
             if reservation is not None:
                 charged = await self._settle(reservation, cost, spec)
-                annotate(price=charged, quota={"plan": principal.plan, "units": cost,
-                                               "outcome": "charged", "reason": "ok"})
+                annotate(price=charged, quota={
+                    "plan": principal.plan, "units": cost, "reason": "ok",
+                    "outcome": "charged" if charged is not None else "unsettled"})
         images = [
             Image(seed=j.seed, width=j.width, height=j.height,
                   b64_json=base64.b64encode(png).decode())
@@ -243,7 +245,14 @@ class ImageService:
         GPU work; QuotaExceeded (429, with when to retry) if it cannot pay now."""
         budget = Budget.of(spec)
         with stage("reserve", **{"imagegen.cost_units": p.cost_units}):
-            got = await self.ledger.reserve(principal.name, p.cost_units, budget)
+            call = asyncio.ensure_future(self.ledger.reserve(principal.name, p.cost_units,
+                                                             budget))
+            try:
+                got = await asyncio.shield(call)
+            except asyncio.CancelledError:
+                # The caller left while the store answered: whatever it reserved goes back.
+                call.add_done_callback(self._refund_orphan)
+                raise
         if got.reservation is not None:
             return got.reservation
         annotate(quota={"plan": principal.plan, "units": p.cost_units, "outcome": "rejected",
@@ -260,18 +269,29 @@ class ImageService:
                        "remaining": left, "reset": reset},
             details=[{"field": "budget", "type": got.reason}])
 
-    async def _settle(self, r: Reservation, units: float, spec: PlanSpec) -> float | None:
-        """Commit `units` of the reservation (0: refund it); the price charged. A state
-        store that fails here never costs the caller the answer: the reservation is
-        refunded by itself when its hold expires."""
+    def _refund_orphan(self, call: asyncio.Future) -> None:
+        if call.cancelled() or call.exception() is not None:
+            return
+        if (r := call.result().reservation) is not None:
+            task = asyncio.ensure_future(self._settle(r, 0.0, None))
+            self._orphans.add(task)
+            task.add_done_callback(self._orphans.discard)
+
+    async def _settle(self, r: Reservation, units: float,
+                      spec: PlanSpec | None) -> float | None:
+        """Commit `units` of the reservation (0: refund it); the price charged, None
+        when nothing was (a refund, a reservation already settled, or a store that
+        failed: then the answer still goes out, the request is not charged and its
+        hold expires: logged and counted `unsettled`)."""
         with stage("commit" if units else "refund"):
             try:
-                before = await self.ledger.commit(r, units)
+                before = await asyncio.shield(self.ledger.commit(r, units))
             except StateUnavailable:
                 log.warning("could not settle reservation %s of %s; its hold will expire",
                             r.id, r.principal)
+                annotate(quota_unsettled=True)
                 return None
-        return price(spec, units, before) if units else None
+        return price(spec, units, before) if units and before is not None and spec else None
 
     def _order(self, p: Plan, spec: PlanSpec | None) -> list[str]:
         """The revisions to try, in order: the pinned one, or the tier's candidates;

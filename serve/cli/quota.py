@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 
 from .common import settings as settings_of
@@ -34,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
         ledger = open_ledger(settings.state_url)
         try:
             if args.quota_command == "grant":
-                if args.units <= 0:
-                    raise SystemExit("error: units must be positive")
+                if not (math.isfinite(args.units) and args.units > 0):
+                    raise SystemExit("error: units must be a positive number")
                 return await ledger.grant(args.principal, args.units)
             plan = args.plan
             if plan is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -77,11 +78,12 @@ def ratelimit_fields(rl: dict[str, Any]) -> dict[str, str]:
     for a refused budget. Quotas and remainders are integers there, cost units are
     fractional: they are sent in thousandths, said by the `imagegen-unit` parameter."""
     name = f'"{rl["policy"]}"'
+    remaining = math.floor(max(0.0, rl["remaining"]) * 1000 + 1e-6)
     return {
-        "RateLimit-Policy": f'{name};q={int(rl["limit"] * 1000)};w={round(rl["window"])};'
+        "RateLimit-Policy": f'{name};q={round(rl["limit"] * 1000)};'
+                            f'w={max(1, math.ceil(rl["window"] - 1e-6))};'
                             f'imagegen-unit="milli-cost-units"',
-        "RateLimit": f'{name};r={int(max(0.0, rl["remaining"]) * 1000)};'
-                     f't={max(1, round(rl["reset"]))}',
+        "RateLimit": f'{name};r={remaining};t={max(1, math.ceil(rl["reset"] - 1e-6))}',
     }
 
 

@@ -5,6 +5,7 @@ redis_backend.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -50,6 +51,15 @@ class FileKeys:
 
     async def find(self, sha256: str) -> KeyRecord | None:
         return self.by_hash.get(sha256)
+
+
+def check_state_url(state_url: str) -> None:
+    """ConfigError at start for a state_url no backend takes."""
+    if state_url.startswith("sqlite://"):
+        sqlite_path(state_url)
+    elif not state_url.startswith(("redis://", "rediss://")):
+        raise ConfigError(f"state_url {state_url!r}: expected sqlite:///PATH or "
+                          "redis://HOST:PORT/DB")
 
 
 def open_keys(state_url: str) -> KeyStore:
@@ -101,8 +111,10 @@ async def ensure_dev_key(state_url: str) -> tuple[str, bool] | None:
             return None
         key_id, key = new_key()
         await store.add(record_for(key, key_id, DEV_PRINCIPAL, ("user", "admin")))
-        path.touch(mode=0o600)
-        path.write_text(key + "\n")
+        fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # an older file keeps its mode otherwise
+            f.write(key + "\n")
         return key, True
     finally:
         await store.close()

@@ -67,9 +67,10 @@ class Ledger(Protocol):
     async def reserve(self, principal: str, units: float, budget: Budget, *,
                       hold_s: float = HOLD_S) -> Admission: ...
 
-    async def commit(self, reservation: Reservation, units: float | None = None) -> float:
+    async def commit(self, reservation: Reservation,
+                     units: float | None = None) -> float | None:
         """Keep `units` (at most the reserved; the rest goes back); the month's
-        volume before it (0 when the reservation is gone: already refunded)."""
+        volume before it, or None when the reservation is gone (already settled)."""
 
     async def refund(self, reservation: Reservation) -> None:
         """Give the reserved units back; a no-op when already committed or refunded."""

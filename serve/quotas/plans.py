@@ -23,7 +23,7 @@ Units = Annotated[float, Field(gt=0)]
 class Bucket(BaseModel):
     """A token bucket in cost units: `burst` at most, refilled at `refill_per_s`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     burst: Units
     refill_per_s: Annotated[float, Field(ge=0)]
@@ -32,14 +32,14 @@ class Bucket(BaseModel):
 class PriceBand(BaseModel):
     """Price per cost unit while the month's volume is up to `up_to` units."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     up_to: Units | None = None  # None: every unit beyond the previous band
     price: Annotated[float, Field(ge=0)]
 
 
 class PlanSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     tiers: list[str] = Field(min_length=1, description="tiers this plan may call")
     max_n: Annotated[int, Field(ge=1, le=64)] = 8

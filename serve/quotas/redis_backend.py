@@ -1,10 +1,14 @@
-"""The cluster state store: Redis. Every key carries the hash tag `{imagegen}`, so a
-script touching several keys stays in one slot on Redis Cluster. A connection
-failure is StateUnavailable (503, fail closed), never a hang: calls time out."""
+"""The cluster state store: Redis. Keys carry hash tags (`{imagegen}` for the key
+index, `{imagegen:<principal>}` for a principal's quota), so every script touches
+one slot: the layout Redis Cluster needs (a cluster client is not wired yet). A
+connection failure is StateUnavailable (503, fail closed), never a hang: calls
+time out, and one is retried on a fresh connection, so every script is idempotent
+under a retry."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 from redis import asyncio as aioredis
@@ -29,6 +33,8 @@ from .ledger import (
 )
 from .principals import KeyRecord
 
+log = logging.getLogger("imagegen.state")
+
 TIMEOUT_S = 2.0
 PREFIX = "{imagegen}"
 _KEY, _IDS = f"{PREFIX}:api_key:", f"{PREFIX}:api_key_ids"
@@ -46,9 +52,8 @@ return 1
 
 def connect(url: str) -> aioredis.Redis:
     # One retry on a fresh connection: after Redis restarts, every pooled connection
-    # is dead, and the first use of each would otherwise fail a request. (A script
-    # whose reply was lost may then run twice: the spare reservation is refunded
-    # when its hold expires, so it can only under-admit for that long.)
+    # is dead, and the first use of each would otherwise fail a request. A command
+    # whose reply was lost runs twice, so each script is idempotent (by its id).
     return aioredis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S,
                              decode_responses=True, retry=Retry(NoBackoff(), 1),
                              retry_on_error=[ConnectionError, TimeoutError])
@@ -62,8 +67,8 @@ def unavailable(fn):
         try:
             return await fn(self, *args, **kwargs)
         except RedisError as e:
-            raise StateUnavailable(f"state store (redis) unavailable: {type(e).__name__}: "
-                                   f"{e}") from None
+            log.warning("state store (redis): %s: %s", type(e).__name__, e)
+            raise StateUnavailable("the state store is unavailable") from None
 
     return call
 
@@ -77,7 +82,7 @@ class RedisKeys:
     async def add(self, record: KeyRecord) -> None:
         added = await self._add(keys=[_KEY + record.sha256, _IDS],
                                 args=[record.key_id, record.sha256, record.model_dump_json()])
-        if not added:
+        if not added and await self.find(record.sha256) != record:  # not our own retry
             raise KeyExists(record.key_id)
 
     @unavailable
@@ -115,7 +120,17 @@ _QUOTA_LOAD = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local k = KEYS[1]
-local burst, refill, month = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local burst, refill = tonumber(ARGV[1]), tonumber(ARGV[2])
+-- the UTC month (yyyymm) from Redis's clock: civil date from days since 1970
+local z = math.floor(now / 86400) + 719468
+local era = math.floor(z / 146097)
+local doe = z - era * 146097
+local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+                        - math.floor(doe / 146096)) / 365)
+local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+local mp = math.floor((5 * doy + 2) / 153)
+local mon = mp < 10 and mp + 3 or mp - 9
+local month = (yoe + era * 400 + (mon <= 2 and 1 or 0)) * 100 + mon
 local h = redis.call('HGETALL', k)
 local f = {}
 for i = 1, #h, 2 do f[h[i]] = h[i + 1] end
@@ -132,11 +147,11 @@ local function give_back(name, keep)
   local v = f[name]
   if not v then return nil end
   local b, c, u, d = string.match(v, '([^|]+)|([^|]+)|([^|]+)|([^|]+)|')
-  b, u, d = tonumber(b), tonumber(u), tonumber(d)
-  local back = u - math.min(keep, u)
-  local to_bucket = math.min(back, b)
-  tokens = math.min(burst, tokens + to_bucket)
-  credits = credits + back - to_bucket
+  c, u, d = tonumber(c), tonumber(u), tonumber(d)
+  local back = u - math.min(math.max(0, keep), u)
+  local to_credits = math.min(back, c)  -- what is kept is paid from the bucket first
+  credits = credits + to_credits
+  tokens = math.min(burst, tokens + back - to_credits)
   if d == day then day_used = math.max(0, day_used - back) end
   local before = month_units
   month_units = month_units + u - back
@@ -153,10 +168,13 @@ local function save()
 end
 """
 
-# ARGV 4..: units, daily (-1: none), hold_s, reservation id, epsilon.
+# ARGV 3..: units, daily (-1: none), hold_s, reservation id, epsilon.
 _RESERVE = _QUOTA_LOAD + """
-local units, daily, hold, rid, eps = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
-  ARGV[7], tonumber(ARGV[8])
+local units, daily, hold, rid, eps = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+  ARGV[6], tonumber(ARGV[7])
+if f['r:' .. rid] then  -- a retry of a reserve that ran: the same answer, charged once
+  return {1, string.format('%.17g', tokens), '', '', string.format('%.17g', credits)}
+end
 for name, v in pairs(f) do
   if string.sub(name, 1, 2) == 'r:' then
     local expires = tonumber(string.match(v, '|([^|]+)$'))
@@ -183,12 +201,21 @@ save()
 return {1, string.format('%.17g', tokens), '', '', string.format('%.17g', credits)}
 """
 
-# ARGV 4..: reservation id, units kept. Returns the month's volume before, or -1.
+# ARGV 3..: reservation id, units kept. Returns the month's volume before, or -1.
 _SETTLE = _QUOTA_LOAD + """
-local before = give_back('r:' .. ARGV[4], tonumber(ARGV[5]))
+local before = give_back('r:' .. ARGV[3], tonumber(ARGV[4]))
 if before == nil then return '-1' end
 save()
 return string.format('%.17g', before)
+"""
+
+
+# ARGV: grant id, units. Applied once per id (a retried grant adds nothing more).
+_GRANT = """
+if redis.call('HSETNX', KEYS[1], 'g:' .. ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBYFLOAT', KEYS[1], 'credits', ARGV[2])
+end
+return redis.call('HGET', KEYS[1], 'credits')
 """
 
 
@@ -204,10 +231,11 @@ class RedisLedger:
         self.redis = connect(url)
         self._reserve = self.redis.register_script(_RESERVE)
         self._settle_script = self.redis.register_script(_SETTLE)
+        self._grant = self.redis.register_script(_GRANT)
 
     @staticmethod
     def _budget_args(budget: Budget) -> list:
-        return [repr(float(budget.burst)), repr(float(budget.refill_per_s)), month_of(time.time())]
+        return [repr(float(budget.burst)), repr(float(budget.refill_per_s))]
 
     @unavailable
     async def reserve(self, principal: str, units: float, budget: Budget, *,
@@ -225,14 +253,15 @@ class RedisLedger:
         wait = float(retry) if reason == "daily" else seconds_to(units, tokens, credits, budget)
         return Admission(None, tokens, seconds_to_full(tokens, budget), wait, reason)
 
-    async def _settle(self, r: Reservation, keep: float) -> float:
-        before = await self._settle_script(keys=[_quota_key(r.principal)],
-                                           args=[*self._budget_args(r.budget), r.id,
-                                                 repr(float(keep))])
-        return max(0.0, float(before))
+    async def _settle(self, r: Reservation, keep: float) -> float | None:
+        before = float(await self._settle_script(keys=[_quota_key(r.principal)],
+                                                 args=[*self._budget_args(r.budget), r.id,
+                                                       repr(float(keep))]))
+        return None if before < 0 else before
 
     @unavailable
-    async def commit(self, reservation: Reservation, units: float | None = None) -> float:
+    async def commit(self, reservation: Reservation,
+                     units: float | None = None) -> float | None:
         return await self._settle(reservation, reservation.units if units is None else units)
 
     @unavailable
@@ -254,7 +283,8 @@ class RedisLedger:
 
     @unavailable
     async def grant(self, principal: str, units: float) -> float:
-        return float(await self.redis.hincrbyfloat(_quota_key(principal), "credits", units))
+        return float(await self._grant(keys=[_quota_key(principal)],
+                                       args=[self._uuid().hex, repr(float(units))]))
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -28,6 +29,8 @@ from .ledger import (
     seconds_to_midnight,
 )
 from .principals import KeyRecord
+
+log = logging.getLogger("imagegen.state")
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -69,7 +72,8 @@ class SQLiteDB:
             self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self.conn.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as e:
-            raise StateUnavailable(f"state store {self.path}: {e}") from None
+            log.warning("state store %s: %s", self.path, e)
+            raise StateUnavailable("the state store is unavailable") from None
         self.lock = threading.Lock()
 
     async def run(self, fn, *args):
@@ -80,7 +84,8 @@ class SQLiteDB:
                 except sqlite3.IntegrityError:
                     raise
                 except sqlite3.Error as e:
-                    raise StateUnavailable(f"state store {self.path}: {e}") from None
+                    log.warning("state store %s: %s", self.path, e)
+                    raise StateUnavailable("the state store is unavailable") from None
 
         return await asyncio.to_thread(call)
 
@@ -175,11 +180,11 @@ class _Q:
                            "WHERE id = ?", (rid,)).fetchone()
         if row is None:
             return None
-        bucket_units, _, units, day = row
-        back = units - min(keep, units)
-        to_bucket = min(back, bucket_units)
-        self.tokens = min(budget.burst, self.tokens + to_bucket)
-        self.credits += back - to_bucket
+        _, credit_units, units, day = row
+        back = units - min(max(0.0, keep), units)
+        to_credits = min(back, credit_units)  # what is kept is paid from the bucket first
+        self.credits += to_credits
+        self.tokens = min(budget.burst, self.tokens + back - to_credits)
         if day == self.day:
             self.day_used = max(0.0, self.day_used - back)
         before = self.month_units
@@ -192,10 +197,11 @@ def _tx(conn, fn):
     conn.execute("BEGIN IMMEDIATE")
     try:
         out = fn()
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # a failed COMMIT too: never leave the connection inside one
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
     return out
 
 
@@ -234,16 +240,17 @@ class SQLiteLedger:
 
         return await self.db.run(lambda conn: _tx(conn, lambda: reserve(conn)))
 
-    async def _settle(self, r: Reservation, keep: float) -> float:
+    async def _settle(self, r: Reservation, keep: float) -> float | None:
         def settle(conn):
             q = _Q.load(conn, r.principal, r.budget, time.time())
             before = q.give_back(conn, r.id, keep, r.budget)
             q.save(conn)
-            return before or 0.0
+            return before
 
         return await self.db.run(lambda conn: _tx(conn, lambda: settle(conn)))
 
-    async def commit(self, reservation: Reservation, units: float | None = None) -> float:
+    async def commit(self, reservation: Reservation,
+                     units: float | None = None) -> float | None:
         return await self._settle(reservation, reservation.units if units is None else units)
 
     async def refund(self, reservation: Reservation) -> None:

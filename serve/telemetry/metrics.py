@@ -63,8 +63,9 @@ CATALOGUE: dict[str, Spec] = {s.name: s for s in (
          "Requests or images blocked, by stage (prompt_safety, image_safety, quota) and reason",
          ("tier", "stage", "reason")),
     Spec("imagegen_quota_units_total", "counter",
-         "Cost units charged to budgets (outcome charged) or refused (outcome rejected, "
-         "reason bucket or daily), by plan", ("plan", "outcome", "reason")),
+         "Cost units charged to budgets (outcome charged), served but not settled (the "
+         "store failed: unsettled) or refused (rejected, reason bucket or daily), by plan",
+         ("plan", "outcome", "reason")),
     Spec("imagegen_cache_hits_total", "counter",
          "Requests answered from the cache without a model", ("tier",)),
     Spec("imagegen_fallback_active", "gauge",

@@ -55,7 +55,7 @@ def test_refund_gives_back_commit_keeps_and_both_settle_once(state_url):
     after_refund, before, again, usage = run(state_url, body)
     assert (after_refund.tokens, after_refund.today, after_refund.held) == (
         pytest.approx(10), pytest.approx(0), 0)
-    assert before == 0 and again == 0
+    assert before == 0 and again is None  # already settled: nothing more
     assert (usage.tokens, usage.today, usage.month, usage.held) == (
         pytest.approx(6), pytest.approx(4), pytest.approx(4), 0)
 
@@ -151,3 +151,39 @@ def test_one_sqlite_file_shared_by_two_processes_stays_exact(tmp_path):
                               text=True) for _ in range(2)]
     admitted = [int(p.communicate(timeout=60)[0]) for p in procs]
     assert sum(admitted) == 10, admitted
+
+
+def test_a_partial_commit_pays_from_the_bucket_first_and_gives_credits_back(state_url):
+    async def body(ledger):
+        await ledger.commit((await ledger.reserve("alice", 8, B)).reservation)  # bucket: 2
+        await ledger.grant("alice", 8)
+        r = (await ledger.reserve("alice", 10, B)).reservation  # 2 bucket + 8 credits
+        before = await ledger.commit(r, 2)  # a cheaper fallback served it
+        gone = await ledger.commit(r, 2)
+        return before, gone, await ledger.usage("alice", B)
+
+    before, gone, usage = run(state_url, body)
+    assert before == pytest.approx(8) and gone is None  # settled once; then nothing
+    assert (usage.tokens, usage.credits) == (pytest.approx(0), pytest.approx(8))
+
+
+def test_a_retried_redis_script_charges_once(redis_server):
+    from serve.quotas.redis_backend import RedisLedger, _quota_key
+
+    redis_server.flush()
+
+    async def body():
+        ledger = RedisLedger(redis_server.url)
+        try:
+            args = [*ledger._budget_args(B), "6.0", -1, "600", "same-id", "1e-9"]
+            for _ in range(2):  # as redis-py re-sends a call whose reply was lost
+                await ledger._reserve(keys=[_quota_key("alice")], args=args)
+            for gid in ("g1", "g1"):
+                await ledger._grant(keys=[_quota_key("alice")], args=[gid, "5"])
+            return await ledger.usage("alice", B)
+        finally:
+            await ledger.close()
+
+    usage = asyncio.run(body())
+    assert (usage.tokens, usage.today, usage.held, usage.credits) == (
+        pytest.approx(4), pytest.approx(6), 1, pytest.approx(5))
