@@ -29,6 +29,7 @@ from .errors import (
     ModelTimeout,
     ModelUnavailable,
     Overloaded,
+    PlanLimit,
     QuotaExceeded,
     StateUnavailable,
     Unauthenticated,
@@ -36,7 +37,7 @@ from .errors import (
 from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
 from .quotas.fairness import InFlight
-from .quotas.ledger import Budget, Ledger, Reservation, ceil_s
+from .quotas.ledger import EPSILON, NEVER_S, Budget, Ledger, Reservation, ceil_s
 from .quotas.plans import Plans, PlanSpec, admit, commercially_usable, price
 from .quotas.principals import Principal
 from .routing import LiveRouting, RoutingTable
@@ -257,6 +258,15 @@ class ImageService:
             return got.reservation
         annotate(quota={"plan": principal.plan, "units": p.cost_units, "outcome": "rejected",
                         "reason": got.reason})
+        cap = budget.daily if got.reason == "daily" else budget.burst
+        never_fits = (p.cost_units > cap + EPSILON if got.reason == "daily"
+                      else budget.refill_per_s > 0 and got.retry_after_s >= NEVER_S)
+        if never_fits:
+            # Waiting never helps: the request costs more than the plan's whole budget.
+            raise PlanLimit(f"{p.cost_units:g} cost units exceed plan {principal.plan!r}'s "
+                            f"{'daily cap' if got.reason == 'daily' else 'burst'} of {cap:g}; "
+                            "ask for fewer or smaller images",
+                            details=[{"field": "n", "type": "plan_limit"}])
         window = budget.burst / budget.refill_per_s if budget.refill_per_s > 0 else 86400
         limit, left, reset = (budget.burst, got.remaining, got.reset_s)
         if got.reason == "daily":

@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import StateUnavailable
@@ -75,6 +76,9 @@ class SQLiteDB:
             log.warning("state store %s: %s", self.path, e)
             raise StateUnavailable("the state store is unavailable") from None
         self.lock = threading.Lock()
+        # Its own thread: a call waiting on the file lock (up to the busy timeout) never
+        # holds one of the default executor's threads, which encode PNGs.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="imagegen-sqlite")
 
     async def run(self, fn, *args):
         def call():
@@ -87,11 +91,12 @@ class SQLiteDB:
                     log.warning("state store %s: %s", self.path, e)
                     raise StateUnavailable("the state store is unavailable") from None
 
-        return await asyncio.to_thread(call)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
     def close(self) -> None:
         with self.lock:
             self.conn.close()
+        self.executor.shutdown(wait=False)
 
 
 def _row(r) -> KeyRecord:

@@ -195,3 +195,17 @@ def test_one_principal_gets_a_bounded_share_and_others_still_get_in(lock, routin
     refused, other, again, counts = asyncio.run(main())
     assert refused.code == "rate_limited" and refused.retry_after_s == 1
     assert other.images and again.images and counts == {}
+
+
+@pytest.mark.parametrize(("plan", "n", "says"), [
+    ("tight", 4, "burst"), ("capped", 2, "daily cap"),
+])
+def test_a_request_dearer_than_the_whole_budget_is_a_plan_limit_not_a_wait(
+        lock, routing, backend, ledger, plan, n, says):
+    from serve.errors import PlanLimit
+
+    s = svc(lock, routing, backend, ledger)
+    who = Principal(name="alice", roles=frozenset({"user"}), plan=plan)
+    with pytest.raises(PlanLimit, match=says):
+        gen(s, who, n=n)
+    assert backend.calls == []
