@@ -19,7 +19,7 @@ from .deployments.model import ModelDeployment
 from .engines.base import Engine
 from .errors import ConfigError
 from .lockfile import load_lock
-from .quotas.keys import FileKeys, check_state_url
+from .quotas.keys import FileKeys, state_backend
 from .quotas.plans import load_plans, unrouted_tiers
 from .routing import load_routing
 
@@ -68,7 +68,7 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
             logging_config=logging_config,
             **model_deployment_options(p),
         ).bind(entry, engine_cls, str(settings.model_dir), options)
-    check_state_url(settings.state_url)
+    state_backend(settings.state_url)  # a bad URL refuses to start
     plans = load_plans(settings.plans_file)
     for name, tiers in unrouted_tiers(plans, set(routing.tiers)).items():
         log.warning("plan %r names tiers the routing document does not have: %s", name,

@@ -53,26 +53,26 @@ class FileKeys:
         return self.by_hash.get(sha256)
 
 
-def check_state_url(state_url: str) -> None:
-    """ConfigError at start for a state_url no backend takes."""
+def state_backend(state_url: str) -> str:
+    """`sqlite` or `redis`: which backend takes `state_url`; ConfigError for neither
+    (checked at start, and by every store that opens it)."""
     if state_url.startswith("sqlite://"):
         sqlite_path(state_url)
-    elif not state_url.startswith(("redis://", "rediss://")):
-        raise ConfigError(f"state_url {state_url!r}: expected sqlite:///PATH or "
-                          "redis://HOST:PORT/DB")
+        return "sqlite"
+    if state_url.startswith(("redis://", "rediss://")):
+        return "redis"
+    raise ConfigError(f"state_url {state_url!r}: expected sqlite:///PATH or redis://HOST:PORT/DB")
 
 
 def open_keys(state_url: str) -> KeyStore:
     """The key store of the state store at `state_url`."""
-    if state_url.startswith("sqlite://"):
+    if state_backend(state_url) == "sqlite":
         from .sqlite_backend import SQLiteKeys
 
         return SQLiteKeys(sqlite_path(state_url))
-    if state_url.startswith(("redis://", "rediss://")):
-        from .redis_backend import RedisKeys
+    from .redis_backend import RedisKeys
 
-        return RedisKeys(state_url)
-    raise ConfigError(f"state_url {state_url!r}: expected sqlite:///PATH or redis://HOST:PORT/DB")
+    return RedisKeys(state_url)
 
 
 def sqlite_path(url: str) -> Path:

@@ -124,9 +124,9 @@ def ceil_s(seconds: float) -> int:
 
 
 def open_ledger(state_url: str) -> Ledger:
-    from .keys import sqlite_path
+    from .keys import sqlite_path, state_backend
 
-    if state_url.startswith("sqlite://"):
+    if state_backend(state_url) == "sqlite":
         from .sqlite_backend import SQLiteLedger
 
         return SQLiteLedger(sqlite_path(state_url))
