@@ -19,6 +19,7 @@ from .deployments.model import ModelDeployment
 from .engines.base import Engine
 from .errors import ConfigError
 from .lockfile import load_lock
+from .quotas.auth import Upstream
 from .quotas.keys import FileKeys, state_backend
 from .quotas.plans import load_plans, unrouted_tiers
 from .routing import load_routing
@@ -78,9 +79,17 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
             if record.plan not in plans.plans:
                 raise ConfigError(f"keys file {settings.keys_file}: key {record.key_id} names "
                                   f"plan {record.plan!r}, not in {settings.plans_file}")
+    upstream = None
+    if settings.trusted_proxies:
+        if settings.identity_plan not in plans.plans:
+            raise ConfigError(f"identity_plan {settings.identity_plan!r} is not in "
+                              f"{settings.plans_file}")
+        upstream = Upstream(tuple(str(n) for n in settings.trusted_proxies),
+                            settings.identity_header.lower(), settings.identity_plan)
     access = Access(settings.state_url,
                     str(settings.keys_file) if settings.keys_file else None,
-                    settings.allow_pinning, plans, settings.in_flight_per_principal)
+                    settings.allow_pinning, plans, settings.in_flight_per_principal,
+                    upstream)
     source = RoutingSource(
         file=str(settings.routing_file), configmap=settings.routing_configmap,
         namespace=settings.routing_namespace, key=settings.routing_key,

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, IPvAnyNetwork, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -100,7 +100,8 @@ class Settings(BaseSettings):
     )
     state_url: str = Field(
         default_factory=_state_url, description="the state store (API keys; quotas and "
-        "queues next): sqlite:///ABSOLUTE/PATH (one machine) or redis://HOST:PORT/DB",
+        "queues next): sqlite:///ABSOLUTE/PATH (one machine), redis://HOST:PORT/DB or "
+        "redis+cluster://HOST:PORT (a Redis Cluster, from one seed node)",
     )
     keys_file: Path | None = Field(
         None, description="read-only API keys from a YAML file (a mounted Secret), beside "
@@ -113,6 +114,18 @@ class Settings(BaseSettings):
     in_flight_per_principal: Annotated[int, Field(ge=0, le=100000)] = Field(
         64, description="requests one principal may have in flight per ingress replica "
         "(its fair share of the queue); the next is 429 rate_limited. 0: no limit",
+    )
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="addresses or networks of a gateway that "
+        "authenticates callers itself and names them in identity_header; empty (the "
+        "default): off, and the header is ignored from everyone",
+    )
+    identity_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] = Field(
+        "X-Imagegen-Principal", description="the header (gRPC: metadata) in which a trusted "
+        "proxy names the principal",
+    )
+    identity_plan: str = Field(
+        "default", description="the plan of a principal a trusted proxy names (role user)",
     )
     allow_pinning: bool = Field(
         False, description="any caller may pin a models.lock revision (`model`): it alone "

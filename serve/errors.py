@@ -81,6 +81,19 @@ class CommercialUseForbidden(Forbidden):
     code = "commercial_use_forbidden"
 
 
+class IdempotencyKeyReused(ImagegenError):
+    """The Idempotency-Key was used before with another request body."""
+
+    code = "idempotency_key_reused"
+
+
+class IdempotencyInProgress(ImagegenError):
+    """A request with this Idempotency-Key is still running; retry when it is done."""
+
+    code = "idempotency_in_progress"
+    retry_after_s = 1
+
+
 class NotFound(ImagegenError):
     code = "not_found"
 
@@ -189,6 +202,8 @@ STATUS: dict[type[ImagegenError], Row] = {
     Forbidden: Row(403, "PERMISSION_DENIED", 403, "permission_error"),
     PlanLimit: Row(403, "PERMISSION_DENIED", 403, "permission_error"),
     CommercialUseForbidden: Row(403, "PERMISSION_DENIED", 403, "permission_error"),
+    IdempotencyKeyReused: Row(422, "INVALID_ARGUMENT", *_BAD),
+    IdempotencyInProgress: Row(409, "ABORTED", 409, "invalid_request_error"),
     NotFound: Row(404, "NOT_FOUND", 404, "not_found_error"),
     MethodNotAllowed: Row(405, "UNIMPLEMENTED", 405, "invalid_request_error"),
     PayloadTooLarge: Row(413, "INVALID_ARGUMENT", *_BAD),

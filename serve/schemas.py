@@ -137,10 +137,13 @@ class GenerateResponse(BaseModel):
     pinned: bool = Field(False, description="the request pinned this revision: no fallback "
                          "applied")
     batch_images: int = Field(description="images in the pipeline call that ran this request")
-    cost_units: float = Field(description="charged: cost weight x images x megapixels (a "
-                              "fallback never costs more than the tier)")
+    cost_units: float = Field(description="charged: cost weight x megapixels x steps over "
+                              "the model's default (a fallback never costs more than the "
+                              "tier)")
     price: float | None = Field(None, description="what the caller's plan charged: the cost "
                                 "units at the month's progressive price (none without a plan)")
+    replayed: bool = Field(False, description="the answer of an earlier request with the same "
+                           "Idempotency-Key and body, not charged again")
     images: list[Image]
     timings: Timings
 

@@ -3,9 +3,9 @@
 Stages present now: authenticate -> validate -> route the tier and resolve the
 request against its primary (defaults and limits; every fallback accepts at least
 as much; a commercial plan keeps only revisions licensed for it) -> admit (the
-plan's limits) -> generate on the first usable revision, failing over -> encode ->
-answer. Each
-stage has its span (`stage`) and tells the request's record what it learned
+plan's limits; the principal's share of this replica; the first revision's room
+here, else 503 at once) -> reserve the cost in the budget -> generate on the first
+usable revision, failing over -> price -> encode -> commit -> answer. Each stage has its span (`stage`) and tells the request's record what it learned
 (`annotate`): the log line and the metrics are written once, by the transport.
 """
 
@@ -16,7 +16,8 @@ import base64
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from .engines.base import Generated, Job
@@ -24,6 +25,8 @@ from .errors import (
     CommercialUseForbidden,
     Forbidden,
     GenerationFailed,
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
     InvalidRequest,
     LimitExceeded,
     ModelTimeout,
@@ -36,7 +39,8 @@ from .errors import (
 )
 from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
-from .quotas.fairness import InFlight
+from .quotas.fairness import InFlight, at_capacity, share_used
+from .quotas.idempotency import Replays, fingerprint
 from .quotas.ledger import EPSILON, NEVER_S, Budget, Ledger, Reservation, ceil_s
 from .quotas.plans import Plans, PlanSpec, admit, commercially_usable, price
 from .quotas.principals import Principal
@@ -59,7 +63,7 @@ class Backend(Protocol):
 class Authenticator(Protocol):
     """Stage 1 (serve/quotas/auth.py)."""
 
-    async def authenticate(self, authorization: str | None) -> Principal: ...
+    async def identify(self, headers: Mapping[str, str], peer: str | None) -> Principal: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +73,16 @@ class Plan:
     tier: str
     entry: ModelEntry  # the tier's primary (or the pinned revision): its defaults and limits
     jobs: list[Job]
-    cost_units: float  # tier weight x images x megapixels
+    cost_units: float  # tier weight x work()
     pinned: bool = False  # the request named its revision: it alone serves
 
     def megapixels(self) -> float:
         return sum(j.width * j.height for j in self.jobs) / 1e6
+
+    def work(self) -> float:
+        """What a cost weight multiplies: the images' megapixels, scaled by their steps
+        against the model's default (quality high: 2x the steps, 2x the cost)."""
+        return self.megapixels() * self.jobs[0].steps / self.entry.defaults.steps
 
 
 def _limit(field: str, message: str) -> LimitExceeded:
@@ -112,8 +121,8 @@ def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable, *,
         for i in range(req.n)
     ]
     weight = routing.cost_weight(req.tier, entry.name, pinned=req.model is not None)
-    return Plan(req.tier, entry, jobs, round(weight * req.n * width * height / 1e6, 6),
-                pinned=req.model is not None)
+    p = Plan(req.tier, entry, jobs, 0.0, pinned=req.model is not None)
+    return replace(p, cost_units=round(weight * p.work(), 6))
 
 
 def _pinned(model: str, lock: Lock, may_pin: bool) -> str:
@@ -141,24 +150,31 @@ class ImageService:
     def __init__(self, lock: Lock, routing: LiveRouting, backend: Backend, *,
                  auth: Authenticator | None = None, plans: Plans | None = None,
                  ledger: Ledger | None = None, may_pin: bool = False,
-                 in_flight_per_principal: int = 0) -> None:
+                 in_flight_per_principal: int = 0,
+                 capacity: Mapping[str, int] | None = None,
+                 replays: Replays | None = None) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
         self.auth = auth
         self.plans = plans
         self.ledger = ledger
-        self.fairness = InFlight(in_flight_per_principal)
-        self._orphans: set[asyncio.Task] = set()  # refunds of reserves whose caller left
+        self.fairness = InFlight(in_flight_per_principal, share_used)
+        # Requests a revision can hold here (queued + running); beyond it 503 at once.
+        self.capacity = InFlight(capacity or {}, at_capacity)
+        self.replays = replays
+        self._orphans: set[asyncio.Task] = set()  # refunds and releases whose caller left
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
 
-    async def authenticate(self, authorization: str | None) -> Principal:
-        """Stage 1: the caller's `Authorization` value -> its principal (401 if none).
-        Every transport calls it first, the same way."""
+    async def authenticate(self, headers: Mapping[str, str],
+                           peer: str | None = None) -> Principal:
+        """Stage 1: the request's headers (HTTP) or metadata (gRPC) and its peer
+        address -> its principal (401 if none). Every transport calls it first, the
+        same way."""
         if self.auth is None:
             raise Unauthenticated("this service has no API keys configured")
         with stage("authenticate"):
-            principal = await self.auth.authenticate(authorization)
+            principal = await self.auth.identify(headers, peer)
         annotate(principal=principal.name)
         return principal
 
@@ -174,7 +190,10 @@ class ImageService:
         ]
 
     async def generate(self, req: GenerateRequest, request_id: str,
-                       principal: Principal | None = None) -> GenerateResponse:
+                       principal: Principal | None = None,
+                       idempotency_key: str | None = None) -> GenerateResponse:
+        if idempotency_key is not None and principal is not None and self.replays is not None:
+            return await self._once(req, request_id, principal, idempotency_key)
         t0 = time.perf_counter()
         table = self.routing.table  # one document for the whole request
         spec = self.plans.get(principal.plan) if self.plans and principal else None
@@ -190,7 +209,8 @@ class ImageService:
             with stage("admit"):
                 admit(principal.plan, spec, tier=p.tier, n=len(p.jobs),
                       megapixels=p.megapixels())
-        with self.fairness.hold(principal.name if principal else None):
+        with (self.fairness.hold(principal.name if principal else None),
+              self.capacity.hold(order[0])):
             reservation = None
             if spec is not None and self.ledger is not None:
                 reservation = await self._reserve(principal, spec, p)
@@ -221,6 +241,53 @@ class ImageService:
             ),
         )
 
+    async def _once(self, req: GenerateRequest, request_id: str, principal: Principal,
+                    key: str) -> GenerateResponse:
+        """Stage 2b: a request under an Idempotency-Key runs once; a retry with the same
+        body gets the first answer (`replayed`), charged nothing."""
+        with stage("idempotency"):
+            claim = await self.replays.claim(principal.name, key,
+                                             fingerprint(req.model_dump_json()), request_id)
+        if claim.state == "done":
+            first = GenerateResponse.model_validate_json(claim.answer)
+            annotate(tier=first.tier, model=first.model, revision=first.revision,
+                     images=len(first.images), replayed=True)  # delivered again, not charged
+            return first.model_copy(update={"replayed": True})
+        if claim.state == "mismatch":
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was used with another request; use a new key per "
+                "request", details=[{"field": "Idempotency-Key", "type": "reused"}])
+        if claim.state == "running":
+            raise IdempotencyInProgress("a request with this Idempotency-Key is still "
+                                        "running; retry shortly for its answer")
+        try:
+            resp = await self.generate(req, request_id, principal)
+        except BaseException:
+            await self._finish(self.replays.release(principal.name, key, request_id))
+            raise
+        # Served and charged: the answer goes out even if it cannot be kept (then a
+        # retry would run again; logged).
+        await self._finish(self.replays.complete(principal.name, key, request_id,
+                                                 resp.model_dump_json()))
+        return resp
+
+    def _later(self, call) -> asyncio.Task:
+        """Run a bookkeeping call to its end even if the caller leaves; a failure is
+        logged (the store down: a refund's hold, a claim's lease expires instead)."""
+        task = asyncio.ensure_future(call)
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
+        task.add_done_callback(_logged)
+        return task
+
+    async def _finish(self, call) -> None:
+        """Await a bookkeeping call (shielded: it ends even if this request is
+        cancelled, which still propagates); a store that fails is only logged."""
+        try:
+            await asyncio.shield(self._later(call))
+        except StateUnavailable:
+            pass
+
     async def _produce(self, p: Plan, order: list[str], table: RoutingTable):
         """Stages 8-10: generate on the first usable revision, price what served, encode.
         (out, revision served, fallback?, cost units, PNGs)."""
@@ -231,7 +298,7 @@ class ImageService:
             span.set_attributes({"imagegen.batch_images": out.batch_images,
                                  "imagegen.queue_ms": out.queue_s * 1e3,
                                  "imagegen.fallback": fallback, "imagegen.served_by": e.name})
-        cost = round(table.cost_weight(p.tier, e.name, pinned=p.pinned) * p.megapixels(), 6)
+        cost = round(table.cost_weight(p.tier, e.name, pinned=p.pinned) * p.work(), 6)
         annotate(model=e.name, revision=e.revision, cost_units=cost, fallback=fallback,
                  queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3)
         with stage("encode", **{"imagegen.images": len(p.jobs)}):
@@ -283,9 +350,7 @@ class ImageService:
         if call.cancelled() or call.exception() is not None:
             return
         if (r := call.result().reservation) is not None:
-            task = asyncio.ensure_future(self._settle(r, 0.0, None))
-            self._orphans.add(task)
-            task.add_done_callback(self._orphans.discard)
+            self._later(self._settle(r, 0.0, None))
 
     async def _settle(self, r: Reservation, units: float,
                       spec: PlanSpec | None) -> float | None:
@@ -361,6 +426,11 @@ class ImageService:
                 self.routing.release(model)
             else:
                 self.routing.record(model, ok=outcome)
+
+def _logged(task: asyncio.Task) -> None:
+    if not task.cancelled() and (e := task.exception()) is not None:
+        log.warning("state store bookkeeping failed: %s", e)
+
 
 def _genai_attributes(p: Plan) -> dict[str, object]:
     """GenAI semantic conventions where they fit, imagegen.* for the rest. The prompt

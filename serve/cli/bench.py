@@ -51,6 +51,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     bench_state.add_arguments(bsub.add_parser(
         "state", help="what authenticating costs per request, per state store backend"))
+    from . import bench_flood
+
+    bench_flood.add_arguments(bsub.add_parser(
+        "flood", help="more requests at once than a revision queues: how fast the rest are refused"))
     return b
 
 
@@ -60,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         from . import bench_capacity
 
         return bench_capacity.run(args, settings)
+    if args.bench_command == "flood":
+        from . import bench_flood
+
+        return bench_flood.run(args, settings)
     if args.bench_command == "state":
         from . import bench_state
 

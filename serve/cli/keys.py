@@ -29,15 +29,40 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return k
 
 
+def _record(key: str, key_id: str, args: argparse.Namespace, settings):
+    """The new key's record, or None (said why on stderr) for a name the store would
+    refuse or a plan the service does not have."""
+    from pydantic import ValidationError
+
+    from ..errors import describe
+    from ..quotas.plans import load_plans
+    from ..quotas.principals import record_for
+
+    try:
+        record = record_for(key, key_id, args.principal, tuple(args.role or ["user"]),
+                            args.plan)
+    except ValidationError as e:
+        print(f"error: {describe(e)} (names are 1-128 of A-Z a-z 0-9 . _ @ : -)",
+              file=sys.stderr)
+        return None
+    plans = load_plans(settings.plans_file).plans
+    if args.plan not in plans:
+        print(f"error: plan {args.plan!r} is not in {settings.plans_file}; known: "
+              f"{', '.join(sorted(plans))}", file=sys.stderr)
+        return None
+    return record
+
+
 def run(args: argparse.Namespace) -> int:
     from ..quotas.keys import open_keys
-    from ..quotas.principals import new_key, record_for
+    from ..quotas.principals import new_key
 
     settings = settings_of(args)
     if args.keys_command == "create":
         key_id, key = new_key()
-        record = record_for(key, key_id, args.principal, tuple(args.role or ["user"]),
-                            args.plan)
+        record = _record(key, key_id, args, settings)
+        if record is None:
+            return 2
         if args.file_entry:
             import yaml
 

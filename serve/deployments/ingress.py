@@ -24,7 +24,8 @@ from ..errors import GenerationFailed, ImagegenError, ModelTimeout, ModelUnavail
 from ..ingress.grpc import GrpcTransport
 from ..ingress.http import build_http_app
 from ..lockfile import Lock
-from ..quotas.auth import Authenticator
+from ..quotas.auth import Authenticator, Upstream
+from ..quotas.idempotency import open_replays
 from ..quotas.keys import FileKeys, open_keys
 from ..quotas.ledger import open_ledger
 from ..quotas.plans import Plans
@@ -67,10 +68,12 @@ class Access:
     allow_pinning: bool = False
     plans: Plans | None = None
     in_flight_per_principal: int = 0
+    upstream: Upstream | None = None  # a gateway trusted to name the caller
 
     def authenticator(self) -> Authenticator:
         return Authenticator(open_keys(self.state_url),
-                             FileKeys(Path(self.keys_file)) if self.keys_file else None)
+                             FileKeys(Path(self.keys_file)) if self.keys_file else None,
+                             upstream=self.upstream)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,12 @@ class Coalescing:
     max_images: int  # per call (the model's batch size)
     max_calls: int  # in flight at once: enough to keep every replica's queue fed
     max_queued: int | None  # requests waiting in the ingress before 503 overloaded
+
+    @property
+    def capacity(self) -> int:
+        """Requests the model can hold in this replica, queued or in its running
+        calls (0: unbounded); the service refuses the next before any other work."""
+        return 0 if self.max_queued is None else self.max_queued + self.max_calls * self.max_images
 
 
 class HandleBackend:
@@ -167,7 +176,9 @@ class Ingress:
             plans=access.plans if access else None,
             ledger=open_ledger(access.state_url) if access else None,
             may_pin=bool(access and access.allow_pinning),
-            in_flight_per_principal=access.in_flight_per_principal if access else 0)
+            in_flight_per_principal=access.in_flight_per_principal if access else 0,
+            capacity={n: c.capacity for n, c in coalescing.items() if c.capacity},
+            replays=open_replays(access.state_url) if access else None)
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
                                   max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes

@@ -25,6 +25,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2
 
 from ..errors import ImagegenError, MalformedBody, PayloadTooLarge, QuotaExceeded, row
+from ..quotas.idempotency import valid_key
 from ..schemas import GenerateRequest, GenerateResponse, validate
 from ..service import ImageService
 from ..telemetry import Metrics, annotate, request_scope, stage
@@ -40,6 +41,7 @@ SERVICER_FUNCTIONS = [f"{__name__}.add_servicers"]  # gRPCOptions.grpc_servicer_
 CODE_KEY, DETAILS_KEY, TRACE_KEY, RETRY_KEY, ID_KEY = (
     "imagegen-code", "imagegen-details", "imagegen-trace-id", "retry-after",
     "imagegen-request-id")
+IDEMPOTENCY_KEY = "idempotency-key"  # the invocation metadata twin of the HTTP header
 # Trailers share gRPC's 8 KiB metadata limit: past it the caller sees a bare failure.
 _MAX_MESSAGE, _MAX_DETAILS = 1024, 4096
 _QUALITY = {pb.QUALITY_LOW: "low", pb.QUALITY_STANDARD: "standard", pb.QUALITY_HIGH: "high"}
@@ -91,7 +93,7 @@ def to_proto(r: GenerateResponse) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         id=r.id, trace_id=r.trace_id, created=r.created, tier=r.tier, model=r.model,
         revision=r.revision, fallback=r.fallback, pinned=r.pinned, batch_images=r.batch_images,
-        cost_units=r.cost_units, price=r.price,
+        cost_units=r.cost_units, price=r.price, replayed=r.replayed,
         images=[pb.Image(seed=i.seed, width=i.width, height=i.height, mime_type=i.mime_type,
                          data=base64.b64decode(i.b64_json)) for i in r.images],
         timings=pb.Timings(**r.timings.model_dump()),
@@ -112,16 +114,18 @@ class GrpcTransport:
         self.max_body_bytes = max_body_bytes
 
     async def generate(self, raw: bytes, context) -> pb.GenerateResponse:
-        async def call(raw: bytes, rid: str, principal) -> pb.GenerateResponse:
+        async def call(raw: bytes, rid: str, principal, metadata) -> pb.GenerateResponse:
             with stage("validate"):
                 req = to_request(raw)
-            return to_proto(await self.service.generate(req, rid, principal))
+                key = metadata.get(IDEMPOTENCY_KEY)
+            return to_proto(await self.service.generate(
+                req, rid, principal, None if key is None else valid_key(key)))
 
         return await self._call("Generate", call, raw, context, pb.GenerateResponse,
                                 generation=True)
 
     async def list_models(self, raw: bytes, context) -> pb.ListModelsResponse:
-        async def call(raw: bytes, _rid: str, _principal) -> pb.ListModelsResponse:
+        async def call(raw: bytes, _rid: str, _principal, _metadata) -> pb.ListModelsResponse:
             try:
                 pb.ListModelsRequest.FromString(raw)
             except DecodeError as e:
@@ -176,8 +180,8 @@ class GrpcTransport:
                 if len(raw) > self.max_body_bytes:
                     raise PayloadTooLarge(f"message of {len(raw)} bytes exceeds "
                                           f"{self.max_body_bytes}")
-                principal = await self.service.authenticate(metadata.get("authorization"))
-                out = await call(raw, rid, principal)
+                principal = await self.service.authenticate(metadata, _peer(context))
+                out = await call(raw, rid, principal, metadata)
                 rec.status, rec.grpc_status = 200, "OK"
             except asyncio.CancelledError:
                 rec.grpc_status = "CANCELLED"  # the caller left (deadline, cancel)
@@ -203,6 +207,17 @@ class GrpcTransport:
                         trailers.append((DETAILS_KEY, details))
             context.set_trailing_metadata(trailers)
             return out
+
+
+def _peer(context) -> str | None:
+    """The caller's IP address from gRPC's peer string (`ipv4:1.2.3.4:5`,
+    `ipv6:[::1]:5`); None for another kind (a Unix socket)."""
+    kind, _, rest = context.peer().partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return None
 
 
 def _truncate(text: str, most: int) -> str:

@@ -24,6 +24,7 @@ from ..errors import (
     UnsupportedMediaType,
     http_status,
 )
+from ..quotas.idempotency import valid_key
 from ..schemas import (
     ErrorEnvelope,
     GenerateRequest,
@@ -52,6 +53,17 @@ def request_id(request: Request) -> str:
         rid = valid_request_id(request.headers.get("x-request-id", ""))
         request.state.request_id = rid
     return rid
+
+
+def peer(request: Request) -> str | None:
+    """The address the request came from (a gateway's, behind one)."""
+    return request.client.host if request.client else None
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The `Idempotency-Key` header (draft-ietf-httpapi-idempotency-key-header), checked."""
+    key = request.headers.get("idempotency-key")
+    return None if key is None else valid_key(key)
 
 
 def valid_request_id(given: str) -> str:
@@ -132,11 +144,12 @@ def build_http_app(
             "application/json": {"schema": GenerateRequest.model_json_schema()}}}},
     )
     async def generate(request: Request) -> Response:
-        principal = await service.authenticate(request.headers.get("authorization"))
+        principal = await service.authenticate(request.headers, peer(request))
         body = await read_json_body(request, max_body_bytes)
         with stage("validate"):
             req = parse_request(body)
-        resp = await service.generate(req, request_id(request), principal)
+        resp = await service.generate(req, request_id(request), principal,
+                                      idempotency_key(request))
         return Response(resp.model_dump_json(), media_type="application/json",
                         headers=id_header(request))
 
@@ -146,7 +159,7 @@ def build_http_app(
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models(request: Request) -> ModelList:
-        await service.authenticate(request.headers.get("authorization"))
+        await service.authenticate(request.headers, peer(request))
         return ModelList(models=service.models())
 
     @app.get("/v1/routing")

@@ -20,7 +20,7 @@ from ..errors import ImagegenError, InvalidRequest, row
 from ..schemas import PRINTABLE, GenerateRequest, GenerateResponse, load_json, validate
 from ..service import ImageService
 from ..telemetry import annotate, current_trace_id, stage
-from .http import error_headers, id_header, read_json_body, request_id
+from .http import error_headers, id_header, idempotency_key, peer, read_json_body, request_id
 
 ROUTE = "/v1/images/generations"
 # `model` -> tier. A tier's own name works too. OpenAI's model names map to the
@@ -117,7 +117,7 @@ def to_openai(resp: GenerateResponse, quality: str | None) -> dict[str, Any]:
                      "model": resp.model, "revision": resp.revision, "fallback": resp.fallback,
                      "pinned": resp.pinned,
                      "seeds": [i.seed for i in resp.images], "cost_units": resp.cost_units,
-                     "price": resp.price,
+                     "price": resp.price, "replayed": resp.replayed,
                      "batch_images": resp.batch_images,
                      "timings": resp.timings.model_dump()},
     }
@@ -144,14 +144,15 @@ def add_routes(app: FastAPI, service: ImageService, *, max_body_bytes: int) -> N
     async def generations(request: Request) -> JSONResponse:
         """OpenAI's images API shape over the same service (README § OpenAI-compatible)."""
         try:
-            principal = await service.authenticate(request.headers.get("authorization"))
+            principal = await service.authenticate(request.headers, peer(request))
             body = await read_json_body(request, max_body_bytes)
             with stage("validate"):
                 o = validate(OpenAIImageRequest, load_json(body))
                 req = to_generate_request(o, models)
             if who := o.safety_identifier or o.user:
                 annotate(openai_user=hashlib.sha256(who.encode()).hexdigest()[:16])
-            resp = await service.generate(req, request_id(request), principal)
+            resp = await service.generate(req, request_id(request), principal,
+                                          idempotency_key(request))
         except ImagegenError as e:
             return error(request, e)
         return JSONResponse(to_openai(resp, QUALITY_NAME.get(o.quality or "")),

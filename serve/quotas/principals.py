@@ -21,7 +21,7 @@ from ..errors import Unauthenticated
 Role = Literal["user", "reviewer", "admin"]
 ROLES: tuple[Role, ...] = ("user", "reviewer", "admin")
 _KEY = re.compile(r"^ig_([a-z0-9]{12})_[A-Za-z0-9_-]{27}$")
-_NAME = r"^[A-Za-z0-9._@:-]{1,128}$"
+NAME = r"^[A-Za-z0-9._@:-]{1,128}$"  # a principal or plan
 
 
 class KeyRecord(BaseModel):
@@ -31,9 +31,9 @@ class KeyRecord(BaseModel):
 
     key_id: Annotated[str, Field(pattern=r"^[a-z0-9]{12}$")]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    principal: Annotated[str, Field(pattern=_NAME)]
+    principal: Annotated[str, Field(pattern=NAME)]
     roles: tuple[Role, ...] = ("user",)
-    plan: Annotated[str, Field(pattern=_NAME)] = "default"
+    plan: Annotated[str, Field(pattern=NAME)] = "default"
     created: float = Field(default_factory=time.time)
     revoked: float | None = None  # unix seconds; a revoked key authenticates nobody
 

@@ -8,7 +8,9 @@ under a retry."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import math
 import time
 
 from redis import asyncio as aioredis
@@ -17,6 +19,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 from ..errors import StateUnavailable
+from .idempotency import KEEP_S, LEASE_S, Claim
 from .keys import KeyExists
 from .ledger import (
     EPSILON,
@@ -285,6 +288,70 @@ class RedisLedger:
     async def grant(self, principal: str, units: float) -> float:
         return float(await self._grant(keys=[_quota_key(principal)],
                                        args=[self._uuid().hex, repr(float(units))]))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+# An idempotency key is one hash, {imagegen:<principal>}:idem:<sha256 of the key>:
+# fp, owner, and the answer once done; it expires (the lease, then the keep).
+# KEYS: the hash. ARGV: fingerprint, owner, lease seconds.
+_CLAIM = """
+local fp = redis.call('HGET', KEYS[1], 'fp')
+if not fp then
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'owner', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return {'new'}
+end
+if fp ~= ARGV[1] then return {'mismatch'} end
+local answer = redis.call('HGET', KEYS[1], 'answer')
+if answer then return {'done', answer} end
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[2] then return {'new'} end
+return {'running'}
+"""
+# KEYS: the hash. ARGV: owner, answer (empty: release), keep seconds.
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] or redis.call('HEXISTS', KEYS[1], 'answer') == 1 then
+  return 0
+end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'answer', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+return 1
+"""
+
+
+def _idem_key(principal: str, key: str) -> str:
+    return "{imagegen:" + principal + "}:idem:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class RedisReplays:
+    """Idempotency keys (idempotency.py), one hash per key in the principal's slot."""
+
+    def __init__(self, url: str) -> None:
+        self.redis = connect(url)
+        self._claim = self.redis.register_script(_CLAIM)
+        self._finish = self.redis.register_script(_FINISH)
+
+    @unavailable
+    async def claim(self, principal: str, key: str, fingerprint: str, owner: str,
+                    lease_s: float = LEASE_S) -> Claim:
+        got = await self._claim(keys=[_idem_key(principal, key)],
+                                args=[fingerprint, owner, math.ceil(lease_s)])
+        return Claim(got[0], got[1] if len(got) > 1 else None)
+
+    @unavailable
+    async def complete(self, principal: str, key: str, owner: str, answer: str,
+                       keep_s: float = KEEP_S) -> None:
+        await self._finish(keys=[_idem_key(principal, key)],
+                           args=[owner, answer, math.ceil(keep_s)])
+
+    @unavailable
+    async def release(self, principal: str, key: str, owner: str) -> None:
+        await self._finish(keys=[_idem_key(principal, key)], args=[owner, "", 0])
 
     async def close(self) -> None:
         await self.redis.aclose()

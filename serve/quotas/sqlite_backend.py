@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import StateUnavailable
+from .idempotency import KEEP_S, LEASE_S, Claim
 from .keys import KeyExists
 from .ledger import (
     EPSILON,
@@ -57,6 +58,11 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created   REAL NOT NULL,
     revoked   REAL
 );
+CREATE TABLE IF NOT EXISTS idempotency (
+    principal TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    owner TEXT NOT NULL, answer TEXT, expires REAL NOT NULL,
+    PRIMARY KEY (principal, key)
+);
 """
 
 
@@ -70,6 +76,9 @@ class SQLiteDB:
             self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1e3,
                                         isolation_level=None, check_same_thread=False)
             self.conn.execute("PRAGMA journal_mode=WAL")
+            # Durable when a process dies; an OS crash may lose the last commits (a few
+            # charges, never an over-admission: its reservations die with it).
+            self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self.conn.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as e:
@@ -283,6 +292,48 @@ class SQLiteLedger:
             return row[0] + units
 
         return await self.db.run(lambda conn: _tx(conn, lambda: grant(conn)))
+
+    async def close(self) -> None:
+        self.db.close()
+
+
+class SQLiteReplays:
+    """Idempotency keys (idempotency.py): one row per principal and key; `answer`
+    NULL while the first request runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = SQLiteDB(path)
+
+    async def claim(self, principal: str, key: str, fingerprint: str, owner: str,
+                    lease_s: float = LEASE_S) -> Claim:
+        def claim(conn):
+            now = time.time()
+            conn.execute("DELETE FROM idempotency WHERE principal = ? AND expires < ?",
+                         (principal, now))
+            row = conn.execute("SELECT fingerprint, owner, answer FROM idempotency WHERE "
+                               "principal = ? AND key = ?", (principal, key)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?, NULL, ?)",
+                             (principal, key, fingerprint, owner, now + lease_s))
+                return Claim("new")
+            if row[0] != fingerprint:
+                return Claim("mismatch")
+            if row[2] is not None:
+                return Claim("done", row[2])
+            return Claim("new" if row[1] == owner else "running")
+
+        return await self.db.run(lambda conn: _tx(conn, lambda: claim(conn)))
+
+    async def complete(self, principal: str, key: str, owner: str, answer: str,
+                       keep_s: float = KEEP_S) -> None:
+        await self.db.run(lambda conn: conn.execute(
+            "UPDATE idempotency SET answer = ?, expires = ? WHERE principal = ? AND key = ? "
+            "AND owner = ?", (answer, time.time() + keep_s, principal, key, owner)))
+
+    async def release(self, principal: str, key: str, owner: str) -> None:
+        await self.db.run(lambda conn: conn.execute(
+            "DELETE FROM idempotency WHERE principal = ? AND key = ? AND owner = ? AND "
+            "answer IS NULL", (principal, key, owner)))
 
     async def close(self) -> None:
         self.db.close()

@@ -109,7 +109,8 @@ class Metrics:
         self._refresher: threading.Thread | None = None
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        self._record(name, "counter", "inc", value, labels)
+        if value > 0:  # Ray's counters refuse 0 (a raise would lose the request's record)
+            self._record(name, "counter", "inc", value, labels)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         self._record(name, "histogram", "observe", value, labels)

@@ -151,7 +151,7 @@ def _record(rec: RequestRecord, metrics: Metrics) -> None:
                 transport=rec.transport)
     metrics.observe("imagegen_request_duration_seconds", rec.duration_ms / 1e3,
                     tier=tier, model=model, outcome=rec.outcome, transport=rec.transport)
-    if rec.outcome == "ok":
+    if rec.outcome == "ok" and rec.images:
         metrics.inc("imagegen_images_total", rec.images, tier=tier, model=model,
                     revision=rec.revision)
         if rec.cost_units:

@@ -228,7 +228,9 @@ def stack(tmp_path_factory, otlp, stack_settings, served_models, api_key):
     routing = tmp_path_factory.mktemp("stack") / "routing.yaml"
     routing.write_text(ROUTING)
     settings = load_settings(
-        lock_file=lock, routing_file=routing, model_dir=models, threads=1, **stack_settings,
+        lock_file=lock, routing_file=routing, model_dir=models, threads=1,
+        # a gateway on loopback may name the caller (test_quota_stack.py)
+        trusted_proxies=["127.0.0.1/32"], identity_plan="drafts-only", **stack_settings,
     )
     # Ray's workers inherit the environment Ray starts with; this test process
     # keeps its own (its unit-test spans must not go to the receiver).

@@ -98,3 +98,39 @@ def test_a_store_that_is_down_fails_closed(redis_server):
     with pytest.raises(StateUnavailable) as e:
         asyncio.run(auth.authenticate(f"Bearer {new_key()[1]}"))
     assert e.value.retry_after_s == 5
+
+
+def test_a_trusted_upstream_names_the_principal_only_from_its_addresses(keys):
+    from serve.quotas.auth import Upstream
+
+    store_auth, key = keys
+    up = Upstream(("10.0.0.0/8", "::1"), "x-user", "drafts-only")
+    auth = Authenticator(store_auth.store, upstream=up)
+    named = {"x-user": "gw-alice", "authorization": f"Bearer {key}"}
+    who = asyncio.run(auth.identify(named, "10.1.2.3"))
+    assert (who.name, who.plan, who.roles, who.key_id) == (
+        "gw-alice", "drafts-only", frozenset({"user"}), None)
+    assert asyncio.run(auth.identify({"x-user": "gw-bob"}, "::1")).name == "gw-bob"
+    # From anyone else the header is ignored: the key decides, and without one, 401.
+    assert asyncio.run(auth.identify(named, "192.168.1.1")).name == "tester"
+    for peer in ("192.168.1.1", None, "testclient"):
+        with pytest.raises(Unauthenticated):
+            asyncio.run(auth.identify({"x-user": "gw-alice"}, peer))
+    with pytest.raises(Unauthenticated, match="not a principal name"):
+        asyncio.run(auth.identify({"x-user": "two words"}, "10.0.0.1"))
+
+
+def test_without_an_upstream_the_identity_header_means_nothing(keys):
+    auth, _ = keys
+    with pytest.raises(Unauthenticated):
+        asyncio.run(auth.identify({"x-imagegen-principal": "root"}, "127.0.0.1"))
+
+
+def test_an_upstream_with_a_bad_address_or_an_unknown_plan_refuses_to_start():
+    from serve.app import build_app
+    from serve.config import load_settings
+
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load_settings(trusted_proxies=["10.0.0.300"])
+    with pytest.raises(ConfigError, match="identity_plan 'nosuch'"):
+        build_app(load_settings(trusted_proxies=["10.0.0.0/8"], identity_plan="nosuch"))

@@ -215,6 +215,13 @@ def test_a_dead_replica_is_retried_once_on_the_same_revision(svc, flaky):
     assert (r.model, r.fallback, r.cost_units) == ("tiny-draft", False, round(2 * 64 * 48 / 1e6, 6))
 
 
+def test_steps_scale_the_cost_against_the_models_default(svc, flaky):
+    one = round(2 * 64 * 48 / 1e6, 6)  # the draft tier's weight 2 x megapixels, default steps
+    assert gen(svc).cost_units == one
+    assert gen(svc, quality="high").cost_units == 2 * one  # twice the default steps
+    assert gen(svc, steps=1, n=2).cost_units == round(2 * one * 1 / 4, 6)  # default is 4
+
+
 def test_two_failures_move_the_request_to_the_fallback_priced_as_served(svc, flaky, live):
     flaky.failures["tiny-draft"] = [GenerationFailed("boom"), GenerationFailed("boom")]
     r = gen(svc)

@@ -60,3 +60,24 @@ def test_quota_grant_and_show(state, capsys):
     assert "credits now 5" in out and "bucket    10 of 10" in out and "of 500" in out
     with pytest.raises(SystemExit, match="no active key"):
         main(["quota", "show", "bob"])
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["bad name"], "principal: String should match pattern"),
+    (["x" * 129], "principal"),
+    (["alice", "--plan", "nosuch"], "plan 'nosuch' is not in"),
+])
+def test_create_refuses_a_bad_name_or_an_unknown_plan_and_stores_nothing(state, capsys, args,
+                                                                         says):
+    assert main(["keys", "create", *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert asyncio.run(_listed(state)) == []
+
+
+async def _listed(url):
+    store = open_keys(url)
+    try:
+        return await store.list()
+    finally:
+        await store.close()

@@ -209,3 +209,116 @@ def test_a_request_dearer_than_the_whole_budget_is_a_plan_limit_not_a_wait(
     with pytest.raises(PlanLimit, match=says):
         gen(s, who, n=n)
     assert backend.calls == []
+
+
+def test_a_revision_at_capacity_refuses_the_next_request_before_its_budget(lock, routing,
+                                                                            ledger):
+    from serve.errors import Overloaded
+
+    gate = Gate()
+    s = ImageService(lock, LiveRouting(routing, lock, "file t"), gate, plans=PLANS,
+                     ledger=ledger, capacity={"tiny-draft": 2})
+
+    async def main():
+        held = [asyncio.create_task(s.generate(GenerateRequest(prompt="x"), "r", WHO))
+                for _ in range(2)]
+        await asyncio.sleep(0.05)
+        spent = await ledger.usage("alice", Budget.of(PLANS.plans["tight"]))
+        with pytest.raises(Overloaded) as e:
+            await s.generate(GenerateRequest(prompt="x"), "r", WHO)
+        after = await ledger.usage("alice", Budget.of(PLANS.plans["tight"]))
+        final = asyncio.create_task(s.generate(GenerateRequest(prompt="x", tier="final"), "r"))
+        await asyncio.sleep(0.05)
+        gate.release.set()
+        await asyncio.gather(*held, final)
+        return e.value, spent, after, final.result(), dict(s.capacity.counts)
+
+    refused, spent, after, final, counts = asyncio.run(main())
+    assert refused.code == "overloaded" and refused.retry_after_s == 1
+    assert after.held == spent.held == 2  # the refused request reserved nothing
+    assert final.model == "tiny-final"  # another revision still has room
+    assert counts == {}
+
+
+def replaying(lock, routing, backend, ledger, tmp_path):
+    from serve.quotas.idempotency import open_replays
+
+    return ImageService(lock, LiveRouting(routing, lock, "file t"), backend, plans=PLANS,
+                        ledger=ledger, replays=open_replays(f"sqlite://{tmp_path / 'state.db'}"))
+
+
+def test_a_retry_under_its_idempotency_key_gets_the_first_answer_charged_once(
+        lock, routing, backend, ledger, tmp_path):
+    s = replaying(lock, routing, backend, ledger, tmp_path)
+    ask = GenerateRequest(prompt="a fox")  # no seed: the retry must not draw another
+
+    async def main():
+        first = await s.generate(ask, "r1", WHO, "key-1")
+        again = await s.generate(ask, "r2", WHO, "key-1")
+        fresh = await s.generate(ask, "r3", WHO, "key-2")
+        return first, again, fresh
+
+    first, again, fresh = asyncio.run(main())
+    assert not first.replayed and again.replayed
+    assert again.model_dump(exclude={"replayed"}) == first.model_dump(exclude={"replayed"})
+    assert fresh.id == "r3" and not fresh.replayed
+    assert len(backend.calls) == 2  # the replay never reached a model
+    assert tokens(ledger) == pytest.approx(UNIT, abs=UNIT / 10)  # two charged, not three
+
+
+def test_an_idempotency_key_reused_with_another_body_or_while_running_is_refused(
+        lock, routing, ledger, tmp_path):
+    from serve.errors import IdempotencyInProgress, IdempotencyKeyReused
+
+    gate = Gate()
+    s = replaying(lock, routing, gate, ledger, tmp_path)
+
+    async def main():
+        first = asyncio.create_task(s.generate(GenerateRequest(prompt="x"), "r1", WHO, "k"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(IdempotencyInProgress) as running:
+            await s.generate(GenerateRequest(prompt="x"), "r2", WHO, "k")
+        gate.release.set()
+        await first
+        with pytest.raises(IdempotencyKeyReused) as reused:
+            await s.generate(GenerateRequest(prompt="y"), "r3", WHO, "k")
+        return running.value, reused.value
+
+    running, reused = asyncio.run(main())
+    assert running.retry_after_s == 1 and reused.details[0]["field"] == "Idempotency-Key"
+
+
+def test_a_failed_request_frees_its_idempotency_key_for_the_retry(lock, routing, backend,
+                                                                  ledger, tmp_path):
+    s = replaying(lock, routing, Failing(), ledger, tmp_path)
+    with pytest.raises(GenerationFailed):
+        asyncio.run(s.generate(GenerateRequest(prompt="x"), "r1", WHO, "k"))
+    s.backend = backend
+    retried = asyncio.run(s.generate(GenerateRequest(prompt="x"), "r2", WHO, "k"))
+    assert retried.id == "r2" and not retried.replayed and len(backend.calls) == 1
+    assert tokens(ledger) == pytest.approx(2 * UNIT, abs=UNIT / 10)  # the failure: refunded
+
+
+def test_http_takes_the_idempotency_key_header_and_refuses_a_bad_one(
+        lock, routing, backend, ledger, keys, tmp_path):
+    from serve.quotas.idempotency import open_replays
+
+    auth, key = keys
+    s = ImageService(lock, LiveRouting(routing, lock, "file t"), backend, auth=auth,
+                     replays=open_replays(f"sqlite://{tmp_path / 'state.db'}"))
+
+    async def ready():
+        return True, {}
+
+    c = TestClient(build_http_app(s, ready, max_body_bytes=4096, metrics=_metrics()),
+                   headers={"Authorization": f"Bearer {key}"})
+    once = [c.post(route, json={"prompt": "x"}, headers={"Idempotency-Key": f"k-{route}"})
+            for route in ("/v1/images", "/v1/images", "/v1/images/generations",
+                          "/v1/images/generations")]
+    assert [r.status_code for r in once] == [200] * 4
+    assert [once[1].json()["replayed"], once[3].json()["imagegen"]["replayed"]] == [True, True]
+    assert once[1].json()["images"] == once[0].json()["images"]
+    assert len(backend.calls) == 2
+    bad = c.post("/v1/images", json={"prompt": "x"}, headers={"Idempotency-Key": "a b"})
+    assert bad.status_code == 422 and bad.json()["error"]["details"][0]["field"] == \
+        "Idempotency-Key"

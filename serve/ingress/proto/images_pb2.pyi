@@ -67,7 +67,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("id", "trace_id", "created", "tier", "model", "revision", "fallback", "batch_images", "cost_units", "images", "timings", "pinned", "price")
+    __slots__ = ("id", "trace_id", "created", "tier", "model", "revision", "fallback", "batch_images", "cost_units", "images", "timings", "pinned", "price", "replayed")
     ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class GenerateResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     PRICE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     id: str
     trace_id: str
     created: int
@@ -94,7 +95,8 @@ class GenerateResponse(_message.Message):
     timings: Timings
     pinned: bool
     price: float
-    def __init__(self, id: _Optional[str] = ..., trace_id: _Optional[str] = ..., created: _Optional[int] = ..., tier: _Optional[str] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., fallback: _Optional[bool] = ..., batch_images: _Optional[int] = ..., cost_units: _Optional[float] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., pinned: _Optional[bool] = ..., price: _Optional[float] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, id: _Optional[str] = ..., trace_id: _Optional[str] = ..., created: _Optional[int] = ..., tier: _Optional[str] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., fallback: _Optional[bool] = ..., batch_images: _Optional[int] = ..., cost_units: _Optional[float] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., pinned: _Optional[bool] = ..., price: _Optional[float] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
