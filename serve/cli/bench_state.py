@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", help="also measure this Redis (e.g. a local redis-server)")
+    p.add_argument("--redis-url", help="also measure this Redis: a redis-server "
+                   "(redis://HOST:PORT/0) or a Redis Cluster (redis+cluster://HOST:PORT)")
     p.add_argument("--keys", type=int, default=2000, help="distinct keys looked up")
 
 
@@ -56,12 +57,13 @@ async def _measure(url: str, keys: int) -> dict[str, float]:
 def run(args: argparse.Namespace, settings) -> int:
     backends = {"sqlite": f"sqlite://{tempfile.mkdtemp(prefix='imagegen-bench-')}/state.db"}
     if args.redis_url:
-        backends["redis"] = args.redis_url
+        backends["redis-cluster" if "+cluster://" in args.redis_url else "redis"] = \
+            args.redis_url
     rows = {name: asyncio.run(_measure(url, args.keys)) for name, url in backends.items()}
     cols = list(next(iter(rows.values())))
     print(f"\nimagegen bench state — authenticate and reserve + commit, {args.keys} "
           "principals (target: p50 < 1 ms each)\n")
-    print(f"{'backend':<10}" + "".join(f"{c:>16}" for c in cols))
+    print(f"{'backend':<14}" + "".join(f"{c:>16}" for c in cols))
     for name, r in rows.items():
-        print(f"{name:<10}" + "".join(f"{r[c]:>16.3f}" for c in cols))
+        print(f"{name:<14}" + "".join(f"{r[c]:>16.3f}" for c in cols))
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
@@ -54,14 +55,29 @@ class FileKeys:
 
 
 def state_backend(state_url: str) -> str:
-    """`sqlite` or `redis`: which backend takes `state_url`; ConfigError for neither
-    (checked at start, and by every store that opens it)."""
+    """`sqlite` or `redis` (one server or a Redis Cluster): which backend takes
+    `state_url`; ConfigError for neither (checked at start, and by every store that
+    opens it)."""
     if state_url.startswith("sqlite://"):
         sqlite_path(state_url)
         return "sqlite"
     if state_url.startswith(("redis://", "rediss://")):
         return "redis"
-    raise ConfigError(f"state_url {state_url!r}: expected sqlite:///PATH or redis://HOST:PORT/DB")
+    if state_url.startswith(("redis+cluster://", "rediss+cluster://")):
+        _cluster_seed(state_url)
+        return "redis"
+    raise ConfigError(f"state_url {state_url!r}: expected sqlite:///PATH, redis://HOST:PORT/DB "
+                      "or redis+cluster://HOST:PORT")
+
+
+def _cluster_seed(url: str) -> None:
+    # Quote the bad part only: the URL may hold a password.
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ConfigError("state_url: a Redis Cluster URL names one node: "
+                          "redis+cluster://HOST:PORT")
+    if parts.path not in ("", "/", "/0"):
+        raise ConfigError(f"state_url: a Redis Cluster has database 0 only, not {parts.path!r}")
 
 
 def open_keys(state_url: str) -> KeyStore:

@@ -1,9 +1,11 @@
-"""The cluster state store: Redis. Keys carry hash tags (`{imagegen}` for the key
-index, `{imagegen:<principal>}` for a principal's quota), so every script touches
-one slot: the layout Redis Cluster needs (a cluster client is not wired yet). A
-connection failure is StateUnavailable (503, fail closed), never a hang: calls
-time out, and one is retried on a fresh connection, so every script is idempotent
-under a retry."""
+"""The cluster state store: Redis, one server (`redis://`, `rediss://`) or a Redis
+Cluster (`redis+cluster://HOST:PORT`, `rediss+cluster://`: one seed node, the client
+finds the rest). Keys carry hash tags (`{imagegen}` for the key index,
+`{imagegen:<principal>}` for a principal's quota), so every script and multi-key
+command touches one slot: principals spread over a cluster's nodes, the key store
+lives on one. A connection failure is StateUnavailable (503, fail closed), never a
+hang: calls time out, and one is retried on a fresh connection, so every script is
+idempotent under a retry."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import math
 import time
 
 from redis import asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.exceptions import ConnectionError, RedisClusterException, RedisError, TimeoutError
 
 from ..errors import StateUnavailable
 from .idempotency import KEEP_S, LEASE_S, Claim
@@ -53,13 +56,30 @@ return 1
 """
 
 
-def connect(url: str) -> aioredis.Redis:
+class _Cluster(RedisCluster):
+    async def execute_command(self, *args, **kwargs):
+        # Discover the cluster before routing: redis-py 8.1 picks a command's node
+        # before its lazy discovery, so calls made at once on a new client go to
+        # random nodes, and the MOVED replies end in closing every connection under
+        # the others (AttributeError, ConnectionError). Once discovered, this returns
+        # at once.
+        await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
+def connect(url: str) -> aioredis.Redis | RedisCluster:
     # One retry on a fresh connection: after Redis restarts, every pooled connection
     # is dead, and the first use of each would otherwise fail a request. A command
     # whose reply was lost runs twice, so each script is idempotent (by its id).
-    return aioredis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S,
-                             decode_responses=True, retry=Retry(NoBackoff(), 1),
-                             retry_on_error=[ConnectionError, TimeoutError])
+    options = {"socket_timeout": TIMEOUT_S, "socket_connect_timeout": TIMEOUT_S,
+               "decode_responses": True, "retry": Retry(NoBackoff(), 1)}
+    scheme, rest = url.split("://", 1)
+    if scheme.endswith("+cluster"):
+        # The cluster client retries by itself, not per connection: on a connection
+        # error or timeout it drops that node's connections, asks a node for the slot
+        # map again (CLUSTER SLOTS) and resends, `retry`'s count of times.
+        return _Cluster.from_url(f"{scheme.removesuffix('+cluster')}://{rest}", **options)
+    return aioredis.from_url(url, **options, retry_on_error=[ConnectionError, TimeoutError])
 
 
 def unavailable(fn):
@@ -69,7 +89,9 @@ def unavailable(fn):
     async def call(self, *args, **kwargs):
         try:
             return await fn(self, *args, **kwargs)
-        except RedisError as e:
+        # RedisClusterException is no RedisError: a cluster with no node reachable
+        # (or its slots not all covered) says so with it.
+        except (RedisError, RedisClusterException) as e:
             log.warning("state store (redis): %s: %s", type(e).__name__, e)
             raise StateUnavailable("the state store is unavailable") from None
 
@@ -108,6 +130,7 @@ class RedisKeys:
     @unavailable
     async def list(self) -> list[KeyRecord]:
         shas = await self.redis.hvals(_IDS)
+        # One MGET: every record shares the {imagegen} slot, as a cluster requires.
         raws = await self.redis.mget([_KEY + s for s in shas]) if shas else []
         records = [KeyRecord.model_validate_json(r) for r in raws if r is not None]
         return sorted(records, key=lambda r: (r.created, r.key_id))
@@ -222,6 +245,14 @@ return redis.call('HGET', KEYS[1], 'credits')
 """
 
 
+# The hash and the clock of the node that holds it, in one call: on a cluster, a
+# separate TIME would be answered by another node, by another clock.
+_USAGE = """
+local t = redis.call('TIME')
+return {t[1], t[2], redis.call('HGETALL', KEYS[1])}
+"""
+
+
 def _quota_key(principal: str) -> str:
     return "{imagegen:" + principal + "}:quota"
 
@@ -235,6 +266,7 @@ class RedisLedger:
         self._reserve = self.redis.register_script(_RESERVE)
         self._settle_script = self.redis.register_script(_SETTLE)
         self._grant = self.redis.register_script(_GRANT)
+        self._usage = self.redis.register_script(_USAGE)
 
     @staticmethod
     def _budget_args(budget: Budget) -> list:
@@ -273,9 +305,9 @@ class RedisLedger:
 
     @unavailable
     async def usage(self, principal: str, budget: Budget) -> Usage:
-        f = await self.redis.hgetall(_quota_key(principal))
-        sec, usec = await self.redis.time()
-        now = sec + usec / 1e6
+        sec, usec, fields = await self._usage(keys=[_quota_key(principal)])
+        f = dict(zip(fields[::2], fields[1::2]))
+        now = int(sec) + int(usec) / 1e6
         tokens = refilled(float(f.get("tokens", budget.burst)), float(f.get("at", now)), now,
                           budget)
         today = float(f.get("day_used", 0)) if int(f.get("day", -1)) == day_of(now) else 0.0

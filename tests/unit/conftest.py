@@ -199,12 +199,13 @@ def spans(_span_memory):
     return _span_memory
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def state_url(request, tmp_path):
-    """A fresh state store on each backend: a SQLite file, or the session's real
-    redis-server (tests/conftest.py), emptied."""
+    """A fresh state store on each backend: a SQLite file, the session's real
+    redis-server, or its real three-node Redis Cluster (tests/conftest.py), emptied."""
     if request.param == "sqlite":
         return f"sqlite://{tmp_path / 'state.db'}"
-    server = request.getfixturevalue("redis_server")
+    server = request.getfixturevalue(
+        "redis_server" if request.param == "redis" else "redis_cluster")
     server.flush()
     return server.url

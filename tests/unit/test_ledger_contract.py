@@ -1,7 +1,8 @@
-"""The ledger's contract, run over every backend (SQLite file, a real redis-server):
-reserve, commit, refund, expiry, the daily cap, credits, and exact admission under
-concurrency. Time is each backend's own clock (Redis: TIME), so refills are
-checked with margins, never exact."""
+"""The ledger's contract, run over every backend (SQLite file, a real redis-server, a
+real three-node Redis Cluster): reserve, commit, refund, expiry, the daily cap,
+credits, and exact admission under concurrency. Time is each backend's own clock
+(Redis: TIME, of the node holding the quota), so refills are checked with margins,
+never exact."""
 
 from __future__ import annotations
 
@@ -167,13 +168,15 @@ def test_a_partial_commit_pays_from_the_bucket_first_and_gives_credits_back(stat
     assert (usage.tokens, usage.credits) == (pytest.approx(0), pytest.approx(8))
 
 
-def test_a_retried_redis_script_charges_once(redis_server):
+@pytest.mark.parametrize("server", ["redis_server", "redis_cluster"])
+def test_a_retried_redis_script_charges_once(request, server):
     from serve.quotas.redis_backend import RedisLedger, _quota_key
 
-    redis_server.flush()
+    server = request.getfixturevalue(server)
+    server.flush()
 
     async def body():
-        ledger = RedisLedger(redis_server.url)
+        ledger = RedisLedger(server.url)
         try:
             args = [*ledger._budget_args(B), "6.0", -1, "600", "same-id", "1e-9"]
             for _ in range(2):  # as redis-py re-sends a call whose reply was lost

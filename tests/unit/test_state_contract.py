@@ -1,5 +1,6 @@
-"""The state store's contract, run over every backend: the embedded SQLite file and
-a real redis-server (tests/conftest.py). A backend that passes is interchangeable."""
+"""The state store's contract, run over every backend: the embedded SQLite file, a
+real redis-server and a real three-node Redis Cluster (tests/conftest.py). A backend
+that passes is interchangeable."""
 
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ def test_two_clients_of_one_store_see_each_others_writes(state_url):
 def test_a_store_that_cannot_be_reached_is_state_unavailable(tmp_path, redis_server):
     (tmp_path / "a-file").write_text("")
     for url in (f"sqlite://{tmp_path}/a-file/state.db",  # its directory cannot exist
-                f"redis://127.0.0.1:{redis_server.port + 1}/0"):
+                f"redis://127.0.0.1:{redis_server.port + 1}/0",
+                f"redis+cluster://127.0.0.1:{redis_server.port + 1}/0"):
         with pytest.raises(StateUnavailable):
             run(_with(url, lambda store: store.find("0" * 64)))
