@@ -165,6 +165,21 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
+class QuotaStatus(BaseModel):
+    """A principal's budget now (GET /v1/quota), in cost units."""
+
+    principal: str
+    plan: str
+    bucket_units: float = Field(description="in the token bucket now")
+    burst: float = Field(description="the bucket's size")
+    refill_per_s: float
+    credits: float = Field(description="support credits, spent once the bucket is short")
+    today_units: float = Field(description="spent this UTC day")
+    daily_units: float | None = Field(description="the UTC day's cap (none: no cap)")
+    month_units: float = Field(description="charged this UTC month (prices its band)")
+    held: int = Field(description="reservations of requests in flight")
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str

@@ -31,6 +31,7 @@ from .errors import (
     LimitExceeded,
     ModelTimeout,
     ModelUnavailable,
+    NotFound,
     Overloaded,
     PlanLimit,
     QuotaExceeded,
@@ -45,7 +46,15 @@ from .quotas.ledger import EPSILON, NEVER_S, Budget, Ledger, Reservation, ceil_s
 from .quotas.plans import Plans, PlanSpec, admit, commercially_usable, price
 from .quotas.principals import Principal
 from .routing import LiveRouting, RoutingTable
-from .schemas import MAX_SEED, GenerateRequest, GenerateResponse, Image, ModelInfo, Timings
+from .schemas import (
+    MAX_SEED,
+    GenerateRequest,
+    GenerateResponse,
+    Image,
+    ModelInfo,
+    QuotaStatus,
+    Timings,
+)
 from .telemetry import annotate, current_trace_id, stage
 
 log = logging.getLogger("imagegen.service")
@@ -64,6 +73,8 @@ class Authenticator(Protocol):
     """Stage 1 (serve/quotas/auth.py)."""
 
     async def identify(self, headers: Mapping[str, str], peer: str | None) -> Principal: ...
+
+    async def plan_of(self, principal: str) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +188,26 @@ class ImageService:
             principal = await self.auth.identify(headers, peer)
         annotate(principal=principal.name)
         return principal
+
+    async def quota(self, caller: Principal, principal: str | None = None) -> QuotaStatus:
+        """The caller's budget now, or with the admin role any principal's (by the plan
+        of its first active key)."""
+        name = principal or caller.name
+        if name != caller.name and not caller.has("admin"):
+            raise Forbidden("reading another principal's budget needs the admin role",
+                            details=[{"field": "principal", "type": "forbidden"}])
+        if self.plans is None or self.ledger is None:
+            raise NotFound("this service keeps no budgets")
+        plan = caller.plan if name == caller.name else await self.auth.plan_of(name)
+        if plan is None:
+            raise NotFound(f"principal {name!r} has no active key",
+                           details=[{"field": "principal", "type": "not_found"}])
+        spec = self.plans.get(plan)
+        u = await self.ledger.usage(name, Budget.of(spec))
+        return QuotaStatus(principal=name, plan=plan, bucket_units=u.tokens,
+                           burst=spec.bucket.burst, refill_per_s=spec.bucket.refill_per_s,
+                           credits=u.credits, today_units=u.today,
+                           daily_units=spec.daily_units, month_units=u.month, held=u.held)
 
     def models(self) -> list[ModelInfo]:
         return [

@@ -210,6 +210,9 @@ class Ingress:
     async def ListModels(self, request: bytes, grpc_context):
         return await self.grpc.list_models(request, grpc_context)
 
+    async def GetQuota(self, request: bytes, grpc_context):
+        return await self.grpc.get_quota(request, grpc_context)
+
     async def Check(self, request: bytes, grpc_context):  # grpc.health.v1
         return await self.grpc.check(request, grpc_context)
 

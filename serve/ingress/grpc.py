@@ -45,7 +45,7 @@ IDEMPOTENCY_KEY = "idempotency-key"  # the invocation metadata twin of the HTTP 
 # Trailers share gRPC's 8 KiB metadata limit: past it the caller sees a bare failure.
 _MAX_MESSAGE, _MAX_DETAILS = 1024, 4096
 _QUALITY = {pb.QUALITY_LOW: "low", pb.QUALITY_STANDARD: "standard", pb.QUALITY_HIGH: "high"}
-_METHODS = {SERVICE: ("Generate", "ListModels"), HEALTH: ("Check",)}
+_METHODS = {SERVICE: ("Generate", "ListModels", "GetQuota"), HEALTH: ("Check",)}
 
 
 def add_servicers(servicer: Any, server: grpc.aio.Server) -> None:
@@ -138,6 +138,17 @@ class GrpcTransport:
 
         return await self._call("ListModels", call, raw, context, pb.ListModelsResponse,
                                 generation=False)
+
+    async def get_quota(self, raw: bytes, context) -> pb.Quota:
+        async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.Quota:
+            try:
+                m = pb.GetQuotaRequest.FromString(raw)
+            except DecodeError as e:
+                raise MalformedBody(f"request is not a valid GetQuotaRequest: {e}") from None
+            return pb.Quota(**(await self.service.quota(principal, m.principal or None)
+                               ).model_dump())
+
+        return await self._call("GetQuota", call, raw, context, pb.Quota, generation=False)
 
     async def check(self, raw: bytes, context) -> health_pb2.HealthCheckResponse:
         """SERVING exactly when /readyz answers 200 (every enabled tier has a ready

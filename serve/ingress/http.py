@@ -30,6 +30,7 @@ from ..schemas import (
     GenerateRequest,
     GenerateResponse,
     ModelList,
+    QuotaStatus,
     parse_request,
 )
 from ..service import ImageService
@@ -38,8 +39,8 @@ from ..telemetry import Metrics, annotate, current_trace_id, request_scope, stag
 log = logging.getLogger("imagegen.http")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/models", "/v1/routing",
-                     "/healthz", "/readyz"})  # span names
+_ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/models", "/v1/quota",
+                     "/v1/routing", "/healthz", "/readyz"})  # span names
 _GENERATION = frozenset({("POST", "/v1/images"), ("POST", "/v1/images/generations")})
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)
@@ -161,6 +162,17 @@ def build_http_app(
     async def models(request: Request) -> ModelList:
         await service.authenticate(request.headers, peer(request))
         return ModelList(models=service.models())
+
+    @app.get("/v1/quota", response_model=QuotaStatus, responses=_ERRORS)
+    async def my_quota(request: Request) -> QuotaStatus:
+        """The caller's budget now."""
+        return await service.quota(await service.authenticate(request.headers, peer(request)))
+
+    @app.get("/v1/quota/{principal}", response_model=QuotaStatus, responses=_ERRORS)
+    async def quota(principal: str, request: Request) -> QuotaStatus:
+        """Any principal's budget (the admin role; anyone for their own)."""
+        caller = await service.authenticate(request.headers, peer(request))
+        return await service.quota(caller, principal)
 
     @app.get("/v1/routing")
     async def routing() -> dict[str, Any]:

@@ -73,6 +73,15 @@ class Authenticator:
             return up.principal(name)
         return await self.authenticate(headers.get("authorization"))
 
+    async def plan_of(self, principal: str) -> str | None:
+        """The plan of `principal`'s first active key (the keys file, then the store);
+        None if it has none."""
+        records = list(self.file.by_hash.values()) if self.file else []
+        if self.store is not None:
+            records += await self.store.list()
+        active = [r for r in records if r.principal == principal and r.revoked is None]
+        return active[0].plan if active else None
+
     async def authenticate(self, authorization: str | None) -> Principal:
         sha = key_hash(bearer(authorization))
         record = await self._lookup(sha)

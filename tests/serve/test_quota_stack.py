@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.serve
 
 
-def add_key(state_url: str, principal: str, plan: str) -> str:
+def add_key(state_url: str, principal: str, plan: str, roles=("user",)) -> str:
     from serve.quotas.keys import open_keys
     from serve.quotas.principals import new_key, record_for
 
@@ -22,7 +22,7 @@ def add_key(state_url: str, principal: str, plan: str) -> str:
 
     async def add():
         store = open_keys(state_url)
-        await store.add(record_for(key, key_id, principal, ("user",), plan))
+        await store.add(record_for(key, key_id, principal, roles, plan))
         await store.close()
 
     asyncio.run(add())
@@ -126,3 +126,33 @@ def test_a_trusted_gateway_names_the_caller_on_every_transport(stack, stack_sett
             pb.GenerateRequest(prompt="a fox"), timeout=60,
             metadata=(("x-imagegen-principal", "gw-user@example.com"),))
     assert r.images
+
+
+def test_the_budget_is_read_over_http_and_grpc_and_anothers_needs_admin(stack, stack_settings):
+    import grpc
+    from grpc_key import keyed_channel
+
+    from serve.ingress.proto import images_pb2 as pb
+    from serve.ingress.proto import images_pb2_grpc as pb_grpc
+
+    key = add_key(stack_settings["state_url"], "reader", "default")
+    admin_key = add_key(stack_settings["state_url"], "ops", "default", ("admin",))
+    headers = {"Authorization": f"Bearer {key}"}
+    assert httpx.post(f"{stack}/v1/images", json={"prompt": "a fox"}, headers=headers,
+                      timeout=60).status_code == 200
+    mine = httpx.get(f"{stack}/v1/quota", headers=headers, timeout=10)
+    assert mine.status_code == 200
+    assert (mine.json()["principal"], mine.json()["plan"]) == ("reader", "default")
+    assert mine.json()["month_units"] == pytest.approx(0.004096)
+    other = httpx.get(f"{stack}/v1/quota/ops", headers=headers, timeout=10)
+    assert other.status_code == 403 and other.json()["error"]["code"] == "forbidden"
+    assert httpx.get(f"{stack}/v1/quota", timeout=10).status_code == 401
+    with keyed_channel(f"127.0.0.1:{stack_settings['grpc_port']}", admin_key) as ch:
+        seen = pb_grpc.ImagesStub(ch).GetQuota(pb.GetQuotaRequest(principal="reader"),
+                                               timeout=10)
+    assert (seen.principal, seen.month_units) == ("reader", pytest.approx(0.004096))
+    with (keyed_channel(f"127.0.0.1:{stack_settings['grpc_port']}", key) as ch,
+          pytest.raises(grpc.RpcError) as e):
+        pb_grpc.ImagesStub(ch).GetQuota(pb.GetQuotaRequest(principal="ops"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+

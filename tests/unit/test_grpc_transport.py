@@ -42,6 +42,7 @@ class Servicer:
 
     def __init__(self, t: transport.GrpcTransport) -> None:
         self.Generate, self.ListModels, self.Check = t.generate, t.list_models, t.check
+        self.GetQuota = t.get_quota
 
 
 class Key(grpc.aio.UnaryUnaryClientInterceptor):

@@ -322,3 +322,30 @@ def test_http_takes_the_idempotency_key_header_and_refuses_a_bad_one(
     bad = c.post("/v1/images", json={"prompt": "x"}, headers={"Idempotency-Key": "a b"})
     assert bad.status_code == 422 and bad.json()["error"]["details"][0]["field"] == \
         "Idempotency-Key"
+
+
+def test_a_caller_reads_its_own_budget_and_only_an_admin_reads_anothers(
+        lock, routing, backend, ledger, tmp_path):
+    from serve.errors import Forbidden, NotFound
+    from serve.quotas.auth import Authenticator
+    from serve.quotas.keys import open_keys
+    from serve.quotas.principals import new_key, record_for
+
+    store = open_keys(f"sqlite://{tmp_path / 'keys.db'}")
+    key_id, key = new_key()
+    asyncio.run(store.add(record_for(key, key_id, "alice", ("user",), "tight")))
+    s = svc(lock, routing, backend, ledger, auth=Authenticator(store))
+    gen(s)
+    mine = asyncio.run(s.quota(WHO))
+    assert (mine.principal, mine.plan, mine.held) == ("alice", "tight", 0)
+    assert mine.bucket_units == pytest.approx(2 * UNIT, abs=UNIT / 10)
+    assert mine.month_units == pytest.approx(UNIT) and mine.burst == pytest.approx(3 * UNIT)
+    bob = Principal(name="bob", roles=frozenset({"user", "reviewer"}), plan="tight")
+    with pytest.raises(Forbidden) as e:
+        asyncio.run(s.quota(bob, "alice"))
+    assert e.value.code == "forbidden" and "admin" in e.value.message
+    root = Principal(name="root", roles=frozenset({"admin"}), plan="tight")
+    seen = asyncio.run(s.quota(root, "alice"))  # the bucket refilled a little since
+    assert seen.model_dump(exclude={"bucket_units"}) == mine.model_dump(exclude={"bucket_units"})
+    with pytest.raises(NotFound):
+        asyncio.run(s.quota(root, "nobody"))

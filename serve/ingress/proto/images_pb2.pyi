@@ -159,3 +159,33 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[Model]
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
+
+class GetQuotaRequest(_message.Message):
+    __slots__ = ("principal",)
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    principal: str
+    def __init__(self, principal: _Optional[str] = ...) -> None: ...
+
+class Quota(_message.Message):
+    __slots__ = ("principal", "plan", "bucket_units", "burst", "refill_per_s", "credits", "today_units", "daily_units", "month_units", "held")
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_UNITS_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    REFILL_PER_S_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    TODAY_UNITS_FIELD_NUMBER: _ClassVar[int]
+    DAILY_UNITS_FIELD_NUMBER: _ClassVar[int]
+    MONTH_UNITS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    principal: str
+    plan: str
+    bucket_units: float
+    burst: float
+    refill_per_s: float
+    credits: float
+    today_units: float
+    daily_units: float
+    month_units: float
+    held: int
+    def __init__(self, principal: _Optional[str] = ..., plan: _Optional[str] = ..., bucket_units: _Optional[float] = ..., burst: _Optional[float] = ..., refill_per_s: _Optional[float] = ..., credits: _Optional[float] = ..., today_units: _Optional[float] = ..., daily_units: _Optional[float] = ..., month_units: _Optional[float] = ..., held: _Optional[int] = ...) -> None: ...

@@ -45,6 +45,11 @@ class ImagesStub:
                 request_serializer=imagegen_dot_v1_dot_images__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=imagegen_dot_v1_dot_images__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetQuota = channel.unary_unary(
+                '/imagegen.v1.Images/GetQuota',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.GetQuotaRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.Quota.FromString,
+                _registered_method=True)
 
 
 class ImagesServicer:
@@ -66,6 +71,14 @@ class ImagesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQuota(self, request, context):
+        """A principal's budget now, as GET /v1/quota: the caller's, or with the admin
+        role anyone's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImagesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_ImagesServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=imagegen_dot_v1_dot_images__pb2.ListModelsRequest.FromString,
                     response_serializer=imagegen_dot_v1_dot_images__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuota,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.GetQuotaRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.Quota.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +153,33 @@ class Images:
             '/imagegen.v1.Images/ListModels',
             imagegen_dot_v1_dot_images__pb2.ListModelsRequest.SerializeToString,
             imagegen_dot_v1_dot_images__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Images/GetQuota',
+            imagegen_dot_v1_dot_images__pb2.GetQuotaRequest.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.Quota.FromString,
             options,
             channel_credentials,
             insecure,
