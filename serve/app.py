@@ -20,6 +20,7 @@ from .engines.base import Engine
 from .errors import ConfigError
 from .lockfile import load_lock
 from .quotas.auth import Upstream
+from .quotas.idempotency import LEASE_S
 from .quotas.keys import FileKeys, state_backend
 from .quotas.plans import load_plans, unrouted_tiers
 from .routing import load_routing
@@ -89,7 +90,9 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
     access = Access(settings.state_url,
                     str(settings.keys_file) if settings.keys_file else None,
                     settings.allow_pinning, plans, settings.in_flight_per_principal,
-                    upstream)
+                    upstream,
+                    # a claim outlives its request: past the deadline, plus the stages after
+                    idempotency_lease_s=max(LEASE_S, settings.request_timeout_s + 60))
     source = RoutingSource(
         file=str(settings.routing_file), configmap=settings.routing_configmap,
         namespace=settings.routing_namespace, key=settings.routing_key,

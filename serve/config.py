@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, IPvAnyNetwork, ValidationError
+from pydantic import Field, IPvAnyNetwork, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     )
     identity_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")] = Field(
         "X-Imagegen-Principal", description="the header (gRPC: metadata) in which a trusted "
-        "proxy names the principal",
+        "proxy names the principal (not a binary `-bin` gRPC key)",
     )
     identity_plan: str = Field(
         "default", description="the plan of a principal a trusted proxy names (role user)",
@@ -132,6 +132,13 @@ class Settings(BaseSettings):
         "serves, no fallback (with principals this becomes a plan's permission)",
     )
     log_requests: bool = Field(False, description="keep Ray Serve's per-request access log")
+
+    @field_validator("identity_header")
+    @classmethod
+    def _text_header(cls, v: str) -> str:
+        if v.lower().endswith("-bin"):
+            raise ValueError(f"{v!r} names binary gRPC metadata; a principal is text")
+        return v
 
     @classmethod
     def settings_customise_sources(

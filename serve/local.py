@@ -199,6 +199,10 @@ def _init_ray(settings: Settings, num_cpus: int | None) -> None:
     # worker.py looks the installer up on this module at call time).
     install = ray_utils.set_sigterm_handler
     ray_utils.set_sigterm_handler = lambda handler: None
+    # Serve's uvicorn servers would take X-Forwarded-For from loopback peers as the
+    # client's address; the trusted-gateway check needs the socket's own peer, so no
+    # one is trusted to say otherwise (Ray's workers inherit this environment).
+    os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
     try:
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),

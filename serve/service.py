@@ -41,7 +41,7 @@ from .errors import (
 from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
 from .quotas.fairness import InFlight, at_capacity, share_used
-from .quotas.idempotency import Replays, fingerprint
+from .quotas.idempotency import LEASE_S, Replays, fingerprint
 from .quotas.ledger import EPSILON, NEVER_S, Budget, Ledger, Reservation, ceil_s
 from .quotas.plans import Plans, PlanSpec, admit, commercially_usable, price
 from .quotas.principals import Principal
@@ -163,7 +163,8 @@ class ImageService:
                  ledger: Ledger | None = None, may_pin: bool = False,
                  in_flight_per_principal: int = 0,
                  capacity: Mapping[str, int] | None = None,
-                 replays: Replays | None = None) -> None:
+                 replays: Replays | None = None,
+                 idempotency_lease_s: float = LEASE_S) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
@@ -174,6 +175,7 @@ class ImageService:
         # Requests a revision can hold here (queued + running); beyond it 503 at once.
         self.capacity = InFlight(capacity or {}, at_capacity)
         self.replays = replays
+        self.idempotency_lease_s = idempotency_lease_s  # past any request's deadline
         self._orphans: set[asyncio.Task] = set()  # refunds and releases whose caller left
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
 
@@ -241,7 +243,7 @@ class ImageService:
                 admit(principal.plan, spec, tier=p.tier, n=len(p.jobs),
                       megapixels=p.megapixels())
         with (self.fairness.hold(principal.name if principal else None),
-              self.capacity.hold(order[0])):
+              self.capacity.hold(self.routing.likely(order))):
             reservation = None
             if spec is not None and self.ledger is not None:
                 reservation = await self._reserve(principal, spec, p)
@@ -276,9 +278,19 @@ class ImageService:
                     key: str) -> GenerateResponse:
         """Stage 2b: a request under an Idempotency-Key runs once; a retry with the same
         body gets the first answer (`replayed`), charged nothing."""
+        # The claim's owner is this call's own token, never the request id (a caller
+        # may choose that, and a retry that resends it would pass for the first).
+        owner = secrets.token_hex(16)
         with stage("idempotency"):
-            claim = await self.replays.claim(principal.name, key,
-                                             fingerprint(req.model_dump_json()), request_id)
+            call = asyncio.ensure_future(self.replays.claim(
+                principal.name, key, fingerprint(req.model_dump_json()), owner,
+                self.idempotency_lease_s))
+            try:
+                claim = await asyncio.shield(call)
+            except asyncio.CancelledError:
+                # The caller left while the store answered: a claim it got goes back.
+                call.add_done_callback(lambda c: self._release_orphan(c, principal, key, owner))
+                raise
         if claim.state == "done":
             first = GenerateResponse.model_validate_json(claim.answer)
             annotate(tier=first.tier, model=first.model, revision=first.revision,
@@ -294,13 +306,18 @@ class ImageService:
         try:
             resp = await self.generate(req, request_id, principal)
         except BaseException:
-            await self._finish(self.replays.release(principal.name, key, request_id))
+            await self._finish(self.replays.release(principal.name, key, owner))
             raise
-        # Served and charged: the answer goes out even if it cannot be kept (then a
-        # retry would run again; logged).
-        await self._finish(self.replays.complete(principal.name, key, request_id,
+        # Served and charged: the answer goes out even if it cannot be kept (logged;
+        # then retries are 409 until the claim's lease ends, and one after runs again).
+        await self._finish(self.replays.complete(principal.name, key, owner,
                                                  resp.model_dump_json()))
         return resp
+
+    def _release_orphan(self, call: asyncio.Future, principal: Principal, key: str,
+                        owner: str) -> None:
+        if not call.cancelled() and call.exception() is None and call.result().state == "new":
+            self._later(self.replays.release(principal.name, key, owner))
 
     def _later(self, call) -> asyncio.Task:
         """Run a bookkeeping call to its end even if the caller leaves; a failure is
@@ -312,12 +329,11 @@ class ImageService:
         return task
 
     async def _finish(self, call) -> None:
-        """Await a bookkeeping call (shielded: it ends even if this request is
-        cancelled, which still propagates); a store that fails is only logged."""
-        try:
-            await asyncio.shield(self._later(call))
-        except StateUnavailable:
-            pass
+        """Await a bookkeeping call; it ends even if this request is cancelled."""
+        task = self._later(call)
+        # A store that fails is logged by _later's callback: bookkeeping never fails a
+        # request. A cancellation still propagates.
+        await asyncio.wait([task])  # not cancelled with this request: it ends regardless
 
     async def _produce(self, p: Plan, order: list[str], table: RoutingTable):
         """Stages 8-10: generate on the first usable revision, price what served, encode.
@@ -363,7 +379,7 @@ class ImageService:
             # Waiting never helps: the request costs more than the plan's whole budget.
             raise PlanLimit(f"{p.cost_units:g} cost units exceed plan {principal.plan!r}'s "
                             f"{'daily cap' if got.reason == 'daily' else 'burst'} of {cap:g}; "
-                            "ask for fewer or smaller images",
+                            "ask for fewer or smaller images, or fewer steps",
                             details=[{"field": "n", "type": "plan_limit"}])
         window = budget.burst / budget.refill_per_s if budget.refill_per_s > 0 else 86400
         limit, left, reset = (budget.burst, got.remaining, got.reset_s)

@@ -52,8 +52,11 @@ async def flood(url: str, key: str, body: dict, n: int, readyz: str
         await start.wait()
         t = time.perf_counter()
         async with session.post(url, json={**body, "seed": i}) as r:
-            data = await r.json()
-            code = "ok" if r.status == 200 else data["error"]["code"]
+            try:
+                data = await r.json()
+                code = "ok" if r.status == 200 else data["error"]["code"]
+            except (aiohttp.ContentTypeError, ValueError, KeyError, TypeError):
+                code = "not_json"  # e.g. a proxy's plain-text answer
             results.append((r.status, code, time.perf_counter() - t, r.headers.get("Retry-After")))
         bar.update()
 

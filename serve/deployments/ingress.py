@@ -25,7 +25,7 @@ from ..ingress.grpc import GrpcTransport
 from ..ingress.http import build_http_app
 from ..lockfile import Lock
 from ..quotas.auth import Authenticator, Upstream
-from ..quotas.idempotency import open_replays
+from ..quotas.idempotency import LEASE_S, open_replays
 from ..quotas.keys import FileKeys, open_keys
 from ..quotas.ledger import open_ledger
 from ..quotas.plans import Plans
@@ -69,6 +69,7 @@ class Access:
     plans: Plans | None = None
     in_flight_per_principal: int = 0
     upstream: Upstream | None = None  # a gateway trusted to name the caller
+    idempotency_lease_s: float = LEASE_S  # longer than any request may run
 
     def authenticator(self) -> Authenticator:
         return Authenticator(open_keys(self.state_url),
@@ -178,7 +179,8 @@ class Ingress:
             may_pin=bool(access and access.allow_pinning),
             in_flight_per_principal=access.in_flight_per_principal if access else 0,
             capacity={n: c.capacity for n, c in coalescing.items() if c.capacity},
-            replays=open_replays(access.state_url) if access else None)
+            replays=open_replays(access.state_url) if access else None,
+            idempotency_lease_s=access.idempotency_lease_s if access else LEASE_S)
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
                                   max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes

@@ -18,6 +18,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -178,7 +179,7 @@ class GrpcTransport:
                     raw: bytes, context, empty: type[Message], *, generation: bool) -> Message:
         """One request's telemetry scope (as the HTTP middleware opens it) around
         `call`; an error becomes the status, details and trailing metadata."""
-        metadata = dict(context.invocation_metadata())
+        metadata = _metadata(context)
         rid = _request_id(context)
         path = f"/{SERVICE}/{method}"
         with request_scope(
@@ -220,10 +221,19 @@ class GrpcTransport:
             return out
 
 
+def _metadata(context) -> dict[str, str]:
+    """The invocation metadata by key; a repeated key's values joined with ", " as
+    HTTP joins a repeated header (so a repeated credential never reads as one)."""
+    out: dict[str, str] = {}
+    for k, v in context.invocation_metadata():
+        out[k] = f"{out[k]}, {v}" if k in out else v
+    return out
+
+
 def _peer(context) -> str | None:
     """The caller's IP address from gRPC's peer string (`ipv4:1.2.3.4:5`,
     `ipv6:[::1]:5`); None for another kind (a Unix socket)."""
-    kind, _, rest = context.peer().partition(":")
+    kind, _, rest = unquote(context.peer()).partition(":")  # grpcio: ipv6:%5B::1%5D:5
     if kind == "ipv4":
         return rest.rpartition(":")[0]
     if kind == "ipv6":

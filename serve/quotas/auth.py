@@ -45,6 +45,7 @@ class Upstream:
             address = ipaddress.ip_address(peer or "")
         except ValueError:
             return False
+        address = getattr(address, "ipv4_mapped", None) or address  # ::ffff:10.0.0.5
         return any(address in net for net in self.nets)
 
     def principal(self, name: str) -> Principal:
@@ -70,17 +71,22 @@ class Authenticator:
         by lowercase name) from `peer` (its IP address)."""
         up = self.upstream
         if up is not None and (name := headers.get(up.header)) is not None and up.trusts(peer):
+            getlist = getattr(headers, "getlist", None)  # HTTP; gRPC joins repeats itself
+            if getlist is not None and len(getlist(up.header)) > 1:
+                raise Unauthenticated(f"the {up.header} header appears more than once")
             return up.principal(name)
         return await self.authenticate(headers.get("authorization"))
 
     async def plan_of(self, principal: str) -> str | None:
         """The plan of `principal`'s first active key (the keys file, then the store);
-        None if it has none."""
+        without one, a trusted gateway's plan if there is one, else None."""
         records = list(self.file.by_hash.values()) if self.file else []
         if self.store is not None:
             records += await self.store.list()
         active = [r for r in records if r.principal == principal and r.revoked is None]
-        return active[0].plan if active else None
+        if active:
+            return active[0].plan
+        return self.upstream.plan if self.upstream else None  # a principal the gateway names
 
     async def authenticate(self, authorization: str | None) -> Principal:
         sha = key_hash(bearer(authorization))

@@ -66,8 +66,9 @@ def state_backend(state_url: str) -> str:
     if state_url.startswith(("redis+cluster://", "rediss+cluster://")):
         _cluster_seed(state_url)
         return "redis"
-    raise ConfigError(f"state_url {state_url!r}: expected sqlite:///PATH, redis://HOST:PORT/DB "
-                      "or redis+cluster://HOST:PORT")
+    scheme = state_url.partition("://")[0][:32]  # never the rest: it may hold a password
+    raise ConfigError(f"state_url scheme {scheme!r}: expected sqlite:///PATH, "
+                      "redis://HOST:PORT/DB or redis+cluster://HOST:PORT")
 
 
 def _cluster_seed(url: str) -> None:

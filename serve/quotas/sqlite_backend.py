@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     owner TEXT NOT NULL, answer TEXT, expires REAL NOT NULL,
     PRIMARY KEY (principal, key)
 );
+CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency (expires);
 """
 
 
@@ -301,15 +302,22 @@ class SQLiteReplays:
     """Idempotency keys (idempotency.py): one row per principal and key; `answer`
     NULL while the first request runs."""
 
+    PURGE_EVERY_S = 60.0  # expired rows (answers with their images) of everyone
+
     def __init__(self, path: Path) -> None:
         self.db = SQLiteDB(path)
+        self._purged = 0.0
 
     async def claim(self, principal: str, key: str, fingerprint: str, owner: str,
                     lease_s: float = LEASE_S) -> Claim:
         def claim(conn):
             now = time.time()
-            conn.execute("DELETE FROM idempotency WHERE principal = ? AND expires < ?",
-                         (principal, now))
+            if now - self._purged >= self.PURGE_EVERY_S:
+                conn.execute("DELETE FROM idempotency WHERE expires < ?", (now,))
+                self._purged = now
+            else:
+                conn.execute("DELETE FROM idempotency WHERE principal = ? AND key = ? AND "
+                             "expires < ?", (principal, key, now))
             row = conn.execute("SELECT fingerprint, owner, answer FROM idempotency WHERE "
                                "principal = ? AND key = ?", (principal, key)).fetchone()
             if row is None:
@@ -328,7 +336,8 @@ class SQLiteReplays:
                        keep_s: float = KEEP_S) -> None:
         await self.db.run(lambda conn: conn.execute(
             "UPDATE idempotency SET answer = ?, expires = ? WHERE principal = ? AND key = ? "
-            "AND owner = ?", (answer, time.time() + keep_s, principal, key, owner)))
+            "AND owner = ? AND answer IS NULL",
+            (answer, time.time() + keep_s, principal, key, owner)))
 
     async def release(self, principal: str, key: str, owner: str) -> None:
         await self.db.run(lambda conn: conn.execute(

@@ -89,6 +89,15 @@ class LiveRouting:
     def is_ready(self, model: str) -> bool:
         return self.ready.get(model, (True, None))[0]  # unknown yet: let it try
 
+    def likely(self, order: list[str]) -> str:
+        """The revision of `order` a request will most likely reach: the first ready
+        one whose breaker is not open (asks nothing of the breaker), else the first."""
+        for model in order:
+            b = self.breakers.get(model)
+            if self.is_ready(model) and (b is None or b.state is not State.OPEN):
+                return model
+        return order[0]
+
     def allow(self, model: str) -> bool:
         """Ready and its breaker lets a request through (a half-open yes is a probe:
         record its outcome)."""

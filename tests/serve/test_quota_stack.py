@@ -108,7 +108,8 @@ def test_a_trusted_gateway_names_the_caller_on_every_transport(stack, stack_sett
     from serve.ingress.proto import images_pb2 as pb
     from serve.ingress.proto import images_pb2_grpc as pb_grpc
 
-    named = {"X-Imagegen-Principal": "gw-user@example.com"}
+    # X-Forwarded-For is not believed: the peer stays the loopback gateway
+    named = {"X-Imagegen-Principal": "gw-user@example.com", "X-Forwarded-For": "10.9.9.9"}
     draft = httpx.post(f"{stack}/v1/images", json={"prompt": "a fox"}, headers=named,
                        timeout=60)
     final = httpx.post(f"{stack}/v1/images", json={"prompt": "a fox", "tier": "final"},

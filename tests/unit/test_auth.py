@@ -111,6 +111,8 @@ def test_a_trusted_upstream_names_the_principal_only_from_its_addresses(keys):
     assert (who.name, who.plan, who.roles, who.key_id) == (
         "gw-alice", "drafts-only", frozenset({"user"}), None)
     assert asyncio.run(auth.identify({"x-user": "gw-bob"}, "::1")).name == "gw-bob"
+    assert asyncio.run(auth.identify({"x-user": "gw-eve"}, "::ffff:10.0.0.5")).name == "gw-eve"
+    assert asyncio.run(auth.plan_of("gw-carol")) == "drafts-only"  # named by the gateway
     # From anyone else the header is ignored: the key decides, and without one, 401.
     assert asyncio.run(auth.identify(named, "192.168.1.1")).name == "tester"
     for peer in ("192.168.1.1", None, "testclient"):
@@ -134,3 +136,39 @@ def test_an_upstream_with_a_bad_address_or_an_unknown_plan_refuses_to_start():
         load_settings(trusted_proxies=["10.0.0.300"])
     with pytest.raises(ConfigError, match="identity_plan 'nosuch'"):
         build_app(load_settings(trusted_proxies=["10.0.0.0/8"], identity_plan="nosuch"))
+
+
+def test_a_repeated_identity_header_is_refused_on_both_transports(keys):
+    from starlette.datastructures import Headers
+
+    from serve.ingress.grpc import _metadata, _peer
+    from serve.quotas.auth import Upstream
+
+    auth = Authenticator(keys[0].store, upstream=Upstream(("127.0.0.1",), "x-user"))
+    twice = Headers(raw=[(b"x-user", b"gw-alice"), (b"x-user", b"root")])
+    with pytest.raises(Unauthenticated, match="more than once"):
+        asyncio.run(auth.identify(twice, "127.0.0.1"))
+
+    class Context:
+        def __init__(self, peer, md=()):
+            self._peer, self._md = peer, md
+
+        def peer(self):
+            return self._peer
+
+        def invocation_metadata(self):
+            return self._md
+
+    joined = _metadata(Context("ipv4:127.0.0.1:5", (("x-user", "gw-alice"), ("x-user", "root"))))
+    with pytest.raises(Unauthenticated, match="not a principal name"):
+        asyncio.run(auth.identify(joined, "127.0.0.1"))
+    assert [_peer(Context(p)) for p in ("ipv4:10.1.2.3:5060", "ipv6:%5B::1%5D:60906",
+                                        "ipv6:[fe80::1]:1", "unix:/tmp/s")] == [
+        "10.1.2.3", "::1", "fe80::1", None]
+
+
+def test_a_binary_identity_header_is_refused():
+    from serve.config import load_settings
+
+    with pytest.raises(ConfigError, match="binary gRPC metadata"):
+        load_settings(identity_header="X-User-Bin")

@@ -276,8 +276,8 @@ def test_an_idempotency_key_reused_with_another_body_or_while_running_is_refused
     async def main():
         first = asyncio.create_task(s.generate(GenerateRequest(prompt="x"), "r1", WHO, "k"))
         await asyncio.sleep(0.05)
-        with pytest.raises(IdempotencyInProgress) as running:
-            await s.generate(GenerateRequest(prompt="x"), "r2", WHO, "k")
+        with pytest.raises(IdempotencyInProgress) as running:  # even resending its id
+            await s.generate(GenerateRequest(prompt="x"), "r1", WHO, "k")
         gate.release.set()
         await first
         with pytest.raises(IdempotencyKeyReused) as reused:
@@ -349,3 +349,65 @@ def test_a_caller_reads_its_own_budget_and_only_an_admin_reads_anothers(
     assert seen.model_dump(exclude={"bucket_units"}) == mine.model_dump(exclude={"bucket_units"})
     with pytest.raises(NotFound):
         asyncio.run(s.quota(root, "nobody"))
+
+
+class SlowClaims:
+    """Replays whose claim answers after a pause (a store round trip)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def claim(self, *args, **kwargs):
+        await asyncio.sleep(0.1)
+        return await self.inner.claim(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_caller_that_leaves_while_its_key_is_claimed_frees_it(lock, routing, backend,
+                                                                ledger, tmp_path):
+    from serve.quotas.idempotency import open_replays
+
+    replays = open_replays(f"sqlite://{tmp_path / 'state.db'}")
+    s = ImageService(lock, LiveRouting(routing, lock, "file t"), backend, plans=PLANS,
+                     ledger=ledger, replays=SlowClaims(replays))
+
+    async def main():
+        task = asyncio.create_task(s.generate(GenerateRequest(prompt="x"), "r1", WHO, "k"))
+        await asyncio.sleep(0.02)
+        task.cancel()  # while the store answers the claim
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.3)  # the claim lands, then its release
+        return await replays.claim("alice", "k", "other body", "someone")
+
+    assert asyncio.run(main()).state == "new"  # free: not stuck for the lease
+    assert backend.calls == []
+
+
+def test_capacity_is_counted_on_the_revision_a_request_will_reach(entry_dicts, toml_lock):
+    import copy
+
+    from serve.lockfile import parse_lock
+    from serve.routing import parse_routing
+
+    gate = Gate()
+    e = entry_dicts()
+    e["spare"] = copy.deepcopy(e["tiny-draft"]) | {"source": {"kind": "path", "path": "s"}}
+    lock = parse_lock(toml_lock(e))
+    table = parse_routing({"tiers": {"draft": {"model": "tiny-draft",
+                                               "fallbacks": ["spare"]}}}, lock)
+    live = LiveRouting(table, lock, "file t")
+    s = ImageService(lock, live, gate, capacity={"tiny-draft": 1, "spare": 1})
+    live.set_ready("tiny-draft", False, "down")  # its fallback serves the tier
+
+    async def main():
+        held = asyncio.create_task(s.generate(GenerateRequest(prompt="x"), "r"))
+        await asyncio.sleep(0.05)
+        counts = dict(s.capacity.counts)
+        gate.release.set()
+        return counts, await held
+
+    counts, served = asyncio.run(main())
+    assert served.model == "spare" and counts == {"spare": 1}

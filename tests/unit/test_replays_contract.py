@@ -89,3 +89,21 @@ def test_a_malformed_key_is_refused(key):
 
 def test_a_uuid_is_a_key():
     assert valid_key("3f2b6c1e-8e0a-4d6b-9a57-5b1f6d2c7e90")
+
+
+def test_sqlite_purges_every_principals_expired_answers(tmp_path):
+    import sqlite3
+
+    url = f"sqlite://{tmp_path / 'state.db'}"
+
+    async def body(s):
+        await s.claim("alice", "k1", FP, "a")
+        await s.complete("alice", "k1", "a", "x" * 1000, keep_s=0.01)
+        await asyncio.sleep(0.05)
+        s._purged = 0.0  # a minute has passed
+        await s.claim("bob", "k9", FP, "b")
+
+    run(url, body)
+    rows = sqlite3.connect(tmp_path / "state.db").execute(
+        "SELECT principal FROM idempotency").fetchall()
+    assert rows == [("bob",)]  # alice never came back, her answer is gone
