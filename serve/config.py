@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         ),
     )
     lock_file: Path = Field(ROOT / "models.lock", description="the models.lock to serve")
+    prompt_policy_file: Path = Field(
+        ROOT / "serve" / "safety" / "prompt_policy.yaml", description="the prompt policy: "
+        "banned terms by category, an allowlist, safety profiles (watched: a new version "
+        "applies live, a bad one is refused)",
+    )
     routing_file: Path = Field(
         ROOT / "serve" / "routing.yaml",
         description="the routing document (YAML), watched: edits apply without a restart; "

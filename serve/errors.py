@@ -94,6 +94,18 @@ class IdempotencyInProgress(ImagegenError):
     retry_after_s = 1
 
 
+class PromptBlocked(Forbidden):
+    """The prompt policy blocked a prompt, negative prompt or template variable. The
+    answer names the category and reason, never the matched term."""
+
+    code = "prompt_blocked"
+
+    def __init__(self, message: str, *, category: str, reason: str, details=None) -> None:
+        super().__init__(message, details=details)
+        self.category = category
+        self.reason = reason
+
+
 class NotFound(ImagegenError):
     code = "not_found"
 
@@ -204,6 +216,8 @@ STATUS: dict[type[ImagegenError], Row] = {
     CommercialUseForbidden: Row(403, "PERMISSION_DENIED", 403, "permission_error"),
     IdempotencyKeyReused: Row(422, "INVALID_ARGUMENT", *_BAD),
     IdempotencyInProgress: Row(409, "ABORTED", 409, "invalid_request_error"),
+    # OpenAI answers a moderation block 400 (the client's BadRequestError)
+    PromptBlocked: Row(403, "PERMISSION_DENIED", 400, "invalid_request_error"),
     NotFound: Row(404, "NOT_FOUND", 404, "not_found_error"),
     MethodNotAllowed: Row(405, "UNIMPLEMENTED", 405, "invalid_request_error"),
     PayloadTooLarge: Row(413, "INVALID_ARGUMENT", *_BAD),

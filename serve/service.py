@@ -34,6 +34,7 @@ from .errors import (
     NotFound,
     Overloaded,
     PlanLimit,
+    PromptBlocked,
     QuotaExceeded,
     StateUnavailable,
     Unauthenticated,
@@ -46,6 +47,7 @@ from .quotas.ledger import EPSILON, NEVER_S, Budget, Ledger, Reservation, ceil_s
 from .quotas.plans import Plans, PlanSpec, admit, commercially_usable, price
 from .quotas.principals import Principal
 from .routing import LiveRouting, RoutingTable
+from .safety.policy import LivePolicy
 from .schemas import (
     MAX_SEED,
     GenerateRequest,
@@ -164,7 +166,8 @@ class ImageService:
                  in_flight_per_principal: int = 0,
                  capacity: Mapping[str, int] | None = None,
                  replays: Replays | None = None,
-                 idempotency_lease_s: float = LEASE_S) -> None:
+                 idempotency_lease_s: float = LEASE_S,
+                 policy: LivePolicy | None = None) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
@@ -175,6 +178,7 @@ class ImageService:
         # Requests a revision can hold here (queued + running); beyond it 503 at once.
         self.capacity = InFlight(capacity or {}, at_capacity)
         self.replays = replays
+        self.policy = policy  # the prompt policy in force (None: no check)
         self.idempotency_lease_s = idempotency_lease_s  # past any request's deadline
         self._orphans: set[asyncio.Task] = set()  # refunds and releases whose caller left
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
@@ -230,6 +234,7 @@ class ImageService:
         t0 = time.perf_counter()
         table = self.routing.table  # one document for the whole request
         spec = self.plans.get(principal.plan) if self.plans and principal else None
+        self._check_prompt(req, spec)
         with stage("route", **{"imagegen.tier": req.tier}) as span:
             p = plan(req, self.lock, table, may_pin=self.may_pin)
             order = self._order(p, spec)
@@ -273,6 +278,20 @@ class ImageService:
                 total_ms=(time.perf_counter() - t0) * 1e3,
             ),
         )
+
+    def _check_prompt(self, req: GenerateRequest, spec: PlanSpec | None) -> None:
+        """Stage 4: the prompt policy on the prompt and negative prompt, under the
+        plan's safety profile, before anything is reserved or routed."""
+        if self.policy is None:
+            return
+        with stage("policy"):
+            try:
+                self.policy.check({"prompt": req.prompt, "negative_prompt": req.negative_prompt},
+                                  spec.safety_profile if spec else "default")
+            except PromptBlocked as e:
+                annotate(tier=req.tier, blocked={"stage": "prompt_safety", "reason": e.reason,
+                                                 "category": e.category})
+                raise
 
     async def _once(self, req: GenerateRequest, request_id: str, principal: Principal,
                     key: str) -> GenerateResponse:

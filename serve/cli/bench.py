@@ -51,8 +51,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     bench_state.add_arguments(bsub.add_parser(
         "state", help="what authenticating costs per request, per state store backend"))
-    from . import bench_flood
+    from . import bench_flood, bench_policy
 
+    bench_policy.add_arguments(bsub.add_parser(
+        "policy", help="what the prompt policy costs per prompt, at 10,000 terms"))
     bench_flood.add_arguments(bsub.add_parser(
         "flood", help="more requests at once than a revision queues: how fast the rest are refused"))
     return b
@@ -64,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
         from . import bench_capacity
 
         return bench_capacity.run(args, settings)
+    if args.bench_command == "policy":
+        from . import bench_policy
+
+        return bench_policy.run(args, settings)
     if args.bench_command == "flood":
         from . import bench_flood
 

@@ -31,6 +31,7 @@ from ..quotas.ledger import open_ledger
 from ..quotas.plans import Plans
 from ..routing import LiveRouting, RoutingTable
 from ..routing.sources import ConfigMapSource, watch_file
+from ..safety.policy import LivePolicy, load_policy_file
 from ..service import ImageService
 from ..telemetry import Metrics, setup, stage, traceparent
 from .model import ModelCall
@@ -70,6 +71,7 @@ class Access:
     in_flight_per_principal: int = 0
     upstream: Upstream | None = None  # a gateway trusted to name the caller
     idempotency_lease_s: float = LEASE_S  # longer than any request may run
+    prompt_policy_file: str | None = None  # watched like the routing document
 
     def authenticator(self) -> Authenticator:
         return Authenticator(open_keys(self.state_url),
@@ -172,6 +174,9 @@ class Ingress:
         self.status_handles = {n: h.options(method_name="status") for n, h in models.items()}
         backend = HandleBackend(models, coalescing, self.metrics,
                                 timeout_s=lambda: self.routing.table.breaker.timeout_s)
+        policy = None
+        if access and access.prompt_policy_file:
+            policy = LivePolicy(load_policy_file(Path(access.prompt_policy_file)), self.metrics)
         self.service = ImageService(
             lock, self.routing, backend, auth=access.authenticator() if access else None,
             plans=access.plans if access else None,
@@ -180,7 +185,8 @@ class Ingress:
             in_flight_per_principal=access.in_flight_per_principal if access else 0,
             capacity={n: c.capacity for n, c in coalescing.items() if c.capacity},
             replays=open_replays(access.state_url) if access else None,
-            idempotency_lease_s=access.idempotency_lease_s if access else LEASE_S)
+            idempotency_lease_s=access.idempotency_lease_s if access else LEASE_S,
+            policy=policy)
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
                                   max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes
@@ -196,6 +202,10 @@ class Ingress:
         elif source.file:
             self._tasks.append(asyncio.create_task(watch_file(
                 Path(source.file), self.routing.apply_text, self.routing.unreachable)))
+        if policy is not None:
+            self._tasks.append(asyncio.create_task(watch_file(
+                Path(access.prompt_policy_file), policy.apply_text, policy.unreachable,
+                what="prompt policy file")))
         await self._refresh_readiness()
 
     def __serve_build_asgi_app__(self):

@@ -46,6 +46,8 @@ class PlanSpec(BaseModel):
     max_megapixels: Units = Field(16.0, description="output pixels per request, all images")
     raw_prompts: bool = Field(True, description="a raw prompt is allowed (else templates only)")
     watermark: bool = Field(False, description="every image is watermarked")
+    safety_profile: str = Field("default", description="the prompt policy's profile: which "
+                                "categories are checked (README § Safety)")
     commercial: bool = Field(False, description="commercial use: only revisions whose "
                              "commercial_use is allowed may serve it, fallbacks included")
     bucket: Bucket = Bucket(burst=100, refill_per_s=1)

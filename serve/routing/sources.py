@@ -32,7 +32,8 @@ def _fingerprint(path: Path) -> tuple | None:
 
 
 async def watch_file(path: Path, apply: Callable[[str, str], bool],
-                     unreachable: Callable[[str], None], poll_s: float = FILE_POLL_S) -> None:
+                     unreachable: Callable[[str], None], poll_s: float = FILE_POLL_S,
+                     what: str = "routing file") -> None:
     """Apply `path` now (it may have changed since the ingress loaded it) and
     whenever what it resolves to changes; runs until cancelled."""
     seen: tuple | None | bool = False
@@ -41,20 +42,20 @@ async def watch_file(path: Path, apply: Callable[[str, str], bool],
         if now != seen:
             seen = now
             try:
-                _read_and_apply(path, now is not None, apply, unreachable)
+                _read_and_apply(path, now is not None, apply, unreachable, what)
             except Exception:  # the watch must outlive any one bad read
-                log.exception("routing file %s: cannot apply", path)
+                log.exception("%s %s: cannot apply", what, path)
         await asyncio.sleep(poll_s)
 
 
-def _read_and_apply(path: Path, exists: bool, apply, unreachable) -> None:
+def _read_and_apply(path: Path, exists: bool, apply, unreachable, what: str) -> None:
     if not exists:
-        unreachable(f"routing file {path} is missing; keeping the applied document")
+        unreachable(f"{what} {path} is missing; keeping the applied document")
         return
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, ValueError) as e:  # ValueError: not UTF-8
-        unreachable(f"cannot read routing file {path}: {e}")
+        unreachable(f"cannot read {what} {path}: {e}")
         return
     apply(text, f"file {path}")
 

@@ -158,6 +158,9 @@ def _record(rec: RequestRecord, metrics: Metrics) -> None:
             metrics.inc("imagegen_cost_units_total", rec.cost_units, tier=tier, model=model)
         if rec.cache_hit:
             metrics.inc("imagegen_cache_hits_total", tier=tier)
+    if blocked := rec.extra.get("blocked"):  # a safety stage said no (service.py)
+        metrics.inc("imagegen_blocked_total", tier=tier, stage=blocked["stage"],
+                    reason=blocked["reason"])
     if quota := rec.extra.get("quota"):  # the budget stage's outcome (service._reserve)
         metrics.inc("imagegen_quota_units_total", quota["units"], plan=quota["plan"],
                     outcome=quota["outcome"], reason=quota["reason"])

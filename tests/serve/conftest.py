@@ -190,8 +190,10 @@ def stack_settings(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("state")
     plans = tmp / "plans.yaml"  # the stack's tiers, `broken` included, and a drafts-only plan
     plans.write_text(PLANS)
+    policy = tmp / "prompt_policy.yaml"  # the package's, in a file a test may change
+    policy.write_text((ROOT / "serve" / "safety" / "prompt_policy.yaml").read_text())
     return {**service_ports(), "state_url": f"sqlite://{tmp / 'state.db'}",
-            "plans_file": str(plans)}
+            "plans_file": str(plans), "prompt_policy_file": str(policy)}
 
 
 @pytest.fixture(scope="session")

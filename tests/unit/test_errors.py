@@ -25,7 +25,7 @@ CLIENT = {
     "invalid_request", "malformed_body", "unsupported_media_type", "unknown_tier",
     "limit_exceeded", "not_found", "method_not_allowed", "payload_too_large", "forbidden",
     "unauthenticated", "plan_limit", "commercial_use_forbidden", "quota_exceeded",
-    "rate_limited", "idempotency_key_reused", "idempotency_in_progress",
+    "rate_limited", "idempotency_key_reused", "idempotency_in_progress", "prompt_blocked",
 }
 SERVER = {
     "internal", "model_unavailable", "overloaded", "generation_failed", "config_error",

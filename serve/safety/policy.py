@@ -1,0 +1,195 @@
+"""Stage 4, the prompt policy: banned terms by category, in a versioned file, matched
+after folding (normalise.py) by one Aho-Corasick automaton over whole words, with an
+allowlist of phrases that may contain a banned word. A plan's safety profile turns
+categories on or off; a category marked `always` (sexual content involving minors)
+no profile can turn off. The answer names the category and its reason code, never
+the term that matched."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import ahocorasick
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ConfigError, PromptBlocked, describe
+from .normalise import fold
+
+log = logging.getLogger("imagegen.safety")
+
+_CODE = r"^[a-z][a-z0-9_]{0,63}$"
+# Inflections every term also matches (a policy lists any others itself).
+SUFFIXES = ("", "s", "es")
+
+
+class Category(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reason: Annotated[str, Field(pattern=_CODE)] = Field(
+        description="the stable reason code a blocked request answers with")
+    description: str = Field("", description="what the category covers, for reviewers")
+    always: bool = Field(False, description="no safety profile can switch it off")
+    terms: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, description="banned words and phrases, matched as whole words")
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    categories: list[str] | Literal["all"] = Field(
+        "all", description="the categories checked (those marked always are checked anyway)")
+
+
+class PolicyFile(BaseModel):
+    """The prompt policy file (README § Safety)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Annotated[int, Field(ge=1)] = Field(description="bump on every change")
+    categories: dict[Annotated[str, Field(pattern=_CODE)], Category] = Field(min_length=1)
+    allowlist: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, description="phrases allowed although they contain a banned "
+        "word (`breast cancer`)")
+    profiles: dict[Annotated[str, Field(pattern=_CODE)], Profile] = Field(
+        default_factory=lambda: {"default": Profile()},
+        description="what a plan's safety_profile names; `default` checks every category")
+
+    @model_validator(mode="after")
+    def _known(self) -> PolicyFile:
+        if "default" not in self.profiles:
+            raise ValueError("profiles must define 'default'")
+        for name, p in self.profiles.items():
+            unknown = [] if p.categories == "all" else sorted(set(p.categories) - set(self.categories))
+            if unknown:
+                raise ValueError(f"profile {name!r} names unknown categories {unknown}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Why a text was blocked: its category and reason code (never the term)."""
+
+    category: str
+    reason: str
+    field: str
+
+
+class PromptPolicy:
+    """One compiled policy file."""
+
+    def __init__(self, spec: PolicyFile) -> None:
+        self.spec = spec
+        self.version = spec.version
+        self._automaton = ahocorasick.Automaton()
+        entries: dict[str, tuple[str, str]] = {}
+        for name, category in spec.categories.items():
+            for term in category.terms:
+                base = fold(term).strip()
+                if not base:
+                    raise ConfigError(f"prompt policy: category {name!r} has a term that folds "
+                                      "to nothing")
+                for suffix in SUFFIXES:
+                    entries.setdefault(f" {base}{suffix} ", ("ban", name))
+        for phrase in spec.allowlist:
+            entries[f" {fold(phrase).strip()} "] = ("allow", "")
+        for padded, value in entries.items():
+            self._automaton.add_word(padded, (len(padded), *value))
+        self._automaton.make_automaton()
+        self.terms = sum(len(c.terms) for c in spec.categories.values())
+
+    def categories_of(self, profile: str) -> frozenset[str]:
+        p = self.spec.profiles.get(profile) or self.spec.profiles["default"]
+        on = set(self.spec.categories) if p.categories == "all" else set(p.categories)
+        return frozenset(on | {n for n, c in self.spec.categories.items() if c.always})
+
+    def check(self, texts: dict[str, str], profile: str = "default") -> Verdict | None:
+        """The first banned category found in any of `texts` (field -> text) under
+        `profile`, or None."""
+        on = self.categories_of(profile)
+        for field, text in texts.items():
+            if not text:
+                continue
+            # punctuation inside a word joins it (`nu.de`) or splits it (`pipe-bomb`)
+            found = [c for c in (self._scan(fold(text), on), self._scan(fold(text, split=True), on))
+                     if c is not None]
+            if found:
+                category = min(found, key=lambda c: not self.spec.categories[c].always)
+                return Verdict(category, self.spec.categories[category].reason, field)
+        return None
+
+    def _scan(self, folded: str, on: frozenset[str]) -> str | None:
+        allowed: list[tuple[int, int]] = []
+        banned: list[tuple[int, int, str]] = []
+        for end, (length, kind, category) in self._automaton.iter(folded):
+            span = (end - length + 1, end)
+            if kind == "allow":
+                allowed.append(span)
+            elif category in on:
+                banned.append((*span, category))
+        found = [c for start, end, c in banned
+                 if not any(a <= start and end <= b for a, b in allowed)]
+        # An `always` category (sexual content involving minors) outranks the rest: it
+        # is what the case is recorded as.
+        always = [c for c in found if self.spec.categories[c].always]
+        return (always or found or [None])[0]
+
+
+def parse_policy(text: str, origin: str) -> PromptPolicy:
+    try:
+        data = yaml.safe_load(text)
+        return PromptPolicy(PolicyFile.model_validate(data))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"prompt policy {origin}: not YAML: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(f"prompt policy {origin}: {describe(e)}") from None
+
+
+def load_policy_file(path: Path) -> PromptPolicy:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"prompt policy {path}: {e}") from None
+    return parse_policy(text, str(path))
+
+
+class LivePolicy:
+    """The policy in force, reloaded from its file (or mounted ConfigMap) by the same
+    watch as the routing document; a bad new version is refused and the last good
+    one stays."""
+
+    def __init__(self, policy: PromptPolicy, metrics=None) -> None:
+        self.policy = policy
+        self.metrics = metrics
+        self.error: str | None = None
+
+    def apply_text(self, text: str, origin: str) -> bool:
+        try:
+            policy = parse_policy(text, origin)
+        except ConfigError as e:
+            self.error = e.message
+            log.error("prompt policy refused, keeping version %d: %s", self.policy.version,
+                      e.message)
+            if self.metrics is not None:
+                self.metrics.inc("imagegen_policy_config_errors_total", 1)
+            return False
+        if policy.version != self.policy.version or policy.spec != self.policy.spec:
+            log.warning("prompt policy version %d applied from %s (%d terms)", policy.version,
+                        origin, policy.terms)
+        self.policy, self.error = policy, None
+        return True
+
+    def unreachable(self, message: str) -> None:
+        self.error = message
+
+    def check(self, texts: dict[str, str], profile: str = "default") -> None:
+        """PromptBlocked (403 prompt_blocked, naming the category) if any text is."""
+        verdict = self.policy.check(texts, profile)
+        if verdict is not None:
+            raise PromptBlocked(
+                f"the {verdict.field} was blocked by the prompt policy ({verdict.category})",
+                category=verdict.category, reason=verdict.reason,
+                details=[{"field": verdict.field, "type": verdict.reason}])
