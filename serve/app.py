@@ -25,6 +25,7 @@ from .quotas.keys import FileKeys, state_backend
 from .quotas.plans import load_plans, unrouted_tiers
 from .routing import load_routing
 from .safety.policy import load_policy_file
+from .templates.library import load_library
 
 APP_NAME = "imagegen"
 log = logging.getLogger("imagegen")
@@ -81,12 +82,13 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
             if record.plan not in plans.plans:
                 raise ConfigError(f"keys file {settings.keys_file}: key {record.key_id} names "
                                   f"plan {record.plan!r}, not in {settings.plans_file}")
-    policy = load_policy_file(settings.prompt_policy_file)  # a bad policy refuses to start
+    prompt_policy = load_policy_file(settings.prompt_policy_file)  # bad: refuses to start
     for name, spec in plans.plans.items():
-        if spec.safety_profile not in policy.spec.profiles:
+        if spec.safety_profile not in prompt_policy.spec.profiles:
             raise ConfigError(f"plan {name!r}: safety_profile {spec.safety_profile!r} is not in "
                               f"{settings.prompt_policy_file} (it has "
-                              f"{', '.join(sorted(policy.spec.profiles))})")
+                              f"{', '.join(sorted(prompt_policy.spec.profiles))})")
+    load_library(settings.styles_dir)  # a bad style library refuses to start, naming the file
     upstream = None
     if settings.trusted_proxies:
         if settings.identity_plan not in plans.plans:
@@ -100,7 +102,8 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
                     upstream,
                     # a claim outlives its request: past the deadline, plus the stages after
                     idempotency_lease_s=max(LEASE_S, settings.request_timeout_s + 60),
-                    prompt_policy_file=str(settings.prompt_policy_file))
+                    prompt_policy_file=str(settings.prompt_policy_file),
+                    styles_dir=str(settings.styles_dir))
     source = RoutingSource(
         file=str(settings.routing_file), configmap=settings.routing_configmap,
         namespace=settings.routing_namespace, key=settings.routing_key,

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         "banned terms by category, an allowlist, safety profiles (watched: a new version "
         "applies live, a bad one is refused)",
     )
+    styles_dir: Path = Field(
+        ROOT / "serve" / "templates" / "styles", description="the style library: one YAML "
+        "file per template version (a mounted ConfigMap works), watched: edits apply live, "
+        "a bad file is refused and the last good library stays",
+    )
     routing_file: Path = Field(
         ROOT / "serve" / "routing.yaml",
         description="the routing document (YAML), watched: edits apply without a restart; "

@@ -50,6 +50,26 @@ class UnknownTier(ImagegenError):
     code = "unknown_tier"
 
 
+class UnknownTemplate(ImagegenError):
+    code = "unknown_template"
+
+
+class InvalidVariable(ImagegenError):
+    """A template variable is unknown, missing, mistyped, out of range or unsafe."""
+
+    code = "invalid_variable"
+
+
+class TemplateRetired(ImagegenError):
+    """The template version is past its deprecation date; `successor` replaces it."""
+
+    code = "template_retired"
+
+    def __init__(self, message: str, *, successor: str | None = None, details=None) -> None:
+        super().__init__(message, details=details)
+        self.successor = successor
+
+
 class LimitExceeded(ImagegenError):
     """A value is valid in general but outside the routed revision's limits."""
 
@@ -94,13 +114,19 @@ class IdempotencyInProgress(ImagegenError):
     retry_after_s = 1
 
 
+class TemplateNotApproved(Forbidden):
+    """Only approved template versions serve (a plan with template_drafts excepted)."""
+
+    code = "template_not_approved"
+
+
 class PromptBlocked(Forbidden):
     """The prompt policy blocked a prompt, negative prompt or template variable. The
     answer names the category and reason, never the matched term."""
 
     code = "prompt_blocked"
 
-    def __init__(self, message: str, *, category: str, reason: str, details=None) -> None:
+    def __init__(self, message: str, *, category: str = "", reason: str = "", details=None) -> None:
         super().__init__(message, details=details)
         self.category = category
         self.reason = reason
@@ -210,6 +236,10 @@ STATUS: dict[type[ImagegenError], Row] = {
     UnsupportedMediaType: Row(415, "INVALID_ARGUMENT", *_BAD),
     UnknownTier: Row(422, "INVALID_ARGUMENT", *_BAD),
     LimitExceeded: Row(422, "OUT_OF_RANGE", *_BAD),
+    UnknownTemplate: Row(422, "INVALID_ARGUMENT", *_BAD),
+    InvalidVariable: Row(422, "INVALID_ARGUMENT", *_BAD),
+    TemplateRetired: Row(410, "FAILED_PRECONDITION", *_BAD),
+    TemplateNotApproved: Row(403, "PERMISSION_DENIED", 403, "permission_error"),
     Unauthenticated: Row(401, "UNAUTHENTICATED", 401, "authentication_error"),
     Forbidden: Row(403, "PERMISSION_DENIED", 403, "permission_error"),
     PlanLimit: Row(403, "PERMISSION_DENIED", 403, "permission_error"),

@@ -9,6 +9,7 @@ limits are in GET /v1/models.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import unicodedata
 from typing import Annotated, Any, Literal
@@ -22,9 +23,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from .errors import InvalidRequest, MalformedBody
 from .lockfile import Defaults, Limits
+from .templates.library import Template
 
 MAX_SEED = 2**32 - 1
 _ALLOWED_CONTROLS = frozenset("\n\r\t")
@@ -46,8 +49,20 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    prompt: Annotated[str, Field(min_length=1, max_length=2000), PRINTABLE] = Field(
-        description="what to draw (newline and tab allowed, no other control characters)"
+    prompt: Annotated[str, Field(min_length=1, max_length=2000), PRINTABLE] | None = Field(
+        None, description="what to draw (newline and tab allowed, no other control "
+        "characters); with a template, it fills the template's free-text variable. Give a "
+        "prompt, a template, or both"
+    )
+    template: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}(@[1-9][0-9]{0,8})?$")
+                        ] | None = Field(
+        None, description='a style library template, "id" (its newest approved version) or '
+        '"id@version" (GET /v1/templates)'
+    )
+    variables: Annotated[dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")],
+                              Annotated[str, Field(max_length=500), PRINTABLE] | int | float],
+                         Field(max_length=32)] | None = Field(
+        None, description="the template's variables: strings, numbers (enum values are strings)"
     )
     negative_prompt: Annotated[str, Field(max_length=2000), PRINTABLE] = Field(
         "", description="what to steer away from"
@@ -86,12 +101,16 @@ class GenerateRequest(BaseModel):
     def _steps_or_quality(self) -> GenerateRequest:
         if self.steps is not None and self.quality is not None:
             raise ValueError("give steps or quality, not both")
+        if self.prompt is None and self.template is None:
+            raise PydanticCustomError("missing_prompt", "give a prompt or a template")
+        if self.variables is not None and self.template is None:
+            raise ValueError("variables need a template")
         return self
 
     @field_validator("prompt")
     @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
             raise ValueError("prompt is blank")
         return v
 
@@ -112,12 +131,25 @@ class GenerateRequest(BaseModel):
         return int(w), int(h)
 
 
+class AltText(BaseModel):
+    text: str
+    source: Literal["template"] = Field(description="where the draft came from")
+    needs_review: bool = Field(True, description="drafted, not checked by a person")
+
+
 class Image(BaseModel):
     seed: int = Field(description="reproduces this image with the same request")
     width: int
     height: int
     mime_type: Literal["image/png"] = "image/png"
     b64_json: str = Field(description="the encoded image, base64")
+    alt_text: AltText | None = Field(None, description="a drafted alt text (from the "
+                                     "template's pattern)")
+
+
+class Deprecation(BaseModel):
+    successor: str = Field(description="the template id@version to move to")
+    sunset: dt.date = Field(description="from this day (UTC) the version is refused")
 
 
 class Timings(BaseModel):
@@ -142,6 +174,10 @@ class GenerateResponse(BaseModel):
                               "tier)")
     price: float | None = Field(None, description="what the caller's plan charged: the cost "
                                 "units at the month's progressive price (none without a plan)")
+    template: str | None = Field(None, description="the template id@version that rendered it")
+    template_deprecation: Deprecation | None = Field(
+        None, description="the template version is deprecated (also the Deprecation and "
+        "Sunset headers)")
     replayed: bool = Field(False, description="the answer of an earlier request with the same "
                            "Idempotency-Key and body, not charged again")
     images: list[Image]
@@ -163,6 +199,10 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+
+
+class TemplateList(BaseModel):
+    templates: list[Template] = Field(description="every template version")
 
 
 class QuotaStatus(BaseModel):
@@ -232,6 +272,8 @@ def validate(model: type[BaseModel], data: Any) -> Any:
         fields = [
             {"field": ".".join(map(str, err["loc"])) or "body", "type": err["type"],
              "message": err["msg"]}
+            if err["type"] != "missing_prompt"  # the model's check: read as the field's
+            else {"field": "prompt", "type": "missing", "message": err["msg"]}
             for err in errors
         ]
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)

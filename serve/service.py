@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -38,6 +39,7 @@ from .errors import (
     QuotaExceeded,
     StateUnavailable,
     Unauthenticated,
+    UnknownTemplate,
 )
 from .imaging import encode_png
 from .lockfile import Lock, ModelEntry
@@ -50,6 +52,8 @@ from .routing import LiveRouting, RoutingTable
 from .safety.policy import LivePolicy
 from .schemas import (
     MAX_SEED,
+    AltText,
+    Deprecation,
     GenerateRequest,
     GenerateResponse,
     Image,
@@ -58,6 +62,8 @@ from .schemas import (
     Timings,
 )
 from .telemetry import annotate, current_trace_id, stage
+from .templates.library import Template
+from .templates.render import Rendered, Styles
 
 log = logging.getLogger("imagegen.service")
 
@@ -167,7 +173,7 @@ class ImageService:
                  capacity: Mapping[str, int] | None = None,
                  replays: Replays | None = None,
                  idempotency_lease_s: float = LEASE_S,
-                 policy: LivePolicy | None = None) -> None:
+                 policy: LivePolicy | None = None, styles: Styles | None = None) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
@@ -179,6 +185,7 @@ class ImageService:
         self.capacity = InFlight(capacity or {}, at_capacity)
         self.replays = replays
         self.policy = policy  # the prompt policy in force (None: no check)
+        self.styles = styles  # the style library (None: raw prompts only)
         self.idempotency_lease_s = idempotency_lease_s  # past any request's deadline
         self._orphans: set[asyncio.Task] = set()  # refunds and releases whose caller left
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
@@ -215,6 +222,23 @@ class ImageService:
                            credits=u.credits, today_units=u.today,
                            daily_units=spec.daily_units, month_units=u.month, held=u.held)
 
+    def templates(self) -> list[Template]:
+        return self.styles.library.all() if self.styles else []
+
+    def template(self, ref: str) -> Template:
+        """`id` (its newest version that serves) or `id@version`; 422 for another."""
+        if self.styles is None or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,63}(@[1-9][0-9]{0,8})?",
+                                                   ref):
+            raise UnknownTemplate(f"no template {ref[:80]!r}",
+                                  details=[{"field": "template", "type": "unknown_template"}])
+        tid, _, version = ref.partition("@")
+        if version:
+            if (t := self.styles.library.by_id.get(tid, {}).get(int(version))) is None:
+                raise UnknownTemplate(f"no template {ref}",
+                                      details=[{"field": "template", "type": "unknown_template"}])
+            return t
+        return self.styles.resolve(ref, drafts=True)
+
     def models(self) -> list[ModelInfo]:
         return [
             ModelInfo(
@@ -234,9 +258,12 @@ class ImageService:
         t0 = time.perf_counter()
         table = self.routing.table  # one document for the whole request
         spec = self.plans.get(principal.plan) if self.plans and principal else None
-        self._check_prompt(req, spec)
+        r = self._render(req, spec)
+        self._check_prompt(req.tier, r, spec)
         with stage("route", **{"imagegen.tier": req.tier}) as span:
-            p = plan(req, self.lock, table, may_pin=self.may_pin)
+            p = plan(req.model_copy(update={"prompt": r.prompt,
+                                            "negative_prompt": r.negative_prompt}),
+                     self.lock, table, may_pin=self.may_pin)
             order = self._order(p, spec)
             span.set_attributes({"gen_ai.request.model": p.entry.name,
                                  "imagegen.revision": p.entry.revision})
@@ -246,7 +273,7 @@ class ImageService:
         if spec is not None:
             with stage("admit"):
                 admit(principal.plan, spec, tier=p.tier, n=len(p.jobs),
-                      megapixels=p.megapixels())
+                      megapixels=p.megapixels(), raw_prompt=r.template is None)
         with (self.fairness.hold(principal.name if principal else None),
               self.capacity.hold(self.routing.likely(order))):
             reservation = None
@@ -264,33 +291,53 @@ class ImageService:
                 annotate(price=charged, quota={
                     "plan": principal.plan, "units": cost, "reason": "ok",
                     "outcome": "charged" if charged is not None else "unsettled"})
+        alt = AltText(text=r.alt_text, source="template") if r.alt_text else None
         images = [
             Image(seed=j.seed, width=j.width, height=j.height,
-                  b64_json=base64.b64encode(png).decode())
+                  b64_json=base64.b64encode(png).decode(), alt_text=alt)
             for j, png in zip(p.jobs, encoded, strict=True)
         ]
+        t = r.template
         return GenerateResponse(
             id=request_id, trace_id=current_trace_id(), created=int(time.time()), tier=p.tier,
             model=e.name, revision=e.revision, fallback=fallback, pinned=p.pinned,
             batch_images=out.batch_images, cost_units=cost, price=charged, images=images,
+            template=t.ref if t else None,
+            template_deprecation=Deprecation(successor=t.successor, sunset=t.deprecated_on)
+            if t and t.status == "deprecated" else None,
             timings=Timings(
                 queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3,
                 total_ms=(time.perf_counter() - t0) * 1e3,
             ),
         )
 
-    def _check_prompt(self, req: GenerateRequest, spec: PlanSpec | None) -> None:
-        """Stage 4: the prompt policy on the prompt and negative prompt, under the
-        plan's safety profile, before anything is reserved or routed."""
+    def _render(self, req: GenerateRequest, spec: PlanSpec | None) -> Rendered:
+        """Stage 3: the request's template and variables -> its prompts (a raw prompt
+        as it is)."""
+        if req.template is None:
+            return Rendered(req.prompt or "", req.negative_prompt)
+        if self.styles is None:
+            raise UnknownTemplate("this service has no style library",
+                                  details=[{"field": "template", "type": "unknown_template"}])
+        with stage("render", **{"imagegen.template": req.template}):
+            r = self.styles.render(req, drafts=bool(spec and spec.template_drafts))
+        annotate(template=r.template.ref)
+        return r
+
+    def _check_prompt(self, tier: str, r: Rendered, spec: PlanSpec | None) -> None:
+        """Stage 4: the prompt policy on every string variable, the rendered prompt and
+        the negative prompt, under the plan's safety profile, before anything is
+        reserved or routed."""
         if self.policy is None:
             return
+        texts = {f"variables.{k}": v for k, v in (r.values or {}).items()}
+        texts |= {"prompt": r.prompt, "negative_prompt": r.negative_prompt}
         with stage("policy"):
             try:
-                self.policy.check({"prompt": req.prompt, "negative_prompt": req.negative_prompt},
-                                  spec.safety_profile if spec else "default")
+                self.policy.check(texts, spec.safety_profile if spec else "default")
             except PromptBlocked as e:
-                annotate(tier=req.tier, blocked={"stage": "prompt_safety", "reason": e.reason,
-                                                 "category": e.category})
+                annotate(tier=tier, blocked={"stage": "prompt_safety", "reason": e.reason,
+                                             "category": e.category})
                 raise
 
     async def _once(self, req: GenerateRequest, request_id: str, principal: Principal,

@@ -30,10 +30,12 @@ from ..quotas.keys import FileKeys, open_keys
 from ..quotas.ledger import open_ledger
 from ..quotas.plans import Plans
 from ..routing import LiveRouting, RoutingTable
-from ..routing.sources import ConfigMapSource, watch_file
+from ..routing.sources import ConfigMapSource, watch_dir, watch_file
 from ..safety.policy import LivePolicy, load_policy_file
 from ..service import ImageService
 from ..telemetry import Metrics, setup, stage, traceparent
+from ..templates.library import load_library
+from ..templates.render import Styles
 from .model import ModelCall
 
 log = logging.getLogger("imagegen.ingress")
@@ -72,6 +74,7 @@ class Access:
     upstream: Upstream | None = None  # a gateway trusted to name the caller
     idempotency_lease_s: float = LEASE_S  # longer than any request may run
     prompt_policy_file: str | None = None  # watched like the routing document
+    styles_dir: str | None = None  # the style library, watched
 
     def authenticator(self) -> Authenticator:
         return Authenticator(open_keys(self.state_url),
@@ -174,9 +177,11 @@ class Ingress:
         self.status_handles = {n: h.options(method_name="status") for n, h in models.items()}
         backend = HandleBackend(models, coalescing, self.metrics,
                                 timeout_s=lambda: self.routing.table.breaker.timeout_s)
-        policy = None
+        policy = styles = None
         if access and access.prompt_policy_file:
             policy = LivePolicy(load_policy_file(Path(access.prompt_policy_file)), self.metrics)
+        if access and access.styles_dir:
+            styles = Styles(load_library(Path(access.styles_dir)), self.metrics)
         self.service = ImageService(
             lock, self.routing, backend, auth=access.authenticator() if access else None,
             plans=access.plans if access else None,
@@ -186,7 +191,7 @@ class Ingress:
             capacity={n: c.capacity for n, c in coalescing.items() if c.capacity},
             replays=open_replays(access.state_url) if access else None,
             idempotency_lease_s=access.idempotency_lease_s if access else LEASE_S,
-            policy=policy)
+            policy=policy, styles=styles)
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
                                   max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes
@@ -206,6 +211,9 @@ class Ingress:
             self._tasks.append(asyncio.create_task(watch_file(
                 Path(access.prompt_policy_file), policy.apply_text, policy.unreachable,
                 what="prompt policy file")))
+        if styles is not None:
+            self._tasks.append(asyncio.create_task(watch_dir(
+                Path(access.styles_dir), styles.reload)))
         await self._refresh_readiness()
 
     def __serve_build_asgi_app__(self):

@@ -78,8 +78,8 @@ def to_request(raw: bytes) -> GenerateRequest:
     unknown = sorted({f.field_number for f in UnknownFieldSet(m)})
     if unknown:  # a newer client's field would otherwise be silently dropped
         raise MalformedBody(f"request has fields this server does not know: {unknown}")
-    data: dict[str, Any] = {"prompt": m.prompt}
-    for name in ("negative_prompt", "tier", "size", "model"):
+    data: dict[str, Any] = {"variables": dict(m.variables)} if m.variables else {}
+    for name in ("prompt", "negative_prompt", "tier", "size", "model", "template"):
         if value := getattr(m, name):
             data[name] = value
     for name in ("n", "seed", "steps", "guidance"):
@@ -94,9 +94,12 @@ def to_proto(r: GenerateResponse) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         id=r.id, trace_id=r.trace_id, created=r.created, tier=r.tier, model=r.model,
         revision=r.revision, fallback=r.fallback, pinned=r.pinned, batch_images=r.batch_images,
-        cost_units=r.cost_units, price=r.price, replayed=r.replayed,
+        cost_units=r.cost_units, price=r.price, replayed=r.replayed, template=r.template or "",
+        template_successor=d.successor if (d := r.template_deprecation) else "",
+        template_sunset=d.sunset.isoformat() if d else "",
         images=[pb.Image(seed=i.seed, width=i.width, height=i.height, mime_type=i.mime_type,
-                         data=base64.b64decode(i.b64_json)) for i in r.images],
+                         data=base64.b64decode(i.b64_json),
+                         alt_text=i.alt_text.text if i.alt_text else "") for i in r.images],
         timings=pb.Timings(**r.timings.model_dump()),
     )
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import re
 import uuid
 from collections.abc import Awaitable, Callable
+from email.utils import format_datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,16 +33,18 @@ from ..schemas import (
     GenerateResponse,
     ModelList,
     QuotaStatus,
+    TemplateList,
     parse_request,
 )
 from ..service import ImageService
 from ..telemetry import Metrics, annotate, current_trace_id, request_scope, stage
+from ..templates.library import Template
 
 log = logging.getLogger("imagegen.http")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/models", "/v1/quota",
-                     "/v1/routing", "/healthz", "/readyz"})  # span names
+                     "/v1/templates", "/v1/routing", "/healthz", "/readyz"})  # span names
 _GENERATION = frozenset({("POST", "/v1/images"), ("POST", "/v1/images/generations")})
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)
@@ -54,6 +58,17 @@ def request_id(request: Request) -> str:
         rid = valid_request_id(request.headers.get("x-request-id", ""))
         request.state.request_id = rid
     return rid
+
+
+def deprecation_headers(resp: GenerateResponse) -> dict[str, str]:
+    """A deprecated template version: when it goes (Sunset, RFC 8594) and what
+    replaces it (a successor-version link, RFC 5829)."""
+    d = resp.template_deprecation
+    if d is None:
+        return {}
+    sunset = dt.datetime.combine(d.sunset, dt.time(), dt.UTC)
+    return {"Sunset": format_datetime(sunset, usegmt=True),
+            "Link": f'</v1/templates/{d.successor}>; rel="successor-version"'}
 
 
 def peer(request: Request) -> str | None:
@@ -152,7 +167,7 @@ def build_http_app(
         resp = await service.generate(req, request_id(request), principal,
                                       idempotency_key(request))
         return Response(resp.model_dump_json(), media_type="application/json",
-                        headers=id_header(request))
+                        headers=id_header(request) | deprecation_headers(resp))
 
     from . import openai  # it imports this module's helpers
 
@@ -173,6 +188,18 @@ def build_http_app(
         """Any principal's budget (the admin role; anyone for their own)."""
         caller = await service.authenticate(request.headers, peer(request))
         return await service.quota(caller, principal)
+
+    @app.get("/v1/templates", response_model=TemplateList, responses=_ERRORS)
+    async def templates(request: Request) -> TemplateList:
+        """Every template version in the style library, with its variables and state."""
+        await service.authenticate(request.headers, peer(request))
+        return TemplateList(templates=service.templates())
+
+    @app.get("/v1/templates/{template}", response_model=Template, responses=_ERRORS)
+    async def template(template: str, request: Request) -> Template:
+        """One version: `id` (the newest that serves) or `id@version`."""
+        await service.authenticate(request.headers, peer(request))
+        return service.template(template)
 
     @app.get("/v1/routing")
     async def routing() -> dict[str, Any]:

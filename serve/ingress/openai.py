@@ -77,6 +77,8 @@ class OpenAIImageRequest(BaseModel):
     seed: int | None = None
     negative_prompt: str | None = None
     tier: str | None = None
+    template: str | None = None  # `prompt` then fills its free-text variable
+    variables: dict[str, Any] | None = None
 
 
 def to_generate_request(o: OpenAIImageRequest,
@@ -93,7 +95,7 @@ def to_generate_request(o: OpenAIImageRequest,
         _refuse("tier", f"model {o.model!r} means tier {tier!r}, but tier {o.tier!r} was given")
     fields: dict[str, Any] = {
         "prompt": o.prompt, "n": o.n, "tier": o.tier or tier or "draft", "seed": o.seed,
-        "model": pin,
+        "model": pin, "template": o.template, "variables": o.variables,
         "negative_prompt": o.negative_prompt, "quality": QUALITY.get(o.quality or ""),
         "size": None if o.size in (None, "auto") else o.size,
     }
@@ -118,6 +120,8 @@ def to_openai(resp: GenerateResponse, quality: str | None) -> dict[str, Any]:
                      "pinned": resp.pinned,
                      "seeds": [i.seed for i in resp.images], "cost_units": resp.cost_units,
                      "price": resp.price, "replayed": resp.replayed,
+                     "template": resp.template,
+                     "alt_text": [i.alt_text.text if i.alt_text else None for i in resp.images],
                      "batch_images": resp.batch_images,
                      "timings": resp.timings.model_dump()},
     }

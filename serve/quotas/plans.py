@@ -46,6 +46,8 @@ class PlanSpec(BaseModel):
     max_megapixels: Units = Field(16.0, description="output pixels per request, all images")
     raw_prompts: bool = Field(True, description="a raw prompt is allowed (else templates only)")
     watermark: bool = Field(False, description="every image is watermarked")
+    template_drafts: bool = Field(False, description="draft template versions serve too "
+                                  "(for testing them)")
     safety_profile: str = Field("default", description="the prompt policy's profile: which "
                                 "categories are checked (README § Safety)")
     commercial: bool = Field(False, description="commercial use: only revisions whose "

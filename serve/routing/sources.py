@@ -48,6 +48,22 @@ async def watch_file(path: Path, apply: Callable[[str, str], bool],
         await asyncio.sleep(poll_s)
 
 
+async def watch_dir(directory: Path, reload: Callable[[Path], bool],
+                    poll_s: float = FILE_POLL_S) -> None:
+    """Call `reload(directory)` whenever a `*.yaml` in it changes, appears or goes
+    (a mounted ConfigMap's files all move at once); runs until cancelled."""
+    seen = None
+    while True:
+        now = tuple(sorted((str(p), _fingerprint(p)) for p in Path(directory).glob("*.yaml")))
+        if seen is not None and now != seen:
+            try:
+                reload(directory)
+            except Exception:  # the watch must outlive any one bad read
+                log.exception("directory %s: cannot reload", directory)
+        seen = now
+        await asyncio.sleep(poll_s)
+
+
 def _read_and_apply(path: Path, exists: bool, apply, unreachable, what: str) -> None:
     if not exists:
         unreachable(f"{what} {path} is missing; keeping the applied document")

@@ -12,7 +12,8 @@ to the same tokens:
 - punctuation inside a word removed (`n.u.d.e`, `nu_de`), or with `split` read as a
   space (`pipe-bomb`: a policy checks both), and a run of three or more single
   letters joined (`n u d e`);
-- repeated letters collapsed (`nuuude`).
+- repeated letters collapsed (`nuuude`), but a word of one repeated letter keeps
+  three (`xxxxx` reads `xxx`, and `xxx` never reads as `x`).
 
 The result is the words joined by single spaces and padded with one on each side,
 so a padded term matches whole words only: `cocktail` never matches `cock`."""
@@ -75,4 +76,10 @@ def fold(text: str, *, split: bool = False) -> str:
         run = []
         if w:
             joined.append(w)
-    return " " + _REPEATS.sub(r"\1", " ".join(joined)) + " "
+    return " " + " ".join(_squeeze(w) for w in joined) + " "
+
+
+def _squeeze(word: str) -> str:
+    """Repeated letters collapsed (`nuuude` -> `nude`); a word of one letter repeated
+    keeps three (`xxxxx` -> `xxx`), so `xxx` never folds to `x`."""
+    return word[:3] if len(set(word)) == 1 else _REPEATS.sub(r"\1", word)

@@ -89,9 +89,9 @@ class PromptPolicy:
         for name, category in spec.categories.items():
             for term in category.terms:
                 base = fold(term).strip()
-                if not base:
+                if len(base) < 2:
                     raise ConfigError(f"prompt policy: category {name!r} has a term that folds "
-                                      "to nothing")
+                                      f"to {base!r}: too short to match safely")
                 for suffix in SUFFIXES:
                     entries.setdefault(f" {base}{suffix} ", ("ban", name))
         for phrase in spec.allowlist:

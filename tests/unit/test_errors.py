@@ -26,6 +26,7 @@ CLIENT = {
     "limit_exceeded", "not_found", "method_not_allowed", "payload_too_large", "forbidden",
     "unauthenticated", "plan_limit", "commercial_use_forbidden", "quota_exceeded",
     "rate_limited", "idempotency_key_reused", "idempotency_in_progress", "prompt_blocked",
+    "unknown_template", "invalid_variable", "template_retired", "template_not_approved",
 }
 SERVER = {
     "internal", "model_unavailable", "overloaded", "generation_failed", "config_error",

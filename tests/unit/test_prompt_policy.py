@@ -50,6 +50,7 @@ EVASIONS = [
     ("pooorn", "sexual"),
     ("nudes for sale", "sexual"),  # inflection
     ("some xxx content", "sexual"),
+    ("some xxxxxx content", "sexual"),
     ("N.S.F.W picture", "sexual"),
     ("nsfw", "sexual"),
     ("s e x scene", "sexual"),  # multi-word terms with spaced letters
@@ -109,6 +110,7 @@ INNOCENT = [
     "Essex girl hairstyle", "a spice rack", "a well-known landmark",
     "Kukri knife in a museum", "skkkater", "an intersection at night", "intercontinental flight",
     "a stripe pattern", "scrap metal sculpture", "analysis paralysis", "sextant on a ship",
+    "x", "the letter x", "vitamin k", "k", "x marks the spot", "a kk flag", "xx chromosome",
 ]
 
 
@@ -160,7 +162,8 @@ def test_a_bad_policy_version_is_refused_and_the_last_good_one_stays():
 
 
 @pytest.mark.parametrize(("text", "says"), [
-    ("version: 1\ncategories:\n  x: {reason: x, terms: ['...']}\n", "folds to nothing"),
+    ("version: 1\ncategories:\n  x: {reason: x, terms: ['...']}\n", "too short"),
+    ("version: 1\ncategories:\n  x: {reason: x, terms: ['a']}\n", "too short"),
     (("version: 1\ncategories:\n  x: {reason: x, terms: [a]}\nprofiles:\n"
       "  default: {categories: [y]}\n"), "unknown categories"),
     ("version: 1\ncategories:\n  x: {reason: Bad Code, terms: [a]}\n", "reason"),

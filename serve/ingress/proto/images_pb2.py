@@ -24,37 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imagegen/v1/images.proto\x12\x0bimagegen.v1\"\x80\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x01n\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04size\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x15\n\x08guidance\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12%\n\x07quality\x18\t \x01(\x0e\x32\x14.imagegen.v1.Quality\x12\r\n\x05model\x18\n \x01(\tB\x04\n\x02_nB\x07\n\x05_seedB\x08\n\x06_stepsB\x0b\n\t_guidance\"U\n\x05Image\x12\x0c\n\x04seed\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x11\n\tmime_type\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"B\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xb7\x02\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x07 \x01(\x08\x12\x14\n\x0c\x62\x61tch_images\x18\x08 \x01(\r\x12\x12\n\ncost_units\x18\t \x01(\x01\x12\"\n\x06images\x18\n \x03(\x0b\x32\x12.imagegen.v1.Image\x12%\n\x07timings\x18\x0b \x01(\x0b\x32\x14.imagegen.v1.Timings\x12\x0e\n\x06pinned\x18\x0c \x01(\x08\x12\x12\n\x05price\x18\r \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08replayed\x18\x0e \x01(\x08\x42\x08\n\x06_price\"\x13\n\x11ListModelsRequest\"O\n\rModelDefaults\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x10\n\x08guidance\x18\x04 \x01(\x01\"\x83\x01\n\x0bModelLimits\x12\x10\n\x08min_size\x18\x01 \x01(\r\x12\x11\n\tmax_width\x18\x02 \x01(\r\x12\x12\n\nmax_height\x18\x03 \x01(\r\x12\x11\n\tmax_steps\x18\x04 \x01(\r\x12\x14\n\x0cmax_guidance\x18\x05 \x01(\x01\x12\x12\n\nmax_images\x18\x06 \x01(\r\"\xec\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x12\n\ndeployment\x18\x03 \x01(\t\x12\x10\n\x08pipeline\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07license\x18\x06 \x01(\t\x12\x16\n\x0e\x63ommercial_use\x18\x07 \x01(\t\x12\r\n\x05tiers\x18\x08 \x03(\t\x12,\n\x08\x64\x65\x66\x61ults\x18\t \x01(\x0b\x32\x1a.imagegen.v1.ModelDefaults\x12(\n\x06limits\x18\n \x01(\x0b\x32\x18.imagegen.v1.ModelLimits\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.imagegen.v1.Model\"$\n\x0fGetQuotaRequest\x12\x11\n\tprincipal\x18\x01 \x01(\t\"\xd6\x01\n\x05Quota\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x14\n\x0c\x62ucket_units\x18\x03 \x01(\x01\x12\r\n\x05\x62urst\x18\x04 \x01(\x01\x12\x14\n\x0crefill_per_s\x18\x05 \x01(\x01\x12\x0f\n\x07\x63redits\x18\x06 \x01(\x01\x12\x13\n\x0btoday_units\x18\x07 \x01(\x01\x12\x18\n\x0b\x64\x61ily_units\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bmonth_units\x18\t \x01(\x01\x12\x0c\n\x04held\x18\n \x01(\rB\x0e\n\x0c_daily_units*[\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bQUALITY_LOW\x10\x01\x12\x14\n\x10QUALITY_STANDARD\x10\x02\x12\x10\n\x0cQUALITY_HIGH\x10\x03\x32\xde\x01\n\x06Images\x12G\n\x08Generate\x12\x1c.imagegen.v1.GenerateRequest\x1a\x1d.imagegen.v1.GenerateResponse\x12M\n\nListModels\x12\x1e.imagegen.v1.ListModelsRequest\x1a\x1f.imagegen.v1.ListModelsResponse\x12<\n\x08GetQuota\x12\x1c.imagegen.v1.GetQuotaRequest\x1a\x12.imagegen.v1.Quotab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imagegen/v1/images.proto\x12\x0bimagegen.v1\"\x84\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0e\n\x01n\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04size\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x15\n\x08guidance\x18\x08 \x01(\x01H\x03\x88\x01\x01\x12%\n\x07quality\x18\t \x01(\x0e\x32\x14.imagegen.v1.Quality\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08template\x18\x0b \x01(\t\x12>\n\tvariables\x18\x0c \x03(\x0b\x32+.imagegen.v1.GenerateRequest.VariablesEntry\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x04\n\x02_nB\x07\n\x05_seedB\x08\n\x06_stepsB\x0b\n\t_guidance\"g\n\x05Image\x12\x0c\n\x04seed\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x11\n\tmime_type\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08\x61lt_text\x18\x06 \x01(\t\"B\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xfe\x02\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x07 \x01(\x08\x12\x14\n\x0c\x62\x61tch_images\x18\x08 \x01(\r\x12\x12\n\ncost_units\x18\t \x01(\x01\x12\"\n\x06images\x18\n \x03(\x0b\x32\x12.imagegen.v1.Image\x12%\n\x07timings\x18\x0b \x01(\x0b\x32\x14.imagegen.v1.Timings\x12\x0e\n\x06pinned\x18\x0c \x01(\x08\x12\x12\n\x05price\x18\r \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08replayed\x18\x0e \x01(\x08\x12\x10\n\x08template\x18\x0f \x01(\t\x12\x1a\n\x12template_successor\x18\x10 \x01(\t\x12\x17\n\x0ftemplate_sunset\x18\x11 \x01(\tB\x08\n\x06_price\"\x13\n\x11ListModelsRequest\"O\n\rModelDefaults\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x10\n\x08guidance\x18\x04 \x01(\x01\"\x83\x01\n\x0bModelLimits\x12\x10\n\x08min_size\x18\x01 \x01(\r\x12\x11\n\tmax_width\x18\x02 \x01(\r\x12\x12\n\nmax_height\x18\x03 \x01(\r\x12\x11\n\tmax_steps\x18\x04 \x01(\r\x12\x14\n\x0cmax_guidance\x18\x05 \x01(\x01\x12\x12\n\nmax_images\x18\x06 \x01(\r\"\xec\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x12\n\ndeployment\x18\x03 \x01(\t\x12\x10\n\x08pipeline\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07license\x18\x06 \x01(\t\x12\x16\n\x0e\x63ommercial_use\x18\x07 \x01(\t\x12\r\n\x05tiers\x18\x08 \x03(\t\x12,\n\x08\x64\x65\x66\x61ults\x18\t \x01(\x0b\x32\x1a.imagegen.v1.ModelDefaults\x12(\n\x06limits\x18\n \x01(\x0b\x32\x18.imagegen.v1.ModelLimits\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.imagegen.v1.Model\"$\n\x0fGetQuotaRequest\x12\x11\n\tprincipal\x18\x01 \x01(\t\"\xd6\x01\n\x05Quota\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x14\n\x0c\x62ucket_units\x18\x03 \x01(\x01\x12\r\n\x05\x62urst\x18\x04 \x01(\x01\x12\x14\n\x0crefill_per_s\x18\x05 \x01(\x01\x12\x0f\n\x07\x63redits\x18\x06 \x01(\x01\x12\x13\n\x0btoday_units\x18\x07 \x01(\x01\x12\x18\n\x0b\x64\x61ily_units\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bmonth_units\x18\t \x01(\x01\x12\x0c\n\x04held\x18\n \x01(\rB\x0e\n\x0c_daily_units*[\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bQUALITY_LOW\x10\x01\x12\x14\n\x10QUALITY_STANDARD\x10\x02\x12\x10\n\x0cQUALITY_HIGH\x10\x03\x32\xde\x01\n\x06Images\x12G\n\x08Generate\x12\x1c.imagegen.v1.GenerateRequest\x1a\x1d.imagegen.v1.GenerateResponse\x12M\n\nListModels\x12\x1e.imagegen.v1.ListModelsRequest\x1a\x1f.imagegen.v1.ListModelsResponse\x12<\n\x08GetQuota\x12\x1c.imagegen.v1.GetQuotaRequest\x1a\x12.imagegen.v1.Quotab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagegen.v1.images_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUALITY']._serialized_start=1557
-  _globals['_QUALITY']._serialized_end=1648
+  _globals['_GENERATEREQUEST_VARIABLESENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_VARIABLESENTRY']._serialized_options = b'8\001'
+  _globals['_QUALITY']._serialized_start=1778
+  _globals['_QUALITY']._serialized_end=1869
   _globals['_GENERATEREQUEST']._serialized_start=42
-  _globals['_GENERATEREQUEST']._serialized_end=298
-  _globals['_IMAGE']._serialized_start=300
-  _globals['_IMAGE']._serialized_end=385
-  _globals['_TIMINGS']._serialized_start=387
-  _globals['_TIMINGS']._serialized_end=453
-  _globals['_GENERATERESPONSE']._serialized_start=456
-  _globals['_GENERATERESPONSE']._serialized_end=767
-  _globals['_LISTMODELSREQUEST']._serialized_start=769
-  _globals['_LISTMODELSREQUEST']._serialized_end=788
-  _globals['_MODELDEFAULTS']._serialized_start=790
-  _globals['_MODELDEFAULTS']._serialized_end=869
-  _globals['_MODELLIMITS']._serialized_start=872
-  _globals['_MODELLIMITS']._serialized_end=1003
-  _globals['_MODEL']._serialized_start=1006
-  _globals['_MODEL']._serialized_end=1242
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1244
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1300
-  _globals['_GETQUOTAREQUEST']._serialized_start=1302
-  _globals['_GETQUOTAREQUEST']._serialized_end=1338
-  _globals['_QUOTA']._serialized_start=1341
-  _globals['_QUOTA']._serialized_end=1555
-  _globals['_IMAGES']._serialized_start=1651
-  _globals['_IMAGES']._serialized_end=1873
+  _globals['_GENERATEREQUEST']._serialized_end=430
+  _globals['_GENERATEREQUEST_VARIABLESENTRY']._serialized_start=344
+  _globals['_GENERATEREQUEST_VARIABLESENTRY']._serialized_end=392
+  _globals['_IMAGE']._serialized_start=432
+  _globals['_IMAGE']._serialized_end=535
+  _globals['_TIMINGS']._serialized_start=537
+  _globals['_TIMINGS']._serialized_end=603
+  _globals['_GENERATERESPONSE']._serialized_start=606
+  _globals['_GENERATERESPONSE']._serialized_end=988
+  _globals['_LISTMODELSREQUEST']._serialized_start=990
+  _globals['_LISTMODELSREQUEST']._serialized_end=1009
+  _globals['_MODELDEFAULTS']._serialized_start=1011
+  _globals['_MODELDEFAULTS']._serialized_end=1090
+  _globals['_MODELLIMITS']._serialized_start=1093
+  _globals['_MODELLIMITS']._serialized_end=1224
+  _globals['_MODEL']._serialized_start=1227
+  _globals['_MODEL']._serialized_end=1463
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1465
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1521
+  _globals['_GETQUOTAREQUEST']._serialized_start=1523
+  _globals['_GETQUOTAREQUEST']._serialized_end=1559
+  _globals['_QUOTA']._serialized_start=1562
+  _globals['_QUOTA']._serialized_end=1776
+  _globals['_IMAGES']._serialized_start=1872
+  _globals['_IMAGES']._serialized_end=2094
 # @@protoc_insertion_point(module_scope)

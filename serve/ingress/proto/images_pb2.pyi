@@ -19,7 +19,14 @@ QUALITY_STANDARD: Quality
 QUALITY_HIGH: Quality
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "tier", "n", "size", "seed", "steps", "guidance", "quality", "model")
+    __slots__ = ("prompt", "negative_prompt", "tier", "n", "size", "seed", "steps", "guidance", "quality", "model", "template", "variables")
+    class VariablesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +37,8 @@ class GenerateRequest(_message.Message):
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     tier: str
@@ -40,21 +49,25 @@ class GenerateRequest(_message.Message):
     guidance: float
     quality: Quality
     model: str
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., tier: _Optional[str] = ..., n: _Optional[int] = ..., size: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., quality: _Optional[_Union[Quality, str]] = ..., model: _Optional[str] = ...) -> None: ...
+    template: str
+    variables: _containers.ScalarMap[str, str]
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., tier: _Optional[str] = ..., n: _Optional[int] = ..., size: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., quality: _Optional[_Union[Quality, str]] = ..., model: _Optional[str] = ..., template: _Optional[str] = ..., variables: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("seed", "width", "height", "mime_type", "data")
+    __slots__ = ("seed", "width", "height", "mime_type", "data", "alt_text")
     SEED_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    ALT_TEXT_FIELD_NUMBER: _ClassVar[int]
     seed: int
     width: int
     height: int
     mime_type: str
     data: bytes
-    def __init__(self, seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., mime_type: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    alt_text: str
+    def __init__(self, seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., mime_type: _Optional[str] = ..., data: _Optional[bytes] = ..., alt_text: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "generate_ms", "total_ms")
@@ -67,7 +80,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("id", "trace_id", "created", "tier", "model", "revision", "fallback", "batch_images", "cost_units", "images", "timings", "pinned", "price", "replayed")
+    __slots__ = ("id", "trace_id", "created", "tier", "model", "revision", "fallback", "batch_images", "cost_units", "images", "timings", "pinned", "price", "replayed", "template", "template_successor", "template_sunset")
     ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +95,9 @@ class GenerateResponse(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     PRICE_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_SUCCESSOR_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_SUNSET_FIELD_NUMBER: _ClassVar[int]
     id: str
     trace_id: str
     created: int
@@ -96,7 +112,10 @@ class GenerateResponse(_message.Message):
     pinned: bool
     price: float
     replayed: bool
-    def __init__(self, id: _Optional[str] = ..., trace_id: _Optional[str] = ..., created: _Optional[int] = ..., tier: _Optional[str] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., fallback: _Optional[bool] = ..., batch_images: _Optional[int] = ..., cost_units: _Optional[float] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., pinned: _Optional[bool] = ..., price: _Optional[float] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    template: str
+    template_successor: str
+    template_sunset: str
+    def __init__(self, id: _Optional[str] = ..., trace_id: _Optional[str] = ..., created: _Optional[int] = ..., tier: _Optional[str] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., fallback: _Optional[bool] = ..., batch_images: _Optional[int] = ..., cost_units: _Optional[float] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., pinned: _Optional[bool] = ..., price: _Optional[float] = ..., replayed: _Optional[bool] = ..., template: _Optional[str] = ..., template_successor: _Optional[str] = ..., template_sunset: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
