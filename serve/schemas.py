@@ -176,8 +176,8 @@ class GenerateResponse(BaseModel):
                                 "units at the month's progressive price (none without a plan)")
     template: str | None = Field(None, description="the template id@version that rendered it")
     template_deprecation: Deprecation | None = Field(
-        None, description="the template version is deprecated (also the Deprecation and "
-        "Sunset headers)")
+        None, description="the template version is deprecated (HTTP also sends the Sunset "
+        "header and a successor-version Link)")
     replayed: bool = Field(False, description="the answer of an earlier request with the same "
                            "Idempotency-Key and body, not charged again")
     images: list[Image]

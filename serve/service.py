@@ -225,8 +225,9 @@ class ImageService:
     def templates(self) -> list[Template]:
         return self.styles.library.all() if self.styles else []
 
-    def template(self, ref: str) -> Template:
-        """`id` (its newest version that serves) or `id@version`; 422 for another."""
+    def template(self, ref: str, caller: Principal | None = None) -> Template:
+        """`id` (its newest version that serves the caller) or `id@version`; 422 for
+        another."""
         if self.styles is None or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,63}(@[1-9][0-9]{0,8})?",
                                                    ref):
             raise UnknownTemplate(f"no template {ref[:80]!r}",
@@ -237,7 +238,8 @@ class ImageService:
                 raise UnknownTemplate(f"no template {ref}",
                                       details=[{"field": "template", "type": "unknown_template"}])
             return t
-        return self.styles.resolve(ref, drafts=True)
+        spec = self.plans.get(caller.plan) if self.plans and caller else None
+        return self.styles.resolve(ref, drafts=bool(spec and spec.template_drafts))
 
     def models(self) -> list[ModelInfo]:
         return [
@@ -336,8 +338,10 @@ class ImageService:
             try:
                 self.policy.check(texts, spec.safety_profile if spec else "default")
             except PromptBlocked as e:
-                annotate(tier=tier, blocked={"stage": "prompt_safety", "reason": e.reason,
-                                             "category": e.category})
+                # the tier is not routed yet: a label only for one the table knows
+                annotate(tier=tier if tier in self.routing.table.tiers else "unknown",
+                         blocked={"stage": "prompt_safety", "reason": e.reason,
+                                  "category": e.category})
                 raise
 
     async def _once(self, req: GenerateRequest, request_id: str, principal: Principal,

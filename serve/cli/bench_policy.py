@@ -1,6 +1,7 @@
 """`imagegen bench policy`: what the prompt policy stage costs a request, side by side:
 the shipped policy and a generated one of `--terms` terms (target: under 1 ms p50
-per prompt at 10,000 terms), on typical prompts and on the longest one allowed."""
+per prompt at 10,000 terms), on typical prompts and on the longest one allowed; and
+what rendering a template costs (stage 3)."""
 
 from __future__ import annotations
 
@@ -64,4 +65,23 @@ def run(args: argparse.Namespace, settings) -> int:
                                ("longest (2000 chars)", longest)):
             p50, p95 = _time(policy, prompts)
             print(f"{name:<26}{label:<22}{p50:>9.3f}{p95:>9.3f}")
+    p50, p95 = _render_time(settings, vocab, rng, args.prompts)
+    print(f"{'render product-shot@1':<26}{'3 variables':<22}{p50:>9.3f}{p95:>9.3f}")
     return 0
+
+
+def _render_time(settings, vocab: list[str], rng: random.Random, n: int) -> tuple[float, float]:
+    from ..schemas import GenerateRequest
+    from ..templates.library import load_library
+    from ..templates.render import Styles
+
+    styles = Styles(load_library(settings.styles_dir))
+    lat = []
+    for _ in range(n):
+        req = GenerateRequest(template="product-shot@1", variables={
+            "product": " ".join(rng.choice(vocab) for _ in range(4))[:80],
+            "background": "black", "angle": rng.randint(0, 90)})
+        t = time.perf_counter()
+        styles.render(req)
+        lat.append(time.perf_counter() - t)
+    return statistics.median(lat) * 1e3, statistics.quantiles(lat, n=20)[-1] * 1e3

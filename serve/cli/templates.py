@@ -87,15 +87,26 @@ def _approve(t, directory: Path, by: str) -> int:
         print(f"{t.ref} is already {t.status} (approved by {t.approved.by} at "
               f"{t.approved.at:%Y-%m-%d %H:%M}Z); change it as a new version", file=sys.stderr)
         return 1
+    import yaml
+
     at = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    text = path.read_text(encoding="utf-8")
+    text = path.read_bytes().decode("utf-8")
+    newline = "\r\n" if "\r\n" in text else "\n"
+    lines = text.splitlines()
+    status = [i for i, line in enumerate(lines) if re.match(r"status\s*:", line)]
+    if len(status) > 1 or any(re.match(r"approved\s*:", line) for line in lines):
+        print(f"error: {path.name} has {len(status)} status lines or an approval already; "
+              "fix it by hand", file=sys.stderr)
+        return 1
     # Edit the text, not a re-dump: the file keeps its comments and layout.
-    text = re.sub(r"^status: *draft *$", "status: approved", text, count=1, flags=re.MULTILINE)
-    if not re.search(r"^status: approved$", text, flags=re.MULTILINE):
-        text = text.rstrip("\n") + "\nstatus: approved\n"
-    text = text.rstrip("\n") + (f"\napproved:\n  by: {by}\n  at: {at.isoformat()}\n"
-                                f"  sha256: {t.content_sha256()}\n")
-    parse_template(text, str(path))  # the result must load
-    path.write_text(text, encoding="utf-8")
+    if status:
+        lines[status[0]] = "status: approved"
+    else:
+        lines.append("status: approved")
+    block = yaml.safe_dump({"approved": {"by": by, "at": at.isoformat(),
+                                         "sha256": t.content_sha256()}}, sort_keys=False)
+    text = newline.join([*lines, *block.splitlines()]) + newline
+    parse_template(text, str(path))  # the result must load, approval and all
+    path.write_bytes(text.encode("utf-8"))
     print(f"approved {t.ref} ({path.name}) by {by} at {at.isoformat()}")
     return 0

@@ -24,7 +24,7 @@ from ..batching import PipelineBatcher
 from ..engines.base import Engine, EngineSpec, Generated, Job
 from ..errors import GenerationFailed, ImagegenError, ModelUnavailable
 from ..lockfile import ModelEntry, verify
-from ..telemetry import Metrics, context_from, setup, tracer
+from ..telemetry import Metrics, context_from, setup, tracing
 
 log = logging.getLogger("imagegen.model")
 
@@ -119,7 +119,9 @@ class ModelDeployment:
         """One request in the replica: a SERVER span under the ingress's CLIENT span,
         and a child span for the pipeline call (batch) that ran it."""
         e = self.entry
-        with tracer.start_as_current_span(
+        # Through its module: Serve pickles this class by value, and the tracer itself
+        # (once a provider is set in this process) holds locks.
+        with tracing.tracer.start_as_current_span(
             "imagegen.model.generate", context=context_from(call.traceparent),
             kind=SpanKind.SERVER,
             attributes={"gen_ai.request.model": e.name, "imagegen.revision": e.revision,
@@ -130,7 +132,7 @@ class ModelDeployment:
             end = time.time_ns()
             span.set_attributes({"imagegen.batch_images": out.batch_images,
                                  "imagegen.queue_ms": out.queue_s * 1e3})
-            tracer.start_span(
+            tracing.tracer.start_span(
                 "imagegen.pipeline", start_time=end - int(out.generate_s * 1e9),
                 attributes={"imagegen.batch_images": out.batch_images},
             ).end(end_time=end)

@@ -198,8 +198,8 @@ def build_http_app(
     @app.get("/v1/templates/{template}", response_model=Template, responses=_ERRORS)
     async def template(template: str, request: Request) -> Template:
         """One version: `id` (the newest that serves) or `id@version`."""
-        await service.authenticate(request.headers, peer(request))
-        return service.template(template)
+        caller = await service.authenticate(request.headers, peer(request))
+        return service.template(template, caller)
 
     @app.get("/v1/routing")
     async def routing() -> dict[str, Any]:

@@ -50,12 +50,13 @@ async def watch_file(path: Path, apply: Callable[[str, str], bool],
 
 async def watch_dir(directory: Path, reload: Callable[[Path], bool],
                     poll_s: float = FILE_POLL_S) -> None:
-    """Call `reload(directory)` whenever a `*.yaml` in it changes, appears or goes
-    (a mounted ConfigMap's files all move at once); runs until cancelled."""
+    """Call `reload(directory)` now (it may have changed since it was loaded) and
+    whenever a `*.yaml` in it changes, appears or goes (a mounted ConfigMap's files
+    all move at once); runs until cancelled."""
     seen = None
     while True:
         now = tuple(sorted((str(p), _fingerprint(p)) for p in Path(directory).glob("*.yaml")))
-        if seen is not None and now != seen:
+        if now != seen:
             try:
                 reload(directory)
             except Exception:  # the watch must outlive any one bad read

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError, PromptBlocked, describe
-from .normalise import fold
+from .normalise import fold, term_forms, variants, warm
 
 log = logging.getLogger("imagegen.safety")
 
@@ -84,58 +84,72 @@ class PromptPolicy:
     def __init__(self, spec: PolicyFile) -> None:
         self.spec = spec
         self.version = spec.version
-        self._automaton = ahocorasick.Automaton()
-        entries: dict[str, tuple[str, str]] = {}
+        warm()  # the look-alike table (0.1 s): at load, never on a request
+        self.always = frozenset(n for n, c in spec.categories.items() if c.always)
+        banned: dict[str, set[str]] = {}
         for name, category in spec.categories.items():
             for term in category.terms:
-                base = fold(term).strip()
-                if len(base) < 2:
-                    raise ConfigError(f"prompt policy: category {name!r} has a term that folds "
-                                      f"to {base!r}: too short to match safely")
-                for suffix in SUFFIXES:
-                    entries.setdefault(f" {base}{suffix} ", ("ban", name))
+                for form in term_forms(term):
+                    if len(form.strip()) < 2:
+                        raise ConfigError(f"prompt policy: category {name!r} has a term that "
+                                          f"folds to {form.strip()!r}: too short to match "
+                                          "safely")
+                    for suffix in SUFFIXES:
+                        banned.setdefault(form[:-1] + suffix + " ", set()).add(name)
+        allowed: set[str] = set()
         for phrase in spec.allowlist:
-            entries[f" {fold(phrase).strip()} "] = ("allow", "")
-        for padded, value in entries.items():
-            self._automaton.add_word(padded, (len(padded), *value))
+            for suffix in SUFFIXES:
+                key = fold(phrase)[:-1] + suffix + " "
+                if key in banned:
+                    raise ConfigError(f"prompt policy: allowlist phrase {phrase!r} is itself a "
+                                      f"banned term (of {', '.join(sorted(banned[key]))})")
+                allowed.add(key)
+        self._automaton = ahocorasick.Automaton()
+        for key, categories in banned.items():
+            self._automaton.add_word(key, (len(key), frozenset(categories)))
+        for key in allowed:
+            self._automaton.add_word(key, (len(key), None))
         self._automaton.make_automaton()
         self.terms = sum(len(c.terms) for c in spec.categories.values())
 
     def categories_of(self, profile: str) -> frozenset[str]:
         p = self.spec.profiles.get(profile) or self.spec.profiles["default"]
         on = set(self.spec.categories) if p.categories == "all" else set(p.categories)
-        return frozenset(on | {n for n, c in self.spec.categories.items() if c.always})
+        return frozenset(on | self.always)
 
     def check(self, texts: dict[str, str], profile: str = "default") -> Verdict | None:
-        """The first banned category found in any of `texts` (field -> text) under
-        `profile`, or None."""
+        """The banned category found in `texts` (field -> text) under `profile`, or
+        None; an `always` category (sexual content involving minors) outranks the rest,
+        whichever field it is in. A negative prompt says what to steer away from
+        (`nsfw, nude` is the usual one): only the `always` categories apply to it."""
         on = self.categories_of(profile)
+        found: list[tuple[str, str]] = []
         for field, text in texts.items():
             if not text:
                 continue
-            # punctuation inside a word joins it (`nu.de`) or splits it (`pipe-bomb`)
-            found = [c for c in (self._scan(fold(text), on), self._scan(fold(text, split=True), on))
-                     if c is not None]
-            if found:
-                category = min(found, key=lambda c: not self.spec.categories[c].always)
-                return Verdict(category, self.spec.categories[category].reason, field)
-        return None
+            checked = self.always if field == "negative_prompt" else on
+            for reading in variants(text):
+                found += [(c, field) for c in self._scan(reading, checked)]
+        if not found:
+            return None
+        category, field = min(found, key=lambda f: f[0] not in self.always)
+        return Verdict(category, self.spec.categories[category].reason, field)
 
-    def _scan(self, folded: str, on: frozenset[str]) -> str | None:
+    def _scan(self, folded: str, on: frozenset[str]) -> list[str]:
         allowed: list[tuple[int, int]] = []
-        banned: list[tuple[int, int, str]] = []
-        for end, (length, kind, category) in self._automaton.iter(folded):
+        banned: list[tuple[int, int, frozenset[str]]] = []
+        for end, (length, categories) in self._automaton.iter(folded):
             span = (end - length + 1, end)
-            if kind == "allow":
+            if categories is None:
                 allowed.append(span)
-            elif category in on:
-                banned.append((*span, category))
-        found = [c for start, end, c in banned
-                 if not any(a <= start and end <= b for a, b in allowed)]
-        # An `always` category (sexual content involving minors) outranks the rest: it
-        # is what the case is recorded as.
-        always = [c for c in found if self.spec.categories[c].always]
-        return (always or found or [None])[0]
+            elif categories & on:
+                banned.append((*span, categories & on))
+        out = []
+        for start, end, categories in banned:
+            # An allowlisted phrase covers its own words, never an `always` category.
+            covered = any(a <= start and end <= b for a, b in allowed)
+            out += [c for c in categories if not covered or c in self.always]
+        return out
 
 
 def parse_policy(text: str, origin: str) -> PromptPolicy:

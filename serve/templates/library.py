@@ -90,6 +90,9 @@ class Template(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> Template:
         for field in ("prompt", "alt_text"):
+            if any(m.group(0) in "{}" for m in SLOT.finditer(getattr(self, field))):
+                raise ValueError(f"{field} has a stray brace or a bad slot: slots are "
+                                 "{lowercase_name}, literal braces {{ and }}")
             used = slots(getattr(self, field))
             if unknown := sorted(used - set(self.variables)):
                 raise ValueError(f"{field} uses undeclared variables {unknown}")
@@ -121,8 +124,10 @@ class Template(BaseModel):
 
     def content_sha256(self) -> str:
         """What an approval pins: every field but the approval and the status."""
-        body = self.model_dump(mode="json", exclude={"approved", "status", "deprecated_on",
-                                                      "successor"})
+        # Fields left at their default are not hashed: a field added later with a
+        # default never breaks an approval.
+        body = self.model_dump(mode="json", exclude_defaults=True,
+                               exclude={"approved", "status", "deprecated_on", "successor"})
         return hashlib.sha256(yaml.safe_dump(body, sort_keys=True).encode()).hexdigest()
 
     def retired(self, today: dt.date) -> bool:
@@ -146,6 +151,11 @@ class Library:
             versions[t.version] = t
         self.by_id = {k: dict(sorted(v.items())) for k, v in sorted(self.by_id.items())}
         _no_shared_negatives(templates, origin)
+        for t in templates:
+            sid, _, sv = (t.successor or "").partition("@")
+            if t.successor and not (sv.isdigit() and int(sv) in self.by_id.get(sid, {})):
+                raise ConfigError(f"templates {origin}: {t.ref}'s successor {t.successor!r} is "
+                                  "not in the library")
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.by_id.values())

@@ -21,6 +21,7 @@ from ..errors import (
     TemplateRetired,
     UnknownTemplate,
 )
+from ..safety.normalise import fold
 from ..schemas import GenerateRequest
 from .library import SLOT, EnumVar, Library, NumberVar, StringVar, Template, load_library
 
@@ -125,7 +126,9 @@ class Styles:
                 raise _bad(t.free_text, "given twice (as the prompt and as a variable)")
             given[t.free_text] = req.prompt
         values = self._values(t, given)
-        prompt = ", ".join([_fill(t.prompt, values), *t.locked_tokens])
+        # Locked tokens first: a text encoder keeps the first 77 tokens, so a long value
+        # can push out the end of a prompt, never its style.
+        prompt = ", ".join([*t.locked_tokens, _fill(t.prompt, values)])
         alt = _fill(t.alt_text, values) if t.alt_text else None
         strings = {k: values[k] for k, v in t.variables.items() if isinstance(v, StringVar)}
         return Rendered(prompt, t.negative_prompt, t, alt, strings)
@@ -154,7 +157,8 @@ def _check(name: str, spec, value: object, t: Template) -> str:
             raise _bad(name, f"{number:g} is outside {spec.min:g}..{spec.max:g}")
         if spec.integer and number != int(number):
             raise _bad(name, "must be a whole number")
-        return format(int(number) if spec.integer else number, "g")
+        # as written: never 1e+06 for a million, nor -0
+        return str(int(number)) if number == int(number) else repr(number)
     if not isinstance(value, str):
         raise _bad(name, "must be a string")
     if not value.strip():
@@ -166,8 +170,8 @@ def _check(name: str, spec, value: object, t: Template) -> str:
                          "syntax) or control characters", "syntax")
     if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
         raise _bad(name, "does not match the template's pattern", "pattern")
-    folded = value.casefold()
-    if any(tok.casefold() in folded for tok in t.locked_tokens):
+    folded = fold(value)  # look-alike letters and spacing too
+    if any(fold(tok).strip() in folded for tok in t.locked_tokens):
         raise _bad(name, "may not hold the template's locked style tokens", "locked_token")
     return value
 
@@ -175,11 +179,10 @@ def _check(name: str, spec, value: object, t: Template) -> str:
 def _number(name: str, value: object) -> float:
     if isinstance(value, bool):
         raise _bad(name, "must be a number")
-    if isinstance(value, str):  # gRPC carries every variable as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise _bad(name, "must be a number") from None
-    if not isinstance(value, int | float) or not math.isfinite(value):
+    try:
+        number = float(value)  # gRPC carries every variable as a string
+    except (ValueError, OverflowError, TypeError):  # OverflowError: an int past 1e308
+        raise _bad(name, "must be a finite number") from None
+    if not math.isfinite(number):
         raise _bad(name, "must be a finite number")
-    return float(value)
+    return number

@@ -34,7 +34,7 @@ def test_a_blocked_prompt_is_refused_on_every_transport(stack, stack_settings, a
     assert e.value.code == "prompt_blocked"
     with (keyed_channel(f"127.0.0.1:{stack_settings['grpc_port']}", api_key) as ch,
           pytest.raises(grpc.RpcError) as g):
-        pb_grpc.ImagesStub(ch).Generate(pb.GenerateRequest(prompt="x", negative_prompt="g0re"),
+        pb_grpc.ImagesStub(ch).Generate(pb.GenerateRequest(prompt="a g0re scene"),
                                         timeout=30)
     assert g.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert dict(g.value.trailing_metadata())["imagegen-code"] == "prompt_blocked"

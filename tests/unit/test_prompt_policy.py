@@ -86,6 +86,38 @@ EVASIONS = [
     ("sexy t0ddler", "sexual_minors"),
     ("und3rage n@ked", "sexual_minors"),
     ("cp porn", "sexual_minors"),
+    # look-alikes the confusables data alone misses, and forms the first list lacked
+    ("\u03f2hild porn", "sexual_minors"),  # Greek lunate sigma, before NFKC makes it sigma
+    ("nude \u03f2hild", "sexual_minors"),
+    ("\u03c7hild porn", "sexual"),  # Greek chi reads x: "xhild" is no spelling of child
+    ("nude \u03baid", "sexual_minors"),
+    ("nude \u043aid", "sexual_minors"),  # Cyrillic ka
+    ("nude ki\u1d05", "sexual_minors"),  # small capital D
+    ("naked ki\u0257", "sexual_minors"),  # d with hook
+    ("\u0274ude child", "sexual_minors"),  # small capital N
+    ("nude children", "sexual_minors"),
+    ("naked kids", "sexual_minors"),
+    ("\u03c7\u03c7\u03c7 video", "sexual"),  # Greek chi x3
+    ("nud\u03b5", "sexual"),  # Greek epsilon
+    ("\u03b7ude", "sexual"),  # Greek eta
+    ("p\u03bfr\u03b7", "sexual"),
+    ("\u0274\u1d1c\u1d05\u1d07", "sexual"),  # small capitals
+    ("p\u0660rn", "sexual"),  # Arabic-Indic zero
+    ("n\u3164ude", "sexual"),  # Hangul filler
+    ("nu\uffa0de", "sexual"),  # halfwidth Hangul filler
+    ("\U0001f17d\U0001f184\U0001f173\U0001f174", "sexual"),  # negative squared letters
+    ("\U0001f15d\U0001f164\U0001f153\U0001f154", "sexual"),  # negative circled letters
+    ("\U0001f1f3\U0001f1fa\U0001f1e9\U0001f1ea", "sexual"),  # regional indicators
+    ("\u24dd\u24e4\u24d3\u24d4", "sexual"),  # circled letters
+    ("\U0001d427\U0001d42e\U0001d41d\U0001d41e", "sexual"),  # mathematical bold
+    ("pi.pe-bomb", "weapons"),  # dots and dashes mixed
+    ("pipe-bo.mb", "weapons"),
+    ("sex-sc.ene", "sexual"),
+    ("k\u03ba\u043a", "hate"),  # three scripts of k
+    ("woman wearing nude heels and naked", "sexual"),  # an allowlisted phrase covers itself only
+    ("breast cancer nude", "sexual"),
+    ("naked eye, nude child", "sexual_minors"),
+    ("nude heels on a nude child", "sexual_minors"),  # never a cover for the always category
 ]
 
 INNOCENT = [
@@ -111,6 +143,13 @@ INNOCENT = [
     "Kukri knife in a museum", "skkkater", "an intersection at night", "intercontinental flight",
     "a stripe pattern", "scrap metal sculpture", "analysis paralysis", "sextant on a ship",
     "x", "the letter x", "vitamin k", "k", "x marks the spot", "a kk flag", "xx chromosome",
+    "an LED desk lamp", "a pack of LEDs", "led strip lights", "he lied", "wire stripper tool",
+    "paint stripper can", "striper fishing lure", "a white power bank on a desk",
+    "white power adapter", "snuff box antique", "Al Gore portrait", "topless convertible car",
+    "bottomless mimosa brunch", "baby bottle nipples", "Super Bowl XXX poster",
+    "cutting myself a slice of cake", "naked eyes", "naked flames", "nude lipsticks",
+    "nude colors", "nude heel", "nude pumps", "a 1000000 piece puzzle", "Kiki's bakery",
+    "a kid's bike", "a child's drawing of a house", "ideal office", "a lake at dusk",
 ]
 
 
@@ -138,15 +177,22 @@ def test_a_profile_turns_categories_off_but_never_the_always_one():
     assert POLICY.check({"prompt": "gore"}, "no-such-profile").category == "graphic_violence"
 
 
-def test_the_negative_prompt_is_checked_and_the_answer_never_names_the_term():
+def test_the_negative_prompt_steers_away_and_only_the_always_category_applies_to_it():
     live = LivePolicy(POLICY)
+    live.check({"prompt": "a red fox", "negative_prompt": "nsfw, nude, gore, bl00dbath"})
     with pytest.raises(PromptBlocked) as e:
-        live.check({"prompt": "a red fox", "negative_prompt": "bl00dbath"})
+        live.check({"prompt": "a red fox", "negative_prompt": "blurry, j4ilb4it"})
     err = e.value
-    assert (err.code, err.category, err.reason) == ("prompt_blocked", "graphic_violence",
-                                                    "graphic_violence")
-    assert err.details == [{"field": "negative_prompt", "type": "graphic_violence"}]
-    assert "bath" not in err.message and "blood" not in err.message
+    assert (err.code, err.category, err.reason) == ("prompt_blocked", "sexual_minors", "csam")
+    assert err.details == [{"field": "negative_prompt", "type": "csam"}]
+    assert "bait" not in err.message and "jail" not in err.message
+
+
+def test_the_answer_never_names_the_term_and_always_outranks_across_fields():
+    with pytest.raises(PromptBlocked) as e:
+        LivePolicy(POLICY).check({"prompt": "bl00dbath", "negative_prompt": "kiddie porn"})
+    assert (e.value.reason, e.value.details[0]["field"]) == ("csam", "negative_prompt")
+    assert "porn" not in e.value.message and "blood" not in e.value.message
 
 
 def test_a_bad_policy_version_is_refused_and_the_last_good_one_stays():

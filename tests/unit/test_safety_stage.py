@@ -48,7 +48,7 @@ def test_a_blocked_prompt_reaches_no_model_costs_nothing_and_is_counted(
     with pytest.raises(PromptBlocked):
         asyncio.run(one(prompt="a n.u.d.e figure"))
     with pytest.raises(PromptBlocked):
-        asyncio.run(one(prompt="a fox", negative_prompt="g0re", tier="final"))
+        asyncio.run(one(prompt="a g0re scene", tier="final"))
     assert backend.calls == []
     usage = asyncio.run(ledger.usage("alice", Budget.of(PLANS.plans["default"])))
     assert (usage.tokens, usage.held, usage.month) == (10, 0, 0)  # nothing reserved
@@ -59,6 +59,10 @@ def test_a_blocked_prompt_reaches_no_model_costs_nothing_and_is_counted(
 
     assert blocked(tier="draft", stage="prompt_safety", reason="sexual_content") == 1
     assert blocked(tier="final", stage="prompt_safety", reason="graphic_violence") == 1
+    for i in range(3):  # a blocked request is not routed: its tier is not a label yet
+        with pytest.raises(PromptBlocked):
+            asyncio.run(one(prompt="p0rn", tier=f"made-up-{i}"))
+    assert blocked(tier="unknown", stage="prompt_safety", reason="sexual_content") == 3
 
 
 def test_the_plans_safety_profile_decides(lock, routing, backend, policy):

@@ -59,6 +59,10 @@ def test_changing_an_approved_version_is_refused_at_load(tmp_path):
     (lambda t: t.replace("status: draft", "status: deprecated"), "needs an approval"),
     (lambda t: t.replace("default: white", "default: purple"), "not a value"),
     (lambda t: t.replace("free_text: product", "free_text: background"), "not a string"),
+    (lambda t: t.replace("{angle} degree view", "{angle} degree {View}"), "stray brace"),
+    (lambda t: t.replace("{angle} degree view", "{angle}} degree view"), "stray brace"),
+    (lambda t: t.replace('alt_text: "Photo of {product}', 'alt_text: "Photo of {a b}'),
+     "stray brace"),
 ])
 def test_a_bad_template_names_the_problem(change, says):
     text = (STYLES / "product-shot.v2.yaml").read_text()
@@ -98,8 +102,9 @@ def test_versions_resolve_to_what_may_serve(styles):
 def test_rendering_fills_slots_appends_the_locked_tokens_and_drafts_alt_text(styles):
     r = styles.render(req(template="product-shot", variables={
         "product": "a ceramic mug", "background": "black", "angle": 45}))
-    assert r.prompt == ("studio product photo of a ceramic mug, on a black background, 45 "
-                        "degree view, soft studio lighting, 85mm lens, sharp focus")
+    # the locked tokens lead: a long value can never push them past the encoder's limit
+    assert r.prompt == ("soft studio lighting, 85mm lens, sharp focus, studio product photo of "
+                        "a ceramic mug, on a black background, 45 degree view")
     assert r.negative_prompt.startswith("blurry") and r.template.ref == "product-shot@1"
     assert r.alt_text == "Photo of a ceramic mug on a black background"
     assert r.values == {"product": "a ceramic mug"}  # what the prompt policy checks
@@ -109,7 +114,7 @@ def test_rendering_fills_slots_appends_the_locked_tokens_and_drafts_alt_text(sty
 
 def test_the_prompt_fills_the_free_text_variable(styles):
     r = styles.render(req(template="watercolor", prompt="a fox in a forest"))
-    assert r.prompt.startswith("watercolor illustration of a fox in a forest in spring")
+    assert r.prompt.endswith("watercolor illustration of a fox in a forest in spring, calm mood")
     with pytest.raises(InvalidVariable, match="given twice"):
         styles.render(req(template="watercolor", prompt="x", variables={"scene": "y"}))
 
@@ -126,6 +131,7 @@ def test_the_prompt_fills_the_free_text_variable(styles):
     ({"product": "mug\u0007"}, "invalid_request"),  # control character (schema)
     ({"product": "mug, soft studio lighting"}, "locked_token"),  # adds a locked token
     ({"product": "mug, 85MM LENS"}, "locked_token"),
+    ({"product": "mug, \u0455oft studio lighting"}, "locked_token"),  # a Cyrillic s
     ({"product": "x" * 81}, "too_long"),
     ({"product": "mug; DROP TABLE"}, "pattern"),
     ({"product": "mug", "lens": "35mm"}, "unknown_variable"),
@@ -137,6 +143,7 @@ def test_the_prompt_fills_the_free_text_variable(styles):
     ({"product": "mug", "angle": "nan"}, "invalid_variable"),
     ({"product": "mug", "background": 3}, "invalid_variable"),
     ({"product": 7}, "invalid_variable"),
+    ({"product": "mug", "angle": 10**400}, "invalid_variable"),  # past a float: no 500
 ])
 def test_injection_attempts_are_refused_with_codes(styles, variables, kind):
     with pytest.raises((InvalidVariable, InvalidRequest)) as e:
@@ -194,7 +201,7 @@ def test_through_the_service_and_http(lock, routing, backend, keys):
     assert [i["alt_text"] for i in body["images"]] == [
         {"text": "Photo of a red kettle on a white background", "source": "template",
          "needs_review": True}] * 2
-    assert backend.calls[-1][1][0].prompt.startswith("studio product photo of a red kettle")
+    assert "studio product photo of a red kettle" in backend.calls[-1][1][0].prompt
     raw = c.post("/v1/images", json={"prompt": "a red kettle"})
     assert raw.status_code == 403 and raw.json()["error"]["code"] == "plan_limit"
     old = c.post("/v1/images", json={"template": "watercolor@1", "prompt": "a fox"})
@@ -217,3 +224,42 @@ def test_through_the_service_and_http(lock, routing, backend, keys):
     assert c.get("/v1/templates/nope").status_code == 422
     assert c.get("/v1/templates").status_code == 200
     assert TestClient(c.app).get("/v1/templates").status_code == 401
+
+
+def test_numbers_render_as_written(tmp_path):
+    text = (STYLES / "product-shot.v2.yaml").read_text().replace(
+        "angle: {type: number, min: 0, max: 90, integer: true, default: 30}",
+        "angle: {type: number, min: -2000000, max: 2000000, default: 30}")
+    (tmp_path / "t.yaml").write_text(text)
+    styles = Styles(load_library(tmp_path), today=lambda: dt.date(2026, 12, 1))
+    got = [styles.render(req(template="product-shot@2", variables={
+        "product": "a mug", "angle": a}), drafts=True).prompt.rsplit(", ", 1)[-1]
+        for a in (1000000, 0.123456789, -0.0, 12.5)]
+    assert got == ["1000000 degree view", "0.123456789 degree view", "0 degree view",
+                   "12.5 degree view"]
+
+
+def test_a_successor_must_be_in_the_library(tmp_path):
+    shutil.copytree(STYLES, tmp_path / "s")
+    f = tmp_path / "s" / "watercolor.v1.yaml"
+    f.write_text(f.read_text().replace("successor: watercolor@2", "successor: watercolor@7"))
+    with pytest.raises(ConfigError, match="successor 'watercolor@7' is not in the library"):
+        load_library(tmp_path / "s")
+
+
+def test_approve_records_who_and_when_and_pins_the_content(tmp_path, capsys):
+    from serve.cli.main import main
+
+    shutil.copytree(STYLES, tmp_path / "s")
+    f = tmp_path / "s" / "product-shot.v2.yaml"
+    f.write_bytes(f.read_bytes().replace(b"\n", b"\r\n"))  # a file from Windows
+    assert main(["templates", "approve", "product-shot@2", "--by", "alice # bob",
+                 "--dir", str(tmp_path / "s")]) == 0
+    t = parse_template(f.read_bytes().decode(), "f")
+    assert (t.status, t.approved.by) == ("approved", "alice # bob")
+    assert b"\r\n" in f.read_bytes() and f.read_text().startswith("# v2, a draft")
+    assert main(["templates", "approve", "product-shot@2", "--by", "x",
+                 "--dir", str(tmp_path / "s")]) == 1  # already approved
+    f.write_text(f.read_text().replace("high detail", "fine detail"))
+    assert main(["templates", "validate", "--dir", str(tmp_path / "s")]) == 1
+    assert "immutable" in capsys.readouterr().err
