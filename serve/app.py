@@ -103,7 +103,8 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
                     # a claim outlives its request: past the deadline, plus the stages after
                     idempotency_lease_s=max(LEASE_S, settings.request_timeout_s + 60),
                     prompt_policy_file=str(settings.prompt_policy_file),
-                    styles_dir=str(settings.styles_dir))
+                    styles_dir=str(settings.styles_dir),
+                    review_keep_prompts=settings.review_keep_prompts)
     source = RoutingSource(
         file=str(settings.routing_file), configmap=settings.routing_configmap,
         namespace=settings.routing_namespace, key=settings.routing_key,

@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     identity_plan: str = Field(
         "default", description="the plan of a principal a trusted proxy names (role user)",
     )
+    review_keep_prompts: bool = Field(
+        False, description="a blocked request's case in the review queue keeps its prompt "
+        "text (else hashes only; never for the always-on category)",
+    )
     allow_pinning: bool = Field(
         False, description="any caller may pin a models.lock revision (`model`): it alone "
         "serves, no fallback (with principals this becomes a plan's permission)",

@@ -205,6 +205,26 @@ class TemplateList(BaseModel):
     templates: list[Template] = Field(description="every template version")
 
 
+class ReviewDecisionRequest(BaseModel):
+    """POST /v1/review/{id}/decision."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    decision: Literal["approved", "rejected"]
+    reason: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")] = Field(
+        description="a reason code (counted: false_positive_allowlist, true_positive, ...)")
+
+
+class AppealRequest(BaseModel):
+    """POST /v1/appeals: the blocked caller asks for a review."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    request_id: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        description="the blocked request's id (its X-Request-Id)")
+    message: Annotated[str, Field(min_length=1, max_length=2000), PRINTABLE]
+
+
 class QuotaStatus(BaseModel):
     """A principal's budget now (GET /v1/quota), in cost units."""
 

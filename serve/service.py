@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import logging
 import re
 import secrets
@@ -50,6 +51,7 @@ from .quotas.plans import Plans, PlanSpec, admit, commercially_usable, price
 from .quotas.principals import Principal
 from .routing import LiveRouting, RoutingTable
 from .safety.policy import LivePolicy
+from .safety.review import Appeal, Decision, ReviewItem, ReviewQueue, new_item, sha256
 from .schemas import (
     MAX_SEED,
     AltText,
@@ -173,7 +175,8 @@ class ImageService:
                  capacity: Mapping[str, int] | None = None,
                  replays: Replays | None = None,
                  idempotency_lease_s: float = LEASE_S,
-                 policy: LivePolicy | None = None, styles: Styles | None = None) -> None:
+                 policy: LivePolicy | None = None, styles: Styles | None = None,
+                 review: ReviewQueue | None = None, keep_prompts: bool = False) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
@@ -186,6 +189,8 @@ class ImageService:
         self.replays = replays
         self.policy = policy  # the prompt policy in force (None: no check)
         self.styles = styles  # the style library (None: raw prompts only)
+        self.review = review  # where blocked requests are recorded
+        self.keep_prompts = keep_prompts  # a recorded case keeps its prompt text
         self.idempotency_lease_s = idempotency_lease_s  # past any request's deadline
         self._orphans: set[asyncio.Task] = set()  # refunds and releases whose caller left
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
@@ -261,7 +266,7 @@ class ImageService:
         table = self.routing.table  # one document for the whole request
         spec = self.plans.get(principal.plan) if self.plans and principal else None
         r = self._render(req, spec)
-        self._check_prompt(req.tier, r, spec)
+        await self._check_prompt(req.tier, r, spec, request_id, principal)
         with stage("route", **{"imagegen.tier": req.tier}) as span:
             p = plan(req.model_copy(update={"prompt": r.prompt,
                                             "negative_prompt": r.negative_prompt}),
@@ -326,10 +331,11 @@ class ImageService:
         annotate(template=r.template.ref)
         return r
 
-    def _check_prompt(self, tier: str, r: Rendered, spec: PlanSpec | None) -> None:
+    async def _check_prompt(self, tier: str, r: Rendered, spec: PlanSpec | None,
+                            request_id: str, principal: Principal | None) -> None:
         """Stage 4: the prompt policy on every string variable, the rendered prompt and
         the negative prompt, under the plan's safety profile, before anything is
-        reserved or routed."""
+        reserved or routed. A block is recorded in the review queue."""
         if self.policy is None:
             return
         texts = {f"variables.{k}": v for k, v in (r.values or {}).items()}
@@ -342,7 +348,64 @@ class ImageService:
                 annotate(tier=tier if tier in self.routing.table.tiers else "unknown",
                          blocked={"stage": "prompt_safety", "reason": e.reason,
                                   "category": e.category})
+                if self.review is not None:  # the store down: still blocked, and logged
+                    await self._finish(self.review.add(self._case(e, r, request_id, principal)))
                 raise
+
+    def _case(self, e: PromptBlocked, r: Rendered, request_id: str,
+              principal: Principal | None) -> ReviewItem:
+        restricted = e.category in self.policy.policy.always
+        return new_item(
+            stage="prompt_safety", category=e.category, reason=e.reason,
+            field=e.details[0]["field"], principal=principal.name if principal else "anonymous",
+            request_id=request_id, template=r.template.ref if r.template else None,
+            prompt_sha256=sha256(r.prompt), negative_prompt_sha256=sha256(r.negative_prompt),
+            # a restricted case keeps hashes only: evidence, never a text to show
+            prompt=r.prompt if self.keep_prompts and not restricted else None,
+            restricted=restricted)
+
+    # The review queue (reviewer role; restricted cases: admin).
+
+    def _reviewer(self, caller: Principal, restricted: bool) -> ReviewQueue:
+        if self.review is None:
+            raise NotFound("this service keeps no review queue")
+        need = "admin" if restricted else "reviewer"
+        if not caller.has(need):
+            raise Forbidden(f"the review queue needs the {need} role"
+                            + (" for restricted cases" if restricted else ""),
+                            details=[{"field": "role", "type": "forbidden"}])
+        return self.review
+
+    async def review_list(self, caller: Principal, status: str | None = "open",
+                          restricted: bool = False) -> list[ReviewItem]:
+        return await self._reviewer(caller, restricted).list(status, restricted=restricted)
+
+    async def review_item(self, caller: Principal, item_id: str) -> ReviewItem:
+        item = await self._reviewer(caller, False).get(item_id)
+        if item is None:
+            raise NotFound(f"no review item {item_id[:40]!r}")
+        self._reviewer(caller, item.restricted)
+        return item
+
+    async def review_decide(self, caller: Principal, item_id: str, decision: str,
+                            reason: str) -> ReviewItem:
+        await self.review_item(caller, item_id)
+        d = Decision(decision=decision, reason=reason, by=caller.name,
+                     at=dt.datetime.now(dt.UTC))
+        item = await self.review.decide(item_id, d)
+        annotate(review={"decision": decision, "reason": reason})
+        return item
+
+    async def appeal(self, caller: Principal, request_id: str, message: str) -> ReviewItem:
+        """The blocked caller's appeal joins its case in the queue."""
+        if self.review is None:
+            raise NotFound("this service keeps no review queue")
+        item = await self.review.appeal(request_id, Appeal(
+            at=dt.datetime.now(dt.UTC), principal=caller.name, message=message))
+        if item is None:
+            raise NotFound(f"no blocked request {request_id[:64]!r} of yours",
+                           details=[{"field": "request_id", "type": "not_found"}])
+        return item
 
     async def _once(self, req: GenerateRequest, request_id: str, principal: Principal,
                     key: str) -> GenerateResponse:

@@ -1,5 +1,5 @@
-"""`imagegen ...`: serve, generate, models, keys, quota, templates, routing, fallback,
-capacity, bench.
+"""`imagegen ...`: serve, generate, models, keys, quota, templates, review, routing,
+fallback, capacity, bench.
 Heavy imports stay inside each verb's `run`."""
 
 from __future__ import annotations
@@ -9,11 +9,22 @@ import sys
 from pathlib import Path
 
 from ..errors import ImagegenError
-from . import bench, capacity, fallback, generate, keys, models, quota, routing, templates
+from . import (
+    bench,
+    capacity,
+    fallback,
+    generate,
+    keys,
+    models,
+    quota,
+    review,
+    routing,
+    templates,
+)
 from . import serve as serve_verb
 
-VERBS = (serve_verb, generate, models, keys, quota, templates, routing, fallback, capacity,
-         bench)
+VERBS = (serve_verb, generate, models, keys, quota, templates, review, routing, fallback,
+         capacity, bench)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from ..quotas.plans import Plans
 from ..routing import LiveRouting, RoutingTable
 from ..routing.sources import ConfigMapSource, watch_dir, watch_file
 from ..safety.policy import LivePolicy, load_policy_file
+from ..safety.review import open_review
 from ..service import ImageService
 from ..telemetry import Metrics, setup, stage, traceparent
 from ..templates.library import load_library
@@ -75,6 +76,7 @@ class Access:
     idempotency_lease_s: float = LEASE_S  # longer than any request may run
     prompt_policy_file: str | None = None  # watched like the routing document
     styles_dir: str | None = None  # the style library, watched
+    review_keep_prompts: bool = False
 
     def authenticator(self) -> Authenticator:
         return Authenticator(open_keys(self.state_url),
@@ -191,7 +193,9 @@ class Ingress:
             capacity={n: c.capacity for n, c in coalescing.items() if c.capacity},
             replays=open_replays(access.state_url) if access else None,
             idempotency_lease_s=access.idempotency_lease_s if access else LEASE_S,
-            policy=policy, styles=styles)
+            policy=policy, styles=styles,
+            review=open_review(access.state_url) if access else None,
+            keep_prompts=bool(access and access.review_keep_prompts))
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
                                   max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes

@@ -9,15 +9,17 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
     ImagegenError,
+    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -27,14 +29,19 @@ from ..errors import (
     http_status,
 )
 from ..quotas.idempotency import valid_key
+from ..safety.review import ReviewItem
 from ..schemas import (
+    AppealRequest,
     ErrorEnvelope,
     GenerateRequest,
     GenerateResponse,
     ModelList,
     QuotaStatus,
+    ReviewDecisionRequest,
     TemplateList,
+    load_json,
     parse_request,
+    validate,
 )
 from ..service import ImageService
 from ..telemetry import Metrics, annotate, current_trace_id, request_scope, stage
@@ -44,7 +51,8 @@ log = logging.getLogger("imagegen.http")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/models", "/v1/quota",
-                     "/v1/templates", "/v1/routing", "/healthz", "/readyz"})  # span names
+                     "/v1/templates", "/v1/review", "/v1/appeals", "/v1/routing",
+                     "/healthz", "/readyz"})  # span names
 _GENERATION = frozenset({("POST", "/v1/images"), ("POST", "/v1/images/generations")})
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)
@@ -201,6 +209,37 @@ def build_http_app(
         caller = await service.authenticate(request.headers, peer(request))
         return service.template(template, caller)
 
+    @app.get("/v1/review", response_model=list[ReviewItem], responses=_ERRORS)
+    async def review_list(request: Request, status: Literal["open", "approved", "rejected",
+                                                            "all"] = "open",
+                          restricted: bool = False) -> list[ReviewItem]:
+        """Blocked requests to review (role reviewer; restricted cases: admin)."""
+        caller = await service.authenticate(request.headers, peer(request))
+        return await service.review_list(caller, None if status == "all" else status,
+                                         restricted)
+
+    @app.get("/v1/review/{item_id}", response_model=ReviewItem, responses=_ERRORS)
+    async def review_item(item_id: str, request: Request) -> ReviewItem:
+        caller = await service.authenticate(request.headers, peer(request))
+        return await service.review_item(caller, item_id)
+
+    @app.post("/v1/review/{item_id}/decision", response_model=ReviewItem, responses=_ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": ReviewDecisionRequest.model_json_schema()}}}})
+    async def review_decide(item_id: str, request: Request) -> ReviewItem:
+        caller = await service.authenticate(request.headers, peer(request))
+        d = validate(ReviewDecisionRequest, load_json(await read_json_body(request, 4096)))
+        return await service.review_decide(caller, item_id, d.decision, d.reason)
+
+    @app.post("/v1/appeals", response_model=ReviewItem, responses=_ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": AppealRequest.model_json_schema()}}}})
+    async def appeal(request: Request) -> ReviewItem:
+        """A blocked caller's appeal: it joins the blocked request's case."""
+        caller = await service.authenticate(request.headers, peer(request))
+        a = validate(AppealRequest, load_json(await read_json_body(request, 8192)))
+        return await service.appeal(caller, a.request_id, a.message)
+
     @app.get("/v1/routing")
     async def routing() -> dict[str, Any]:
         """The routing document this ingress applies, where it came from, and each
@@ -225,6 +264,14 @@ def build_http_app(
     @app.exception_handler(ImagegenError)
     async def _imagegen_error(request: Request, err: ImagegenError) -> JSONResponse:
         return answer(request, err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # a query or path parameter FastAPI checked (bodies are parsed by hand)
+        fields = [{"field": ".".join(map(str, e["loc"])), "type": e["type"],
+                   "message": e["msg"]} for e in exc.errors()]
+        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        return answer(request, InvalidRequest(f"invalid request: {summary}", details=fields))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -143,6 +143,9 @@ def _finish_span(span, rec: RequestRecord) -> None:
 
 def _record(rec: RequestRecord, metrics: Metrics) -> None:
     _log(rec)
+    if review := rec.extra.get("review"):  # a reviewer's decision (service.review_decide)
+        metrics.inc("imagegen_review_decisions_total", decision=review["decision"],
+                    reason=review["reason"])
     if not rec.generation:
         return
     tier, model = rec.tier or "none", rec.model or "none"

@@ -1,0 +1,102 @@
+"""The review queue: every blocked prompt is recorded durably in the state store
+(reason, category, principal, template@version, hashes of the texts; the raw prompt
+only where `review_keep_prompts` is set), for reviewers to approve or reject with a
+reason code, and for the blocked caller to appeal. A case of the always-on category
+(sexual content involving minors) is restricted: kept as hashes and evidence, shown
+to admins only, never in the general queue. Backends: review_stores.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from typing import Annotated, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["open", "approved", "rejected"]
+REASON = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+class Decision(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    decision: Literal["approved", "rejected"]
+    reason: Annotated[str, Field(pattern=REASON)] = Field(
+        description="why, as a code counted for tuning prompts and classifiers")
+    by: str
+    at: dt.datetime
+
+
+class Appeal(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    at: dt.datetime
+    principal: str
+    message: Annotated[str, Field(min_length=1, max_length=2000)]
+
+
+class ReviewItem(BaseModel):
+    """One blocked request, as reviewers see it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    created: dt.datetime
+    kind: Literal["prompt", "image"] = "prompt"
+    stage: str = Field(description="the stage that blocked it (prompt_safety, image_safety)")
+    category: str
+    reason: str
+    field: str = Field(description="what was blocked: prompt, negative_prompt, variables.NAME")
+    principal: str
+    request_id: str
+    template: str | None = None
+    prompt_sha256: str
+    negative_prompt_sha256: str
+    prompt: str | None = Field(None, description="kept only where review_keep_prompts is set")
+    restricted: bool = Field(False, description="the always-on category: admins only")
+    status: Status = "open"
+    decision: Decision | None = None
+    appeals: list[Appeal] = Field(default_factory=list)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def new_item(**fields) -> ReviewItem:
+    return ReviewItem(id=uuid.uuid4().hex[:16], created=dt.datetime.now(dt.UTC), **fields)
+
+
+class ReviewQueue(Protocol):
+    async def add(self, item: ReviewItem) -> None: ...
+
+    async def get(self, item_id: str) -> ReviewItem | None: ...
+
+    async def list(self, status: Status | None = "open", *, restricted: bool = False,
+                   limit: int = 100) -> list[ReviewItem]:
+        """Oldest first; restricted items only when `restricted`, and then only they."""
+        ...
+
+    async def decide(self, item_id: str, decision: Decision) -> ReviewItem | None:
+        """Record the decision (a later one replaces it); None for no such item."""
+        ...
+
+    async def appeal(self, request_id: str, appeal: Appeal) -> ReviewItem | None:
+        """Add the appeal to the item of the blocked request `request_id` if it is the
+        appealing principal's; None otherwise."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_review(state_url: str) -> ReviewQueue:
+    from ..quotas.keys import sqlite_path, state_backend
+
+    if state_backend(state_url) == "sqlite":
+        from .review_stores import SQLiteReview
+
+        return SQLiteReview(sqlite_path(state_url))
+    from .review_stores import RedisReview
+
+    return RedisReview(state_url)

@@ -1,0 +1,140 @@
+"""A blocked request's way through the review queue, over HTTP as each role calls
+it: recorded with hashes (the text only when configured, never for the restricted
+category), listed and decided by reviewers (counted by reason), restricted cases
+for admins only, appealed by the blocked caller alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.config import ROOT
+from serve.ingress.http import build_http_app
+from serve.quotas.auth import Authenticator
+from serve.quotas.keys import open_keys
+from serve.quotas.principals import new_key, record_for
+from serve.routing import LiveRouting
+from serve.safety.policy import LivePolicy, load_policy_file
+from serve.safety.review import open_review, sha256
+from serve.service import ImageService
+from serve.telemetry import Metrics
+
+
+@pytest.fixture
+def world(lock, routing, backend, tmp_path):
+    url = f"sqlite://{tmp_path / 'state.db'}"
+    store = open_keys(url)
+    keys = {}
+    for name, roles in (("alice", ("user",)), ("bob", ("user",)), ("rita", ("reviewer",)),
+                        ("ada", ("admin",))):
+        key_id, key = new_key()
+        asyncio.run(store.add(record_for(key, key_id, name, roles)))
+        keys[name] = key
+    metrics = Metrics("prometheus")
+    s = ImageService(lock, LiveRouting(routing, lock, "file t"), backend,
+                     auth=Authenticator(store), review=open_review(url),
+                     policy=LivePolicy(load_policy_file(
+                         ROOT / "serve" / "safety" / "prompt_policy.yaml")))
+
+    async def ready():
+        return True, {}
+
+    app = build_http_app(s, ready, max_body_bytes=8192, metrics=metrics)
+
+    def client(who):
+        return TestClient(app, headers={"Authorization": f"Bearer {keys[who]}"})
+
+    return s, client, metrics
+
+
+def test_a_block_is_recorded_reviewed_and_appealed(world):
+    _, client, metrics = world
+    alice, bob, rita, ada = (client(w) for w in ("alice", "bob", "rita", "ada"))
+    blocked = alice.post("/v1/images", json={"prompt": "a n.u.d.e figure"},
+                         headers={"X-Request-Id": "req-1"})
+    assert blocked.status_code == 403
+    minors = alice.post("/v1/images", json={"prompt": "nude child"},
+                        headers={"X-Request-Id": "req-2"})
+    assert minors.status_code == 403
+    assert alice.get("/v1/review").status_code == 403  # a user is no reviewer
+    queue = rita.get("/v1/review").json()
+    assert [(i["request_id"], i["reason"], i["principal"]) for i in queue] == [
+        ("req-1", "sexual_content", "alice")]  # the restricted case is not in it
+    case = queue[0]
+    assert case["prompt"] is None and case["prompt_sha256"] == sha256("a n.u.d.e figure")
+    assert rita.get("/v1/review", params={"restricted": "true"}).status_code == 403
+    restricted = ada.get("/v1/review", params={"restricted": "true"}).json()
+    assert [(i["request_id"], i["reason"], i["prompt"]) for i in restricted] == [
+        ("req-2", "csam", None)]
+    assert rita.get(f"/v1/review/{restricted[0]['id']}").status_code == 403
+
+    # the blocked caller appeals; nobody else can, nor for a request never blocked
+    assert bob.post("/v1/appeals", json={"request_id": "req-1", "message": "mine"}
+                    ).status_code == 404
+    assert alice.post("/v1/appeals", json={"request_id": "nope", "message": "x"}
+                      ).status_code == 404
+    appealed = alice.post("/v1/appeals", json={"request_id": "req-1",
+                                               "message": "it is a statue"})
+    assert appealed.status_code == 200 and appealed.json()["appeals"][0]["message"] == \
+        "it is a statue"
+
+    decided = rita.post(f"/v1/review/{case['id']}/decision",
+                        json={"decision": "approved", "reason": "false_positive_art"})
+    assert decided.status_code == 200
+    assert (decided.json()["status"], decided.json()["decision"]["by"]) == ("approved", "rita")
+    assert rita.get("/v1/review").json() == []
+    assert [i["id"] for i in rita.get("/v1/review", params={"status": "approved"}).json()] == [
+        case["id"]]
+    assert metrics.registry.get_sample_value("imagegen_review_decisions_total", {
+        "decision": "approved", "reason": "false_positive_art"}) == 1
+
+
+@pytest.mark.parametrize(("path", "body", "code"), [
+    ("/v1/review/x/decision", {"decision": "maybe", "reason": "x"}, 422),
+    ("/v1/review/x/decision", {"decision": "approved", "reason": "Not A Code"}, 422),
+    ("/v1/review/x/decision", {"decision": "approved", "reason": "ok"}, 404),
+    ("/v1/appeals", {"request_id": "", "message": "x"}, 422),
+    ("/v1/appeals", {"request_id": "r", "message": "x", "extra": 1}, 422),
+])
+def test_bad_review_input_is_a_4xx_in_the_envelope(world, path, body, code):
+    _, client, _ = world
+    who = "rita" if "review" in path else "alice"
+    r = client(who).post(path, json=body)
+    assert r.status_code == code and "error" in r.json()
+
+
+def test_a_bad_query_parameter_is_a_422_in_the_envelope(world):
+    _, client, _ = world
+    r = client("rita").get("/v1/review", params={"status": "sideways"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+
+
+def test_the_cli_lists_and_decides_and_texts_are_kept_only_when_configured(
+        lock, routing, backend, tmp_path, monkeypatch, capsys):
+    from serve.cli.main import main
+    from serve.errors import PromptBlocked
+    from serve.quotas.principals import Principal
+    from serve.schemas import GenerateRequest
+
+    url = f"sqlite://{tmp_path / 'state.db'}"
+    monkeypatch.setenv("IMAGEGEN_STATE_URL", url)
+    s = ImageService(lock, LiveRouting(routing, lock, "file t"), backend,
+                     review=open_review(url), keep_prompts=True,
+                     policy=LivePolicy(load_policy_file(
+                         ROOT / "serve" / "safety" / "prompt_policy.yaml")))
+    who = Principal(name="alice", roles=frozenset({"user"}), plan="default")
+    for prompt, rid in (("a p0rn scene", "r1"), ("nude kid", "r2")):
+        with pytest.raises(PromptBlocked):
+            asyncio.run(s.generate(GenerateRequest(prompt=prompt), rid, who))
+    review = open_review(url)
+    kept = asyncio.run(review.list())
+    hidden = asyncio.run(review.list(restricted=True))
+    assert kept[0].prompt == "a p0rn scene" and hidden[0].prompt is None
+    assert main(["review", "list"]) == 0
+    assert kept[0].id in capsys.readouterr().out
+    assert main(["review", "reject", kept[0].id, "--reason", "true_positive", "--by", "rita"]) == 0
+    assert asyncio.run(review.get(kept[0].id)).decision.by == "rita"
+    assert main(["review", "approve", kept[0].id, "--reason", "Bad Code", "--by", "x"]) == 2
+    assert main(["review", "show", "nope"]) == 1
