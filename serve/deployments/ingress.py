@@ -237,6 +237,9 @@ class Ingress:
     async def GetQuota(self, request: bytes, grpc_context):
         return await self.grpc.get_quota(request, grpc_context)
 
+    async def ListTemplates(self, request: bytes, grpc_context):
+        return await self.grpc.list_templates(request, grpc_context)
+
     async def Check(self, request: bytes, grpc_context):  # grpc.health.v1
         return await self.grpc.check(request, grpc_context)
 

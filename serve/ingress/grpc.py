@@ -46,7 +46,8 @@ IDEMPOTENCY_KEY = "idempotency-key"  # the invocation metadata twin of the HTTP 
 # Trailers share gRPC's 8 KiB metadata limit: past it the caller sees a bare failure.
 _MAX_MESSAGE, _MAX_DETAILS = 1024, 4096
 _QUALITY = {pb.QUALITY_LOW: "low", pb.QUALITY_STANDARD: "standard", pb.QUALITY_HIGH: "high"}
-_METHODS = {SERVICE: ("Generate", "ListModels", "GetQuota"), HEALTH: ("Check",)}
+_METHODS = {SERVICE: ("Generate", "ListModels", "GetQuota", "ListTemplates"),
+            HEALTH: ("Check",)}
 
 
 def add_servicers(servicer: Any, server: grpc.aio.Server) -> None:
@@ -104,6 +105,20 @@ def to_proto(r: GenerateResponse) -> pb.GenerateResponse:
     )
 
 
+def template_proto(t) -> pb.Template:
+    variables = {}
+    for name, v in t.variables.items():
+        spec = v.model_dump(exclude_none=True)
+        default = spec.pop("default", None)
+        variables[name] = pb.TemplateVariable(
+            **spec, default="" if default is None else str(default))
+    return pb.Template(
+        id=t.id, version=t.version, status=t.status, kind=t.kind, description=t.description,
+        owner=t.owner, tiers=t.tiers, variables=variables, free_text=t.free_text or "",
+        deprecated_on=t.deprecated_on.isoformat() if t.deprecated_on else "",
+        successor=t.successor or "", preview=t.preview or "")
+
+
 class GrpcTransport:
     """The gRPC methods over one ingress replica's ImageService."""
 
@@ -153,6 +168,18 @@ class GrpcTransport:
                                ).model_dump())
 
         return await self._call("GetQuota", call, raw, context, pb.Quota, generation=False)
+
+    async def list_templates(self, raw: bytes, context) -> pb.ListTemplatesResponse:
+        async def call(raw: bytes, _rid: str, _principal, _metadata) -> pb.ListTemplatesResponse:
+            try:
+                pb.ListTemplatesRequest.FromString(raw)
+            except DecodeError as e:
+                raise MalformedBody(f"request is not a valid ListTemplatesRequest: {e}") from None
+            return pb.ListTemplatesResponse(
+                templates=[template_proto(t) for t in self.service.templates()])
+
+        return await self._call("ListTemplates", call, raw, context, pb.ListTemplatesResponse,
+                                generation=False)
 
     async def check(self, raw: bytes, context) -> health_pb2.HealthCheckResponse:
         """SERVING exactly when /readyz answers 200 (every enabled tier has a ready

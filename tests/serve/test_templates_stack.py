@@ -44,3 +44,13 @@ def test_a_template_renders_on_every_transport(stack, stack_settings, auth_heade
     assert (g.template, g.template_successor, g.template_sunset) == (
         "watercolor@1", "watercolor@2", "2027-06-30")
     assert g.images[0].alt_text == "Watercolor illustration of a boat"
+    with keyed_channel(f"127.0.0.1:{stack_settings['grpc_port']}", api_key) as ch:
+        listed = pb_grpc.ImagesStub(ch).ListTemplates(pb.ListTemplatesRequest(), timeout=10)
+    by_ref = {f"{t.id}@{t.version}": t for t in listed.templates}
+    assert by_ref.keys() == {t["id"] + "@" + str(t["version"]) for t in httpx.get(
+        f"{stack}/v1/templates", headers=auth_headers, timeout=10).json()["templates"]}
+    old = by_ref["watercolor@1"]
+    assert (old.status, old.successor, old.deprecated_on) == ("deprecated", "watercolor@2",
+                                                              "2027-06-30")
+    assert list(old.variables["mood"].values) == ["calm", "joyful", "mysterious"]
+    assert old.variables["scene"].default == "" and old.free_text == "scene"

@@ -42,7 +42,7 @@ class Servicer:
 
     def __init__(self, t: transport.GrpcTransport) -> None:
         self.Generate, self.ListModels, self.Check = t.generate, t.list_models, t.check
-        self.GetQuota = t.get_quota
+        self.GetQuota, self.ListTemplates = t.get_quota, t.list_templates
 
 
 class Key(grpc.aio.UnaryUnaryClientInterceptor):

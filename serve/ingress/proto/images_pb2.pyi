@@ -208,3 +208,68 @@ class Quota(_message.Message):
     month_units: float
     held: int
     def __init__(self, principal: _Optional[str] = ..., plan: _Optional[str] = ..., bucket_units: _Optional[float] = ..., burst: _Optional[float] = ..., refill_per_s: _Optional[float] = ..., credits: _Optional[float] = ..., today_units: _Optional[float] = ..., daily_units: _Optional[float] = ..., month_units: _Optional[float] = ..., held: _Optional[int] = ...) -> None: ...
+
+class ListTemplatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TemplateVariable(_message.Message):
+    __slots__ = ("type", "values", "max_length", "pattern", "min", "max", "integer", "default")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    INTEGER_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    max_length: int
+    pattern: str
+    min: float
+    max: float
+    integer: bool
+    default: str
+    def __init__(self, type: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., pattern: _Optional[str] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., integer: _Optional[bool] = ..., default: _Optional[str] = ...) -> None: ...
+
+class Template(_message.Message):
+    __slots__ = ("id", "version", "status", "kind", "description", "owner", "tiers", "variables", "free_text", "deprecated_on", "successor", "preview")
+    class VariablesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: TemplateVariable
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[TemplateVariable, _Mapping]] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    FREE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    DEPRECATED_ON_FIELD_NUMBER: _ClassVar[int]
+    SUCCESSOR_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    version: int
+    status: str
+    kind: str
+    description: str
+    owner: str
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    variables: _containers.MessageMap[str, TemplateVariable]
+    free_text: str
+    deprecated_on: str
+    successor: str
+    preview: str
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., status: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., owner: _Optional[str] = ..., tiers: _Optional[_Iterable[str]] = ..., variables: _Optional[_Mapping[str, TemplateVariable]] = ..., free_text: _Optional[str] = ..., deprecated_on: _Optional[str] = ..., successor: _Optional[str] = ..., preview: _Optional[str] = ...) -> None: ...
+
+class ListTemplatesResponse(_message.Message):
+    __slots__ = ("templates",)
+    TEMPLATES_FIELD_NUMBER: _ClassVar[int]
+    templates: _containers.RepeatedCompositeFieldContainer[Template]
+    def __init__(self, templates: _Optional[_Iterable[_Union[Template, _Mapping]]] = ...) -> None: ...

@@ -50,6 +50,11 @@ class ImagesStub:
                 request_serializer=imagegen_dot_v1_dot_images__pb2.GetQuotaRequest.SerializeToString,
                 response_deserializer=imagegen_dot_v1_dot_images__pb2.Quota.FromString,
                 _registered_method=True)
+        self.ListTemplates = channel.unary_unary(
+                '/imagegen.v1.Images/ListTemplates',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.ListTemplatesRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.ListTemplatesResponse.FromString,
+                _registered_method=True)
 
 
 class ImagesServicer:
@@ -79,6 +84,13 @@ class ImagesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTemplates(self, request, context):
+        """The style library, as GET /v1/templates: every template version and its variables.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImagesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +108,11 @@ def add_ImagesServicer_to_server(servicer, server):
                     servicer.GetQuota,
                     request_deserializer=imagegen_dot_v1_dot_images__pb2.GetQuotaRequest.FromString,
                     response_serializer=imagegen_dot_v1_dot_images__pb2.Quota.SerializeToString,
+            ),
+            'ListTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTemplates,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.ListTemplatesRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.ListTemplatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +197,33 @@ class Images:
             '/imagegen.v1.Images/GetQuota',
             imagegen_dot_v1_dot_images__pb2.GetQuotaRequest.SerializeToString,
             imagegen_dot_v1_dot_images__pb2.Quota.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Images/ListTemplates',
+            imagegen_dot_v1_dot_images__pb2.ListTemplatesRequest.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.ListTemplatesResponse.FromString,
             options,
             channel_credentials,
             insecure,
