@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     )
     allow_pinning: bool = Field(
         False, description="any caller may pin a models.lock revision (`model`): it alone "
-        "serves, no fallback (with principals this becomes a plan's permission)",
+        "serves, no fallback (not yet a per-plan permission)",
     )
     log_requests: bool = Field(False, description="keep Ray Serve's per-request access log")
 
