@@ -30,6 +30,7 @@ from .lockfile import Defaults, Limits
 from .templates.library import Template
 
 MAX_SEED = 2**32 - 1
+TEMPLATE_REF = r"[a-z0-9][a-z0-9-]{0,63}(@[1-9][0-9]{0,8})?"  # "id" or "id@version"
 _ALLOWED_CONTROLS = frozenset("\n\r\t")
 
 
@@ -54,8 +55,7 @@ class GenerateRequest(BaseModel):
         "characters); with a template, it fills the template's free-text variable. Give a "
         "prompt, a template, or both"
     )
-    template: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}(@[1-9][0-9]{0,8})?$")
-                        ] | None = Field(
+    template: Annotated[str, Field(pattern=f"^{TEMPLATE_REF}$")] | None = Field(
         None, description='a style library template, "id" (its newest approved version) or '
         '"id@version" (GET /v1/templates)'
     )

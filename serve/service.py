@@ -54,6 +54,7 @@ from .safety.policy import LivePolicy
 from .safety.review import Appeal, Decision, ReviewItem, ReviewQueue, new_item, sha256
 from .schemas import (
     MAX_SEED,
+    TEMPLATE_REF,
     AltText,
     Deprecation,
     GenerateRequest,
@@ -233,8 +234,7 @@ class ImageService:
     def template(self, ref: str, caller: Principal | None = None) -> Template:
         """`id` (its newest version that serves the caller) or `id@version`; 422 for
         another."""
-        if self.styles is None or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,63}(@[1-9][0-9]{0,8})?",
-                                                   ref):
+        if self.styles is None or not re.fullmatch(TEMPLATE_REF, ref):
             raise UnknownTemplate(f"no template {ref[:80]!r}",
                                   details=[{"field": "template", "type": "unknown_template"}])
         tid, _, version = ref.partition("@")

@@ -68,6 +68,14 @@ def _serialize(m: Message) -> bytes:
     return m.SerializeToString()
 
 
+def _parse(message: type[Message], raw: bytes) -> Message:
+    """A small request message from its bytes; MalformedBody if it is none."""
+    try:
+        return message.FromString(raw)
+    except DecodeError as e:
+        raise MalformedBody(f"request is not a valid {message.DESCRIPTOR.name}: {e}") from None
+
+
 def to_request(raw: bytes) -> GenerateRequest:
     """An imagegen.v1.GenerateRequest as the one strict GenerateRequest; unset
     fields take the same defaults as on HTTP."""
@@ -145,10 +153,7 @@ class GrpcTransport:
 
     async def list_models(self, raw: bytes, context) -> pb.ListModelsResponse:
         async def call(raw: bytes, _rid: str, _principal, _metadata) -> pb.ListModelsResponse:
-            try:
-                pb.ListModelsRequest.FromString(raw)
-            except DecodeError as e:
-                raise MalformedBody(f"request is not a valid ListModelsRequest: {e}") from None
+            _parse(pb.ListModelsRequest, raw)
             return pb.ListModelsResponse(models=[
                 pb.Model(**m.model_dump(exclude={"defaults", "limits"}),
                          defaults=pb.ModelDefaults(**m.defaults.model_dump()),
@@ -160,10 +165,7 @@ class GrpcTransport:
 
     async def get_quota(self, raw: bytes, context) -> pb.Quota:
         async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.Quota:
-            try:
-                m = pb.GetQuotaRequest.FromString(raw)
-            except DecodeError as e:
-                raise MalformedBody(f"request is not a valid GetQuotaRequest: {e}") from None
+            m = _parse(pb.GetQuotaRequest, raw)
             return pb.Quota(**(await self.service.quota(principal, m.principal or None)
                                ).model_dump())
 
@@ -171,10 +173,7 @@ class GrpcTransport:
 
     async def list_templates(self, raw: bytes, context) -> pb.ListTemplatesResponse:
         async def call(raw: bytes, _rid: str, _principal, _metadata) -> pb.ListTemplatesResponse:
-            try:
-                pb.ListTemplatesRequest.FromString(raw)
-            except DecodeError as e:
-                raise MalformedBody(f"request is not a valid ListTemplatesRequest: {e}") from None
+            _parse(pb.ListTemplatesRequest, raw)
             return pb.ListTemplatesResponse(
                 templates=[template_proto(t) for t in self.service.templates()])
 

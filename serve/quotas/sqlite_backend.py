@@ -208,7 +208,7 @@ class _Q:
         return before
 
 
-def _tx(conn, fn):
+def transaction(conn, fn):
     conn.execute("BEGIN IMMEDIATE")
     try:
         out = fn()
@@ -253,7 +253,7 @@ class SQLiteLedger:
             return Admission(Reservation(principal, rid, units, budget), q.tokens,
                              seconds_to_full(q.tokens, budget))
 
-        return await self.db.run(lambda conn: _tx(conn, lambda: reserve(conn)))
+        return await self.db.run(lambda conn: transaction(conn, lambda: reserve(conn)))
 
     async def _settle(self, r: Reservation, keep: float) -> float | None:
         def settle(conn):
@@ -262,7 +262,7 @@ class SQLiteLedger:
             q.save(conn)
             return before
 
-        return await self.db.run(lambda conn: _tx(conn, lambda: settle(conn)))
+        return await self.db.run(lambda conn: transaction(conn, lambda: settle(conn)))
 
     async def commit(self, reservation: Reservation,
                      units: float | None = None) -> float | None:
@@ -292,7 +292,7 @@ class SQLiteLedger:
                          (units, principal))
             return row[0] + units
 
-        return await self.db.run(lambda conn: _tx(conn, lambda: grant(conn)))
+        return await self.db.run(lambda conn: transaction(conn, lambda: grant(conn)))
 
     async def close(self) -> None:
         self.db.close()
@@ -330,7 +330,7 @@ class SQLiteReplays:
                 return Claim("done", row[2])
             return Claim("new" if row[1] == owner else "running")
 
-        return await self.db.run(lambda conn: _tx(conn, lambda: claim(conn)))
+        return await self.db.run(lambda conn: transaction(conn, lambda: claim(conn)))
 
     async def complete(self, principal: str, key: str, owner: str, answer: str,
                        keep_s: float = KEEP_S) -> None:

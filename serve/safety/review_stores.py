@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..quotas.redis_backend import connect, unavailable
-from ..quotas.sqlite_backend import SQLiteDB, _tx
+from ..quotas.sqlite_backend import SQLiteDB, transaction
 from .review import Appeal, Decision, ReviewItem, Status
 
 _SCHEMA = """
@@ -71,7 +71,7 @@ class SQLiteReview:
                              (new.status, new.model_dump_json(), row[0]))
             return new
 
-        return await self.db.run(lambda conn: _tx(conn, lambda: update(conn)))
+        return await self.db.run(lambda conn: transaction(conn, lambda: update(conn)))
 
     async def decide(self, item_id: str, decision: Decision) -> ReviewItem | None:
         return await self._update("id", item_id, lambda item: _decided(item, decision))
