@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and exact: an open pin would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,loadtest,capacity]'
+	$(PIP) install -q -e '.[dev,loadtest,capacity,safety]'
 	touch $@
 
 serve: $(VENV)/.installed

@@ -16,6 +16,7 @@ from autoscaling.policies import (
 from .config import Settings, load_settings
 from .deployments.ingress import Access, Coalescing, Ingress, RoutingSource
 from .deployments.model import ModelDeployment
+from .deployments.safety import SafetyDeployment
 from .engines.base import Engine
 from .errors import ConfigError
 from .lockfile import load_lock
@@ -24,6 +25,7 @@ from .quotas.idempotency import LEASE_S
 from .quotas.keys import FileKeys, state_backend
 from .quotas.plans import load_plans, unrouted_tiers
 from .routing import load_routing
+from .safety.classifier import check_spec, load_attribute
 from .safety.policy import load_policy_file
 from .templates.library import load_library
 
@@ -42,7 +44,8 @@ def engine_class(kind: str) -> type[Engine]:
 
 
 def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
-    """Ingress + one model deployment per models.lock revision.
+    """Ingress + one model deployment per models.lock revision (+ the image
+    classifier's, where it runs apart).
 
     `args` are Settings fields (as `serve run serve.app:build_app key=value` or a
     RayService `args:` map pass them) or a Settings object.
@@ -104,7 +107,20 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
                     idempotency_lease_s=max(LEASE_S, settings.request_timeout_s + 60),
                     prompt_policy_file=str(settings.prompt_policy_file),
                     styles_dir=str(settings.styles_dir),
-                    review_keep_prompts=settings.review_keep_prompts)
+                    review_keep_prompts=settings.review_keep_prompts,
+                    image_classifier=settings.image_classifier,
+                    image_classifier_placement=settings.image_classifier_placement,
+                    image_safety_fail_open=settings.image_safety_fail_open,
+                    captioner=settings.captioner)
+    check_spec(settings.image_classifier)  # a spec that can never work refuses to start
+    if settings.captioner:
+        load_attribute(settings.captioner, "captioner")
+    safety = None
+    if settings.image_classifier != "none" and settings.image_classifier_placement == "deployment":
+        safety = SafetyDeployment.options(
+            name="image-safety", num_replicas=settings.image_classifier_replicas,
+            logging_config=logging_config,
+        ).bind(settings.image_classifier)
     source = RoutingSource(
         file=str(settings.routing_file), configmap=settings.routing_configmap,
         namespace=settings.routing_namespace, key=settings.routing_key,
@@ -112,4 +128,4 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
     )
     return Ingress.options(
         logging_config=logging_config, **ingress_deployment_options(policy.ingress)
-    ).bind(lock, routing, models, coalescing, settings.max_body_bytes, source, access)
+    ).bind(lock, routing, models, coalescing, settings.max_body_bytes, source, access, safety)

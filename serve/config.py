@@ -141,6 +141,26 @@ class Settings(BaseSettings):
         False, description="a blocked request's case in the review queue keeps its prompt "
         "text (else hashes only; never for the always-on category)",
     )
+    image_classifier: str = Field(
+        "nudenet", description="stage 9's classifier: nudenet (the `safety` extra), "
+        "fixed:CATEGORY=SCORE,... (drills), module:attribute (your own class), or none "
+        "(images go out `unchecked`)",
+    )
+    image_classifier_placement: Literal["deployment", "ingress"] = Field(
+        "deployment", description="where it runs: its own Serve deployment (scaled apart "
+        "from the model replicas) or a thread in each ingress replica",
+    )
+    image_classifier_replicas: Annotated[int, Field(ge=1, le=64)] = Field(
+        1, description="the classifier deployment's replicas (one CPU thread each)",
+    )
+    image_safety_fail_open: bool = Field(
+        False, description="a classifier that cannot run delivers images `unchecked` "
+        "instead of failing the request 503 image_safety_unavailable",
+    )
+    captioner: str | None = Field(
+        None, description="module:attribute of a captioner that drafts alt text where the "
+        "template has no alt-text pattern (README § Safety)",
+    )
     allow_pinning: bool = Field(
         False, description="any caller may pin a models.lock revision (`model`): it alone "
         "serves, no fallback (not yet a per-plan permission)",

@@ -132,6 +132,13 @@ class PromptBlocked(Forbidden):
         self.reason = reason
 
 
+class ImageBlocked(Forbidden):
+    """Every image of the request was withheld by image safety (the OpenAI route,
+    whose images carry no verdict; the native API answers each image's verdict)."""
+
+    code = "image_blocked"
+
+
 class NotFound(ImagegenError):
     code = "not_found"
 
@@ -199,6 +206,14 @@ class StateUnavailable(ImagegenError):
     retry_after_s = 5
 
 
+class ImageSafetyUnavailable(ImagegenError):
+    """The image classifier cannot run: images are not delivered unchecked (fail
+    closed; `image_safety_fail_open` changes that). Nothing is charged."""
+
+    code = "image_safety_unavailable"
+    retry_after_s = 5
+
+
 class GenerationFailed(ImagegenError):
     """The pipeline raised while generating; nothing about the request was wrong."""
 
@@ -248,6 +263,7 @@ STATUS: dict[type[ImagegenError], Row] = {
     IdempotencyInProgress: Row(409, "ABORTED", 409, "invalid_request_error"),
     # OpenAI answers a moderation block 400 (the client's BadRequestError)
     PromptBlocked: Row(403, "PERMISSION_DENIED", 400, "invalid_request_error"),
+    ImageBlocked: Row(403, "PERMISSION_DENIED", 400, "invalid_request_error"),
     NotFound: Row(404, "NOT_FOUND", 404, "not_found_error"),
     MethodNotAllowed: Row(405, "UNIMPLEMENTED", 405, "invalid_request_error"),
     PayloadTooLarge: Row(413, "INVALID_ARGUMENT", *_BAD),
@@ -260,6 +276,7 @@ STATUS: dict[type[ImagegenError], Row] = {
     RateLimited: Row(429, "RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
     TierDisabled: Row(503, "UNAVAILABLE", *_DOWN),
     StateUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
+    ImageSafetyUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
     GenerationFailed: Row(500, "INTERNAL", *_FAILED),
     ConfigError: Row(500, "FAILED_PRECONDITION", *_FAILED),
     ModelVerificationError: Row(500, "FAILED_PRECONDITION", *_FAILED),

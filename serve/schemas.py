@@ -96,6 +96,11 @@ class GenerateRequest(BaseModel):
     response_format: Literal["b64_json"] = Field(
         "b64_json", description="how images come back (URLs arrive with object storage)"
     )
+    moderation: Literal["auto", "low"] | None = Field(
+        None, description="image safety: auto (the plan's thresholds) or low (the policy's "
+        "more permissive ones, where the plan's safety profile allows them); the always-on "
+        "category is never loosened"
+    )
 
     @model_validator(mode="after")
     def _steps_or_quality(self) -> GenerateRequest:
@@ -133,8 +138,19 @@ class GenerateRequest(BaseModel):
 
 class AltText(BaseModel):
     text: str
-    source: Literal["template"] = Field(description="where the draft came from")
+    source: Literal["template", "captioner"] = Field(
+        description="where the draft came from: the template's pattern or the captioner")
     needs_review: bool = Field(True, description="drafted, not checked by a person")
+
+
+class ImageSafety(BaseModel):
+    action: Literal["allow", "review", "blur", "withhold", "unchecked"] = Field(
+        description="allow; review: delivered and queued for a person; blur: delivered "
+        "blurred; withhold: not delivered (b64_json null, not charged); unchecked: no "
+        "classifier ran (configured off, or failing with image_safety_fail_open)")
+    category: str | None = Field(None, description="the category that decided it")
+    review_id: str | None = Field(None, description="its case in the review queue (appeal "
+                                  "with the request id)")
 
 
 class Image(BaseModel):
@@ -142,7 +158,8 @@ class Image(BaseModel):
     width: int
     height: int
     mime_type: Literal["image/png"] = "image/png"
-    b64_json: str = Field(description="the encoded image, base64")
+    b64_json: str | None = Field(description="the encoded image, base64; null when withheld")
+    safety: ImageSafety = Field(description="the image classifier's verdict")
     alt_text: AltText | None = Field(None, description="a drafted alt text (from the "
                                      "template's pattern)")
 

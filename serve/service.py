@@ -1,11 +1,13 @@
 """The transport-free request path (DESIGN.md stages). Transports call this.
 
-Stages present now: authenticate -> validate -> route the tier and resolve the
-request against its primary (defaults and limits; every fallback accepts at least
-as much; a commercial plan keeps only revisions licensed for it) -> admit (the
-plan's limits; the principal's share of this replica; the first revision's room
-here, else 503 at once) -> reserve the cost in the budget -> generate on the first
-usable revision, failing over -> price -> encode -> commit -> answer. Each stage has its span (`stage`) and tells the request's record what it learned
+Stages present now: authenticate -> validate -> render the template -> the prompt
+policy -> route the tier and resolve the request against its primary (defaults and
+limits; every fallback accepts at least as much; a commercial plan keeps only
+revisions licensed for it) -> admit (the plan's limits; the principal's share of
+this replica; the first revision's room here, else 503 at once) -> reserve the cost
+in the budget -> generate on the first usable revision, failing over -> image safety
+(classify, judge, blur or withhold, queue for review) -> price what is delivered ->
+encode -> commit -> answer. Each stage has its span (`stage`) and tells the request's record what it learned
 (`annotate`): the log line and the metrics are written once, by the transport.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import hashlib
 import logging
 import re
 import secrets
@@ -29,6 +32,7 @@ from .errors import (
     GenerationFailed,
     IdempotencyInProgress,
     IdempotencyKeyReused,
+    ImageSafetyUnavailable,
     InvalidRequest,
     LimitExceeded,
     ModelTimeout,
@@ -42,7 +46,7 @@ from .errors import (
     Unauthenticated,
     UnknownTemplate,
 )
-from .imaging import encode_png
+from .imaging import blur, encode_png
 from .lockfile import Lock, ModelEntry
 from .quotas.fairness import InFlight, at_capacity, share_used
 from .quotas.idempotency import LEASE_S, Replays, fingerprint
@@ -50,8 +54,18 @@ from .quotas.ledger import EPSILON, NEVER_S, Budget, Ledger, Reservation, ceil_s
 from .quotas.plans import Plans, PlanSpec, admit, commercially_usable, price
 from .quotas.principals import Principal
 from .routing import LiveRouting, RoutingTable
+from .safety.classifier import Classifying
+from .safety.images import UNCHECKED, ImageVerdict, judge
 from .safety.policy import LivePolicy
-from .safety.review import Appeal, Decision, ReviewItem, ReviewQueue, new_item, sha256
+from .safety.review import (
+    Appeal,
+    Decision,
+    FlaggedImage,
+    ReviewItem,
+    ReviewQueue,
+    new_item,
+    sha256,
+)
 from .schemas import (
     MAX_SEED,
     TEMPLATE_REF,
@@ -60,6 +74,7 @@ from .schemas import (
     GenerateRequest,
     GenerateResponse,
     Image,
+    ImageSafety,
     ModelInfo,
     QuotaStatus,
     Timings,
@@ -161,6 +176,16 @@ def _pinned(model: str, lock: Lock, may_pin: bool) -> str:
 # `quality` as a multiple of the model's default steps (capped at its max_steps).
 QUALITY_STEPS = {"low": 0.5, "standard": 1.0, "high": 2.0}
 
+_SEVERITY = {"review": 1, "blur": 2, "withhold": 3}
+
+
+class Captioner(Protocol):
+    """Drafts alt text for images whose template has no alt-text pattern (a raw
+    prompt, or a template without one). The `captioner` setting names one."""
+
+    async def caption(self, images: list, prompt: str) -> list[str | None]: ...
+
+
 # A revision that answered these may serve the request on a retry or elsewhere; bad
 # input and the ingress's own overload refusal never are retried.
 _RETRYABLE = (ModelUnavailable, GenerationFailed)
@@ -177,7 +202,9 @@ class ImageService:
                  replays: Replays | None = None,
                  idempotency_lease_s: float = LEASE_S,
                  policy: LivePolicy | None = None, styles: Styles | None = None,
-                 review: ReviewQueue | None = None, keep_prompts: bool = False) -> None:
+                 review: ReviewQueue | None = None, keep_prompts: bool = False,
+                 classifier: Classifying | None = None, fail_open: bool = False,
+                 captioner: Captioner | None = None) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
@@ -192,6 +219,9 @@ class ImageService:
         self.styles = styles  # the style library (None: raw prompts only)
         self.review = review  # where blocked requests are recorded
         self.keep_prompts = keep_prompts  # a recorded case keeps its prompt text
+        self.classifier = classifier  # stage 9 (None: images go out `unchecked`)
+        self.fail_open = fail_open  # a failing classifier: deliver unchecked, not 503
+        self.captioner = captioner  # drafts alt text where the template has no pattern
         self.idempotency_lease_s = idempotency_lease_s  # past any request's deadline
         self._orphans: set[asyncio.Task] = set()  # refunds and releases whose caller left
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
@@ -287,7 +317,10 @@ class ImageService:
             if spec is not None and self.ledger is not None:
                 reservation = await self._reserve(principal, spec, p)
             try:
-                out, e, fallback, cost, encoded = await self._produce(p, order, table)
+                out, e, fallback = await self._generate(p, order, table)
+                verdicts = await self._check_images(out, p, r, req, spec, request_id,
+                                                    principal)
+                cost, encoded = await self._deliver(out, verdicts, p, e, table)
             except BaseException:
                 if reservation is not None:  # failed, blocked or cancelled: nothing charged
                     await asyncio.shield(self._settle(reservation, 0.0, spec))
@@ -295,14 +328,17 @@ class ImageService:
             charged = None
             if reservation is not None:
                 charged = await self._settle(reservation, cost, spec)
-                annotate(price=charged, quota={
-                    "plan": principal.plan, "units": cost, "reason": "ok",
-                    "outcome": "charged" if charged is not None else "unsettled"})
-        alt = AltText(text=r.alt_text, source="template") if r.alt_text else None
+                if cost:  # every image withheld: refunded, nothing to count
+                    annotate(price=charged, quota={
+                        "plan": principal.plan, "units": cost, "reason": "ok",
+                        "outcome": "charged" if charged is not None else "unsettled"})
+        alts = await self._alt_texts(out, r, verdicts)
         images = [
             Image(seed=j.seed, width=j.width, height=j.height,
-                  b64_json=base64.b64encode(png).decode(), alt_text=alt)
-            for j, png in zip(p.jobs, encoded, strict=True)
+                  b64_json=None if png is None else base64.b64encode(png).decode(),
+                  alt_text=alt, safety=ImageSafety(action=v.action, category=v.category,
+                                                   review_id=review_id))
+            for j, png, alt, (v, review_id) in zip(p.jobs, encoded, alts, verdicts, strict=True)
         ]
         t = r.template
         return GenerateResponse(
@@ -387,6 +423,15 @@ class ImageService:
         self._reviewer(caller, item.restricted)
         return item
 
+    async def review_evidence(self, caller: Principal, item_id: str, index: int) -> bytes:
+        """The unblurred PNG of an image case's image `index`, under its case's roles."""
+        await self.review_item(caller, item_id)
+        png = await self.review.evidence(item_id, index)
+        if png is None:
+            raise NotFound(f"review item {item_id[:40]!r} keeps no image {index}",
+                           details=[{"field": "index", "type": "not_found"}])
+        return png
+
     async def review_decide(self, caller: Principal, item_id: str, decision: str,
                             reason: str) -> ReviewItem:
         await self.review_item(caller, item_id)
@@ -468,9 +513,9 @@ class ImageService:
         # request. A cancellation still propagates.
         await asyncio.wait([task])  # not cancelled with this request: it ends regardless
 
-    async def _produce(self, p: Plan, order: list[str], table: RoutingTable):
-        """Stages 8-10: generate on the first usable revision, price what served, encode.
-        (out, revision served, fallback?, cost units, PNGs)."""
+    async def _generate(self, p: Plan, order: list[str], table: RoutingTable):
+        """Stage 8: generate on the first usable revision. (out, revision served,
+        fallback?)"""
         with stage("generate", **_genai_attributes(p)) as span:
             out, e = await self._failover(p, order)
             # a canary is no fallback; a pinned revision serves as itself
@@ -478,15 +523,112 @@ class ImageService:
             span.set_attributes({"imagegen.batch_images": out.batch_images,
                                  "imagegen.queue_ms": out.queue_s * 1e3,
                                  "imagegen.fallback": fallback, "imagegen.served_by": e.name})
-        cost = round(table.cost_weight(p.tier, e.name, pinned=p.pinned) * p.work(), 6)
-        annotate(model=e.name, revision=e.revision, cost_units=cost, fallback=fallback,
+        annotate(model=e.name, revision=e.revision, fallback=fallback,
                  queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3)
-        with stage("encode", **{"imagegen.images": len(p.jobs)}):
+        return out, e, fallback
+
+    async def _check_images(self, out: Generated, p: Plan, r: Rendered, req: GenerateRequest,
+                            spec: PlanSpec | None, request_id: str,
+                            principal: Principal | None) -> list[tuple[ImageVerdict, str | None]]:
+        """Stage 9: every image classified before it is delivered and judged by the
+        plan's safety profile (and the request's moderation level); flagged images are
+        one case in the review queue, with their unblurred PNGs as evidence. A
+        classifier that cannot run fails the request (503, nothing charged) unless
+        fail_open is set. (verdict, review id) per image."""
+        n = len(out.images)
+        if self.classifier is None:
+            annotate(image_safety={"unchecked": n, "classifier": "none"})
+            return [(UNCHECKED, None)] * n
+        with stage("image_safety", **{"imagegen.images": n}) as span:
+            try:
+                scores = await self.classifier.classify(out.images)
+            except Exception as e:  # noqa: BLE001 - the deployment down, the model failing
+                log.warning("image classifier %s failed: %s", self.classifier.name, e)
+                annotate(image_safety={"unchecked": n, "error": type(e).__name__})
+                if self.fail_open:
+                    return [(UNCHECKED, None)] * n
+                raise ImageSafetyUnavailable(
+                    "the image classifier is unavailable; images are not delivered "
+                    "unchecked. Retry shortly") from None
+            policy = self.policy.policy if self.policy else None
+            profile = spec.safety_profile if spec else "default"
+            rules = policy.image_rules(profile, req.moderation) if policy else {}
+            always = policy.always if policy else frozenset()
+            verdicts = [judge(s, rules, always) for s in scores]
+            span.set_attributes({"imagegen.image_actions": [v.action for v in verdicts]})
+        flagged = [(i, v) for i, v in enumerate(verdicts) if v.action != "allow"]
+        facts: dict = {"classifier": self.classifier.name, "allow": n - len(flagged)}
+        if flagged:
+            worst = max(flagged, key=lambda f: (f[1].restricted, _SEVERITY[f[1].action]))[1]
+            facts["flagged"] = [{"action": v.action, "category": v.category,
+                                 "reason": policy.reason_of(v.category)} for _, v in flagged]
+            if worst.action in ("blur", "withhold"):
+                annotate(blocked={"stage": "image_safety",
+                                  "reason": policy.reason_of(worst.category),
+                                  "category": worst.category})
+        annotate(image_safety=facts)
+        if not flagged or self.review is None:
+            return [(v, None) for v in verdicts]
+        item, evidence = self._image_case(flagged, scores, out, r, request_id, principal)
+        await self._finish(self.review.add(item, evidence))  # the store down: logged
+        return [(v, item.id if v.action != "allow" else None) for v in verdicts]
+
+    def _image_case(self, flagged: list[tuple[int, ImageVerdict]], scores, out: Generated,
+                    r: Rendered, request_id: str, principal: Principal | None):
+        policy = self.policy.policy
+        restricted = any(v.restricted for _, v in flagged)
+        worst = max(flagged, key=lambda f: (f[1].restricted, _SEVERITY[f[1].action]))[1]
+        evidence = {i: encode_png(out.images[i]) for i, _ in flagged}
+        shots = [FlaggedImage(index=i, action=v.action, category=v.category, score=v.score,
+                              scores=scores[i], sha256=hashlib.sha256(evidence[i]).hexdigest(),
+                              width=out.images[i].shape[1], height=out.images[i].shape[0])
+                 for i, v in flagged]
+        item = new_item(
+            kind="image", stage="image_safety", category=worst.category,
+            reason=policy.reason_of(worst.category), field="images",
+            principal=principal.name if principal else "anonymous", request_id=request_id,
+            template=r.template.ref if r.template else None,
+            prompt_sha256=sha256(r.prompt), negative_prompt_sha256=sha256(r.negative_prompt),
+            prompt=r.prompt if self.keep_prompts and not restricted else None,
+            restricted=restricted, images=shots, classifier=self.classifier.name)
+        return item, evidence
+
+    async def _deliver(self, out: Generated, verdicts, p: Plan, e: ModelEntry,
+                       table: RoutingTable) -> tuple[float, list[bytes | None]]:
+        """Stage 10: the price of what is delivered (a withheld image costs nothing),
+        and the delivered images encoded (blurred where judged so)."""
+        delivered = [v.action != "withhold" for v, _ in verdicts]
+        weight = table.cost_weight(p.tier, e.name, pinned=p.pinned)
+        cost = round(weight * p.work() * sum(delivered) / len(delivered), 6)
+        annotate(cost_units=cost)
+        images = [None if not keep else blur(i) if v.action == "blur" else i
+                  for i, keep, (v, _) in zip(out.images, delivered, verdicts, strict=True)]
+        with stage("encode", **{"imagegen.images": sum(delivered)}):
             if p.jobs[0].width * p.jobs[0].height * len(p.jobs) > _ENCODE_INLINE_PIXELS:
-                encoded = await asyncio.to_thread(lambda: [encode_png(i) for i in out.images])
+                encoded = await asyncio.to_thread(
+                    lambda: [None if i is None else encode_png(i) for i in images])
             else:
-                encoded = [encode_png(i) for i in out.images]
-        return out, e, fallback, cost, encoded
+                encoded = [None if i is None else encode_png(i) for i in images]
+        return cost, encoded
+
+    async def _alt_texts(self, out: Generated, r: Rendered, verdicts) -> list[AltText | None]:
+        """A drafted alt text per image (needs_review): the template's pattern, else the
+        captioner's, never for a withheld image."""
+        if r.alt_text:
+            texts = [r.alt_text] * len(out.images)
+            source = "template"
+        elif self.captioner is not None:
+            with stage("caption"):
+                try:
+                    texts = await self.captioner.caption(out.images, r.prompt)
+                except Exception as e:  # noqa: BLE001 - a draft is optional; the images are not
+                    log.warning("captioner failed: %s", e)
+                    return [None] * len(out.images)
+            source = "captioner"
+        else:
+            return [None] * len(out.images)
+        return [AltText(text=t, source=source) if t and v.action != "withhold" else None
+                for t, (v, _) in zip(texts, verdicts, strict=True)]
 
     async def _reserve(self, principal: Principal, spec: PlanSpec, p: Plan) -> Reservation:
         """Stage 7: the request's cost units out of the principal's budget, before any

@@ -51,12 +51,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     bench_state.add_arguments(bsub.add_parser(
         "state", help="what authenticating costs per request, per state store backend"))
-    from . import bench_flood, bench_policy
+    from . import bench_flood, bench_policy, bench_safety
 
     bench_policy.add_arguments(bsub.add_parser(
         "policy", help="what the prompt policy costs per prompt, at 10,000 terms"))
     bench_flood.add_arguments(bsub.add_parser(
         "flood", help="more requests at once than a revision queues: how fast the rest are refused"))
+    bench_safety.add_arguments(bsub.add_parser(
+        "safety", help="what the image classifier costs: in-process, and per placement in the stack"))
     return b
 
 
@@ -74,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
         from . import bench_flood
 
         return bench_flood.run(args, settings)
+    if args.bench_command == "safety":
+        from . import bench_safety
+
+        return bench_safety.run(args, settings)
     if args.bench_command == "state":
         from . import bench_state
 

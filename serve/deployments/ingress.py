@@ -31,6 +31,13 @@ from ..quotas.ledger import open_ledger
 from ..quotas.plans import Plans
 from ..routing import LiveRouting, RoutingTable
 from ..routing.sources import ConfigMapSource, watch_dir, watch_file
+from ..safety.classifier import (
+    ClassifierUnavailable,
+    LocalClassifier,
+    Scores,
+    load_attribute,
+    load_classifier,
+)
 from ..safety.policy import LivePolicy, load_policy_file
 from ..safety.review import open_review
 from ..service import ImageService
@@ -77,6 +84,10 @@ class Access:
     prompt_policy_file: str | None = None  # watched like the routing document
     styles_dir: str | None = None  # the style library, watched
     review_keep_prompts: bool = False
+    image_classifier: str = "none"  # the setting; its placement decides who runs it
+    image_classifier_placement: str = "deployment"
+    image_safety_fail_open: bool = False
+    captioner: str | None = None  # module:attribute
 
     def authenticator(self) -> Authenticator:
         return Authenticator(open_keys(self.state_url),
@@ -159,6 +170,40 @@ class HandleBackend:
             raise ModelUnavailable(f"model {model} replica unavailable: {e}") from None
 
 
+class HandleClassifier:
+    """Stage 9's classifier in its own deployment (deployments/safety.py)."""
+
+    def __init__(self, handle: DeploymentHandle, name: str,
+                 timeout_s: Callable[[], float]) -> None:
+        self.handle = handle.options(method_name="classify")
+        self.name = name
+        self.timeout_s = timeout_s
+
+    async def classify(self, images) -> list[Scores]:
+        response = self.handle.remote(images)
+        try:
+            return await asyncio.wait_for(response, self.timeout_s())
+        except (TimeoutError, asyncio.CancelledError):
+            response.cancel()
+            raise
+        except RayTaskError as e:  # its own failure, as raised in the replica
+            raise ClassifierUnavailable(str(e.cause)) from None
+
+
+class _Failing:
+    """A classifier that could not load in this process: every call says why."""
+
+    def __init__(self, name: str, why: str) -> None:
+        self.name, self.why = name, why
+
+    async def classify(self, images) -> list[Scores]:
+        raise ClassifierUnavailable(self.why)
+
+
+def _captioner(spec: str | None):
+    return load_attribute(spec, "captioner")() if spec else None
+
+
 @ray_serve.deployment
 @ray_serve.ingress()
 class Ingress:
@@ -171,6 +216,7 @@ class Ingress:
         max_body_bytes: int,
         source: RoutingSource | None = None,
         access: Access | None = None,
+        safety: DeploymentHandle | None = None,
     ) -> None:
         setup("ingress")
         self.metrics = Metrics()
@@ -195,7 +241,12 @@ class Ingress:
             idempotency_lease_s=access.idempotency_lease_s if access else LEASE_S,
             policy=policy, styles=styles,
             review=open_review(access.state_url) if access else None,
-            keep_prompts=bool(access and access.review_keep_prompts))
+            keep_prompts=bool(access and access.review_keep_prompts),
+            classifier=self._classifier(access, safety),
+            fail_open=bool(access and access.image_safety_fail_open),
+            captioner=_captioner(access.captioner) if access else None)
+        self.safety_status = safety.options(method_name="status") if safety else None
+        self.safety: dict[str, Any] | None = None
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
                                   max_body_bytes=max_body_bytes)
         self.max_body_bytes = max_body_bytes
@@ -219,6 +270,18 @@ class Ingress:
             self._tasks.append(asyncio.create_task(watch_dir(
                 Path(access.styles_dir), styles.reload)))
         await self._refresh_readiness()
+
+    def _classifier(self, access: Access | None, safety: DeploymentHandle | None):
+        if access is None or access.image_classifier == "none":
+            return None
+        if safety is not None:
+            return HandleClassifier(safety, access.image_classifier,
+                                    lambda: self.routing.table.breaker.timeout_s)
+        try:
+            return LocalClassifier(load_classifier(access.image_classifier))
+        except Exception as e:  # noqa: BLE001 - fails closed per request, with the reason
+            log.error("image classifier %s unavailable: %s", access.image_classifier, e)
+            return _Failing(access.image_classifier, f"{type(e).__name__}: {e}")
 
     def __serve_build_asgi_app__(self):
         return build_http_app(
@@ -252,6 +315,14 @@ class Ingress:
                 log.exception("readiness poll failed")
 
     async def _refresh_readiness(self) -> None:
+        if self.safety_status is not None:
+            try:
+                self.safety = await asyncio.wait_for(self.safety_status.remote(),
+                                                     STATUS_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - unreachable is unready
+                self.safety = {"ready": False, "reason": f"status unavailable: {type(e).__name__}"}
+            if self.safety.get("ready"):  # the model it loaded, for the cases it flags
+                self.service.classifier.name = self.safety["classifier"]
         names = list(self.status_handles)
         results = await asyncio.gather(
             *(asyncio.wait_for(self.status_handles[n].remote(), STATUS_TIMEOUT_S) for n in names),
@@ -264,8 +335,9 @@ class Ingress:
             self.routing.set_ready(name, res["ready"], res.get("reason"))
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready while every enabled tier has a ready revision; reports every revision
-        (and the routing source's last error)."""
+        """Ready while every enabled tier has a ready revision and the image classifier
+        can run (unless it fails open); reports every revision, the classifier and the
+        routing source's last error."""
         await self._refresh_readiness()
         table = self.routing.table
         models = {}
@@ -274,9 +346,21 @@ class Ingress:
                             "backs": [t for t in table.backed_by(name)
                                       if t not in table.tiers_of(name)]}
         tiers = {t: self.routing.tier_ready(t) for t, r in table.tiers.items() if not r.disabled}
-        return all(tiers.values()), {"models": models, "tiers": tiers, "routing": {
+        safety = self._safety_readiness()
+        ready = all(tiers.values()) and (safety["ready"] or self.service.fail_open)
+        return ready, {"models": models, "tiers": tiers, "image_safety": safety, "routing": {
             "version": table.version, "source": self.routing.source, "error": self.routing.error,
             "source_error": self.routing.source_error}}
+
+    def _safety_readiness(self) -> dict[str, Any]:
+        c = self.service.classifier
+        if c is None:
+            return {"classifier": "none", "ready": True, "reason": None}
+        if isinstance(c, _Failing):
+            return {"classifier": c.name, "ready": False, "reason": c.why}
+        if self.safety is None:  # in this process, loaded
+            return {"classifier": c.name, "ready": True, "reason": None}
+        return {"classifier": c.name, **self.safety}
 
     def __del__(self) -> None:
         for task in getattr(self, "_tasks", []):

@@ -88,7 +88,7 @@ def to_request(raw: bytes) -> GenerateRequest:
     if unknown:  # a newer client's field would otherwise be silently dropped
         raise MalformedBody(f"request has fields this server does not know: {unknown}")
     data: dict[str, Any] = {"variables": dict(m.variables)} if m.variables else {}
-    for name in ("prompt", "negative_prompt", "tier", "size", "model", "template"):
+    for name in ("prompt", "negative_prompt", "tier", "size", "model", "template", "moderation"):
         if value := getattr(m, name):
             data[name] = value
     for name in ("n", "seed", "steps", "guidance"):
@@ -107,8 +107,12 @@ def to_proto(r: GenerateResponse) -> pb.GenerateResponse:
         template_successor=d.successor if (d := r.template_deprecation) else "",
         template_sunset=d.sunset.isoformat() if d else "",
         images=[pb.Image(seed=i.seed, width=i.width, height=i.height, mime_type=i.mime_type,
-                         data=base64.b64decode(i.b64_json),
-                         alt_text=i.alt_text.text if i.alt_text else "") for i in r.images],
+                         data=base64.b64decode(i.b64_json) if i.b64_json else b"",
+                         alt_text=i.alt_text.text if i.alt_text else "",
+                         safety=pb.ImageSafety(action=i.safety.action,
+                                               category=i.safety.category or "",
+                                               review_id=i.safety.review_id or ""))
+                for i in r.images],
         timings=pb.Timings(**r.timings.model_dump()),
     )
 

@@ -9,9 +9,9 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from email.utils import format_datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
@@ -222,6 +222,18 @@ def build_http_app(
     async def review_item(item_id: str, request: Request) -> ReviewItem:
         caller = await service.authenticate(request.headers, peer(request))
         return await service.review_item(caller, item_id)
+
+    @app.get("/v1/review/{item_id}/images/{index}", response_class=Response,
+             responses={200: {"description": "the flagged image, unblurred", "content": {
+                 "image/png": {"schema": {"type": "string", "format": "binary"}}}}, **_ERRORS})
+    async def review_image(item_id: str, index: Annotated[int, Path(ge=0)],
+                           request: Request) -> Response:
+        """An image case's flagged image `index` as a PNG, unblurred (role reviewer; a
+        restricted case: admin)."""
+        caller = await service.authenticate(request.headers, peer(request))
+        png = await service.review_evidence(caller, item_id, index)
+        # no-store: evidence (a restricted case's included) stays out of every cache
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.post("/v1/review/{item_id}/decision", response_model=ReviewItem, responses=_ERRORS,
               openapi_extra={"requestBody": {"required": True, "content": {

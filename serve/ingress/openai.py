@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ImagegenError, InvalidRequest, row
+from ..errors import ImageBlocked, ImagegenError, InvalidRequest, row
 from ..schemas import PRINTABLE, GenerateRequest, GenerateResponse, load_json, validate
 from ..service import ImageService
 from ..telemetry import annotate, current_trace_id, stage
@@ -40,7 +40,6 @@ _PARTLY = {
     "output_format": ({"png"}, "only png for now; webp and jpeg arrive with object storage"),
     "output_compression": (set(), "it applies to webp/jpeg output, not offered yet"),
     "background": ({"auto", "opaque"}, "images are opaque"),
-    "moderation": (set(), "moderation levels arrive with prompt and image safety"),
     "style": (set(), "vivid/natural styles are not offered; templates will carry styles"),
     "partial_images": (set(), "streaming partial images is not offered"),
     "stream": ({False}, "streaming is not offered"),
@@ -96,6 +95,7 @@ def to_generate_request(o: OpenAIImageRequest,
     fields: dict[str, Any] = {
         "prompt": o.prompt, "n": o.n, "tier": o.tier or tier or "draft", "seed": o.seed,
         "model": pin, "template": o.template, "variables": o.variables,
+        "moderation": o.moderation,
         "negative_prompt": o.negative_prompt, "quality": QUALITY.get(o.quality or ""),
         "size": None if o.size in (None, "auto") else o.size,
     }
@@ -108,20 +108,29 @@ def _refuse(param: str, message: str) -> None:
 
 
 def to_openai(resp: GenerateResponse, quality: str | None) -> dict[str, Any]:
-    first = resp.images[0]
+    """OpenAI's answer: the delivered images only (its clients expect every entry to
+    carry one); ImageBlocked (400) when image safety withheld them all."""
+    shown = [i for i in resp.images if i.b64_json is not None]
+    if not shown:
+        raise ImageBlocked(f"image safety withheld all {len(resp.images)} image(s) "
+                           f"({resp.images[0].safety.category}); nothing was charged",
+                           details=[{"field": "prompt", "type": "image_blocked"}])
+    first = shown[0]
     return {
         "created": resp.created,
-        "data": [{"b64_json": i.b64_json} for i in resp.images],
+        "data": [{"b64_json": i.b64_json} for i in shown],
         "output_format": "png", "background": "opaque", "size": f"{first.width}x{first.height}",
         **({"quality": quality} if quality else {}),
         # What OpenAI's shape has no place for; clients ignore unknown fields.
         "imagegen": {"id": resp.id, "trace_id": resp.trace_id, "tier": resp.tier,
                      "model": resp.model, "revision": resp.revision, "fallback": resp.fallback,
                      "pinned": resp.pinned,
-                     "seeds": [i.seed for i in resp.images], "cost_units": resp.cost_units,
+                     "seeds": [i.seed for i in shown], "cost_units": resp.cost_units,
                      "price": resp.price, "replayed": resp.replayed,
                      "template": resp.template,
-                     "alt_text": [i.alt_text.text if i.alt_text else None for i in resp.images],
+                     "alt_text": [i.alt_text.text if i.alt_text else None for i in shown],
+                     "safety": [i.safety.model_dump(exclude_none=True) for i in shown],
+                     "withheld": len(resp.images) - len(shown),
                      "batch_images": resp.batch_images,
                      "timings": resp.timings.model_dump()},
     }
@@ -157,7 +166,7 @@ def add_routes(app: FastAPI, service: ImageService, *, max_body_bytes: int) -> N
                 annotate(openai_user=hashlib.sha256(who.encode()).hexdigest()[:16])
             resp = await service.generate(req, request_id(request), principal,
                                           idempotency_key(request))
+            answer = to_openai(resp, QUALITY_NAME.get(o.quality or ""))
         except ImagegenError as e:
             return error(request, e)
-        return JSONResponse(to_openai(resp, QUALITY_NAME.get(o.quality or "")),
-                            headers=id_header(request))
+        return JSONResponse(answer, headers=id_header(request))

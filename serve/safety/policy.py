@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError, PromptBlocked, describe
+from .images import ALWAYS_WITHHOLD, ImageRules, Rules, Thresholds
 from .normalise import fold, term_forms, variants, warm
 
 log = logging.getLogger("imagegen.safety")
@@ -42,6 +43,11 @@ class Profile(BaseModel):
 
     categories: list[str] | Literal["all"] = Field(
         "all", description="the categories checked (those marked always are checked anyway)")
+    images: dict[Annotated[str, Field(pattern=_CODE)], Thresholds] = Field(
+        default_factory=dict, description="image thresholds replacing the file's for these "
+        "categories (an always-on category's only to be stricter)")
+    low_moderation: bool = Field(True, description="whether the OpenAI route's "
+                                 "`moderation: low` may apply the file's `low` thresholds")
 
 
 class PolicyFile(BaseModel):
@@ -57,6 +63,8 @@ class PolicyFile(BaseModel):
     profiles: dict[Annotated[str, Field(pattern=_CODE)], Profile] = Field(
         default_factory=lambda: {"default": Profile()},
         description="what a plan's safety_profile names; `default` checks every category")
+    images: ImageRules = Field(default_factory=ImageRules,
+                               description="stage 9: what classifier scores do to an image")
 
     @model_validator(mode="after")
     def _known(self) -> PolicyFile:
@@ -66,6 +74,16 @@ class PolicyFile(BaseModel):
             unknown = [] if p.categories == "all" else sorted(set(p.categories) - set(self.categories))
             if unknown:
                 raise ValueError(f"profile {name!r} names unknown categories {unknown}")
+        always = {n for n, c in self.categories.items() if c.always}
+        if loosened := sorted(always & set(self.images.low)):
+            raise ValueError(f"images.low may not name always-on categories {loosened}")
+        for name, p in self.profiles.items():
+            for category in sorted(always & set(p.images)):
+                base = self.images.thresholds.get(category, Thresholds(withhold=ALWAYS_WITHHOLD))
+                if not p.images[category].no_looser_than(base):
+                    raise ValueError(f"profile {name!r} loosens the image thresholds of "
+                                     f"always-on category {category!r}: only stricter ones "
+                                     "may replace them")
         return self
 
 
@@ -111,6 +129,24 @@ class PromptPolicy:
             self._automaton.add_word(key, (len(key), None))
         self._automaton.make_automaton()
         self.terms = sum(len(c.terms) for c in spec.categories.values())
+
+    def image_rules(self, profile: str, moderation: str | None = None) -> Rules:
+        """The thresholds an image is judged by under `profile` (and the OpenAI route's
+        moderation level)."""
+        p = self.spec.profiles.get(profile) or self.spec.profiles["default"]
+        rules = {**self.spec.images.thresholds, **p.images}
+        if moderation == "low" and p.low_moderation:
+            rules |= self.spec.images.low
+        return rules
+
+    def reason_of(self, category: str) -> str:
+        """An image category's reason code: its own, the prompt category's, or
+        image_CATEGORY."""
+        t = self.spec.images.thresholds.get(category)
+        if t is not None and t.reason:
+            return t.reason
+        c = self.spec.categories.get(category)
+        return c.reason if c else f"image_{category}"
 
     def categories_of(self, profile: str) -> frozenset[str]:
         p = self.spec.profiles.get(profile) or self.spec.profiles["default"]

@@ -1,9 +1,10 @@
-"""The review queue: every blocked prompt is recorded durably in the state store
-(reason, category, principal, template@version, hashes of the texts; the raw prompt
-only where `review_keep_prompts` is set), for reviewers to approve or reject with a
+"""The review queue: every blocked prompt and every image the classifier flagged is
+recorded durably in the state store (reason, category, principal, template@version,
+hashes of the texts; the raw prompt only where `review_keep_prompts` is set; the
+flagged images themselves as evidence), for reviewers to approve or reject with a
 reason code, and for the blocked caller to appeal. A case of the always-on category
-(sexual content involving minors) is restricted: kept as hashes and evidence, shown
-to admins only, never in the general queue. Backends: review_stores.py."""
+(sexual content involving minors) is restricted: shown to admins only, never in the
+general queue, its prompt kept as hashes only. Backends: review_stores.py."""
 
 from __future__ import annotations
 
@@ -36,8 +37,23 @@ class Appeal(BaseModel):
     message: Annotated[str, Field(min_length=1, max_length=2000)]
 
 
+class FlaggedImage(BaseModel):
+    """One image of an image case; its PNG is kept as evidence beside the item."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int = Field(description="its place in the request's images")
+    action: Literal["review", "blur", "withhold"]
+    category: str
+    score: float
+    scores: dict[str, float] = Field(description="every category the classifier scored")
+    sha256: str = Field(description="of the unblurred PNG kept as evidence")
+    width: int
+    height: int
+
+
 class ReviewItem(BaseModel):
-    """One blocked request, as reviewers see it."""
+    """One blocked or flagged request, as reviewers see it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,6 +71,9 @@ class ReviewItem(BaseModel):
     negative_prompt_sha256: str
     prompt: str | None = Field(None, description="kept only where review_keep_prompts is set")
     restricted: bool = Field(False, description="the always-on category: admins only")
+    images: list[FlaggedImage] = Field(default_factory=list, description="an image case's "
+                                       "flagged images (GET /v1/review/{id}/images/{index})")
+    classifier: str | None = Field(None, description="the classifier that flagged them")
     status: Status = "open"
     decision: Decision | None = None
     appeals: list[Appeal] = Field(default_factory=list)
@@ -69,7 +88,11 @@ def new_item(**fields) -> ReviewItem:
 
 
 class ReviewQueue(Protocol):
-    async def add(self, item: ReviewItem) -> None: ...
+    async def add(self, item: ReviewItem, evidence: dict[int, bytes] | None = None) -> None:
+        """Keep the item (and its images' PNGs by index) once; a retried add is a no-op."""
+        ...
+
+    async def evidence(self, item_id: str, index: int) -> bytes | None: ...
 
     async def get(self, item_id: str) -> ReviewItem | None: ...
 

@@ -1,10 +1,13 @@
 """The review queue's backends (review.py), on the state store: one SQLite table, or
 Redis keys under one hash tag (`{imagegen:review}`: one slot on a cluster; a queue
 of blocked requests is small). An item is stored whole as JSON; a decision or an
-appeal rewrites it in one transaction (SQLite) or one compare-and-set script (Redis)."""
+appeal rewrites it in one transaction (SQLite) or one compare-and-set script (Redis).
+A flagged image's PNG is kept beside its item (a BLOB; base64 in Redis), written with
+it."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 from ..quotas.redis_backend import connect, unavailable
@@ -19,6 +22,9 @@ CREATE TABLE IF NOT EXISTS review (
 );
 CREATE INDEX IF NOT EXISTS review_by_state ON review (restricted, status, created);
 CREATE INDEX IF NOT EXISTS review_by_request ON review (request_id);
+CREATE TABLE IF NOT EXISTS review_evidence (
+    id TEXT NOT NULL, idx INTEGER NOT NULL, png BLOB NOT NULL, PRIMARY KEY (id, idx)
+);
 """
 
 
@@ -37,11 +43,23 @@ class SQLiteReview:
         self.db = SQLiteDB(path)
         self.db.conn.executescript(_SCHEMA)
 
-    async def add(self, item: ReviewItem) -> None:
-        await self.db.run(lambda conn: conn.execute(
-            "INSERT OR IGNORE INTO review VALUES (?, ?, ?, ?, ?, ?, ?)",  # a retried add
-            (item.id, item.created.isoformat(), item.request_id, item.principal,
-             int(item.restricted), item.status, item.model_dump_json())))
+    async def add(self, item: ReviewItem, evidence: dict[int, bytes] | None = None) -> None:
+        def add(conn):
+            new = conn.execute(
+                "INSERT OR IGNORE INTO review VALUES (?, ?, ?, ?, ?, ?, ?)",  # a retried add
+                (item.id, item.created.isoformat(), item.request_id, item.principal,
+                 int(item.restricted), item.status, item.model_dump_json())).rowcount
+            if new:  # a retry adds nothing, its evidence neither
+                conn.executemany("INSERT OR IGNORE INTO review_evidence VALUES (?, ?, ?)",
+                                 [(item.id, i, png) for i, png in (evidence or {}).items()])
+
+        await self.db.run(lambda conn: transaction(conn, lambda: add(conn)))
+
+    async def evidence(self, item_id: str, index: int) -> bytes | None:
+        row = await self.db.run(lambda conn: conn.execute(
+            "SELECT png FROM review_evidence WHERE id = ? AND idx = ?",
+            (item_id, index)).fetchone())
+        return None if row is None else bytes(row[0])
 
     async def get(self, item_id: str) -> ReviewItem | None:
         row = await self.db.run(lambda conn: conn.execute(
@@ -86,12 +104,15 @@ class SQLiteReview:
 
 _TAG = "{imagegen:review}"
 _ITEM, _ALL, _BY_REQUEST = f"{_TAG}:item:", f"{_TAG}:all", f"{_TAG}:by_request"
-# KEYS: the item, the index by time, the index by request. ARGV: id, score, request
-# id, JSON. Idempotent under a retry: an id is added once.
+_EVIDENCE = f"{_TAG}:evidence:"
+# KEYS: the item, the index by time, the index by request, then one per evidence
+# image. ARGV: id, score, request id, JSON, then the images (base64). Idempotent
+# under a retry: an id is added once, with its evidence.
 _ADD = """
 if redis.call('SETNX', KEYS[1], ARGV[4]) == 1 then
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
   redis.call('HSET', KEYS[3], ARGV[3], ARGV[1])
+  for i = 4, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1]) end
 end
 return 1
 """
@@ -110,10 +131,18 @@ class RedisReview:
         self._swap = self.redis.register_script(_SWAP)
 
     @unavailable
-    async def add(self, item: ReviewItem) -> None:
-        await self._add(keys=[_ITEM + item.id, _ALL, _BY_REQUEST],
+    async def add(self, item: ReviewItem, evidence: dict[int, bytes] | None = None) -> None:
+        shots = sorted((evidence or {}).items())
+        await self._add(keys=[_ITEM + item.id, _ALL, _BY_REQUEST,
+                              *(f"{_EVIDENCE}{item.id}:{i}" for i, _ in shots)],
                         args=[item.id, item.created.timestamp(), item.request_id,
-                              item.model_dump_json()])
+                              item.model_dump_json(),
+                              *(base64.b64encode(png).decode() for _, png in shots)])
+
+    @unavailable
+    async def evidence(self, item_id: str, index: int) -> bytes | None:
+        raw = await self.redis.get(f"{_EVIDENCE}{item_id}:{index}")
+        return None if raw is None else base64.b64decode(raw)
 
     @unavailable
     async def get(self, item_id: str) -> ReviewItem | None:

@@ -63,6 +63,12 @@ CATALOGUE: dict[str, Spec] = {s.name: s for s in (
     Spec("imagegen_blocked_total", "counter",
          "Requests or images blocked, by stage (prompt_safety, image_safety, quota) and reason",
          ("tier", "stage", "reason")),
+    Spec("imagegen_image_verdicts_total", "counter",
+         "Generated images by image-safety action (allow, review, blur, withhold, "
+         "unchecked) and the category that decided it", ("tier", "action", "category")),
+    Spec("imagegen_image_classifier_seconds", "histogram",
+         "One image classifier call (a request's images), in its deployment",
+         ("classifier",), SECONDS),
     Spec("imagegen_quota_units_total", "counter",
          "Cost units charged to budgets (outcome charged), served but not settled (the "
          "store failed: unsettled) or refused (rejected, reason bucket or daily), by plan",

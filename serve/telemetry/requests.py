@@ -161,6 +161,14 @@ def _record(rec: RequestRecord, metrics: Metrics) -> None:
             metrics.inc("imagegen_cost_units_total", rec.cost_units, tier=tier, model=model)
         if rec.cache_hit:
             metrics.inc("imagegen_cache_hits_total", tier=tier)
+    if safety := rec.extra.get("image_safety"):  # stage 9's verdicts (service._check_images)
+        for f in safety.get("flagged", []):
+            metrics.inc("imagegen_image_verdicts_total", tier=tier, action=f["action"],
+                        category=f["category"])
+        for action in ("allow", "unchecked"):
+            if n := safety.get(action):
+                metrics.inc("imagegen_image_verdicts_total", n, tier=tier, action=action,
+                            category="none")
     if blocked := rec.extra.get("blocked"):  # a safety stage said no (service.py)
         metrics.inc("imagegen_blocked_total", tier=tier, stage=blocked["stage"],
                     reason=blocked["reason"])

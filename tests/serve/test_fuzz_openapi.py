@@ -37,5 +37,6 @@ def test_the_live_openapi_contract(stack, tmp_path, api_key):
     assert tested == {"POST /v1/images", "POST /v1/images/generations", "GET /v1/models",
                       "GET /v1/quota", "GET /v1/quota/{principal}", "GET /v1/templates",
                       "GET /v1/templates/{template}", "GET /v1/review", "GET /v1/review/{item_id}",
+                      "GET /v1/review/{item_id}/images/{index}",
                       "POST /v1/review/{item_id}/decision", "POST /v1/appeals",
                       "GET /v1/routing", "GET /healthz"}, tested

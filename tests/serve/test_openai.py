@@ -47,7 +47,6 @@ def test_model_alias_quality_and_extensions(client):
     ({"output_format": "webp"}, "output_format"),
     ({"output_compression": 50}, "output_compression"),
     ({"background": "transparent"}, "background"),
-    ({"moderation": "low"}, "moderation"),
     ({"style": "vivid"}, "style"),
     ({"quality": "xhigh"}, "quality"),
     ({"size": "1024x1024"}, "size"),                    # beyond tiny-draft's limits

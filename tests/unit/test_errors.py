@@ -27,10 +27,12 @@ CLIENT = {
     "unauthenticated", "plan_limit", "commercial_use_forbidden", "quota_exceeded",
     "rate_limited", "idempotency_key_reused", "idempotency_in_progress", "prompt_blocked",
     "unknown_template", "invalid_variable", "template_retired", "template_not_approved",
+    "image_blocked",
 }
 SERVER = {
     "internal", "model_unavailable", "overloaded", "generation_failed", "config_error",
     "model_verification_failed", "tier_disabled", "model_timeout", "state_unavailable",
+    "image_safety_unavailable",
 }
 # The error types OpenAI's API answers with (its client maps the status to the
 # exception class: 400 BadRequestError, 401 AuthenticationError, 403 PermissionDeniedError,

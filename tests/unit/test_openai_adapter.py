@@ -30,6 +30,9 @@ def req(**fields):
      {"seed": 7, "negative_prompt": "fog", "tier": "final"}),
     ({"model": "dall-e-3", "tier": "final"}, {"tier": "final"}),
     ({"user": "alice@example.com", "stream": False}, {}),
+    ({"moderation": "low"}, {"moderation": "low"}),  # image safety's thresholds
+    ({"moderation": "auto"}, {"moderation": "auto"}),
+    ({}, {"moderation": None}),
 ])
 def test_translation(fields, want):
     got = req(**fields)
@@ -42,7 +45,6 @@ def test_translation(fields, want):
     ({"output_format": "jpeg"}, "output_format"),
     ({"output_compression": 80}, "output_compression"),
     ({"background": "transparent"}, "background"),
-    ({"moderation": "auto"}, "moderation"),
     ({"style": "natural"}, "style"),
     ({"partial_images": 1}, "partial_images"),
     ({"stream": True}, "stream"),

@@ -1,14 +1,19 @@
 """The review queue's contract over every state store backend (the `state_url`
 fixture: SQLite, Redis, a Redis Cluster): items kept whole, listed oldest first by
 status, restricted ones apart, decisions recorded (a later one replaces), appeals
-only by the blocked principal, concurrent updates all kept."""
+only by the blocked principal, concurrent updates all kept, an image case's evidence
+kept with it byte for byte."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 
-from serve.safety.review import Appeal, Decision, new_item, open_review, sha256
+import numpy as np
+
+from serve.imaging import encode_png
+from serve.safety.review import Appeal, Decision, FlaggedImage, new_item, open_review, sha256
 
 
 def run(url, fn):
@@ -27,6 +32,18 @@ def item(request_id: str, **extra):
               "field": "prompt", "principal": "alice", "request_id": request_id,
               "prompt_sha256": sha256("p"), "negative_prompt_sha256": sha256("")} | extra
     return new_item(**fields)
+
+
+def png(seed: int) -> bytes:
+    return encode_png(np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8))
+
+
+def image_case(request_id: str, evidence: dict[int, bytes]):
+    shots = [FlaggedImage(index=i, action="blur", category="sexual", score=0.9,
+                          scores={"sexual": 0.9}, sha256=hashlib.sha256(b).hexdigest(),
+                          width=8, height=6) for i, b in evidence.items()]
+    return item(request_id, kind="image", stage="image_safety", field="images",
+                images=shots, classifier="fake")
 
 
 def now():
@@ -83,3 +100,32 @@ def test_only_the_blocked_principal_appeals_and_every_appeal_is_kept(state_url):
     stranger, nobody, got = run(state_url, body)
     assert stranger is None and nobody is None
     assert sorted(x.message for x in got.appeals) == [f"appeal {i}" for i in range(5)]
+
+
+def test_evidence_is_kept_with_its_item_byte_for_byte(state_url):
+    evidence = {0: png(0), 2: png(2)}
+    case, plain = image_case("r1", evidence), item("r2")
+
+    async def body(s):
+        await s.add(case, evidence)
+        await s.add(plain)
+        return ({i: await s.evidence(case.id, i) for i in (0, 1, 2)},
+                await s.evidence("nope", 0), await s.evidence(plain.id, 0), await s.get(case.id))
+
+    got, missing_item, no_evidence, kept = run(state_url, body)
+    assert got == {0: evidence[0], 1: None, 2: evidence[2]}  # a missing index: None
+    assert missing_item is None and no_evidence is None
+    assert [hashlib.sha256(got[i.index]).hexdigest() for i in kept.images] == [
+        i.sha256 for i in kept.images]
+
+
+def test_a_retried_add_keeps_the_first_evidence(state_url):
+    first = {0: png(0)}
+    case = image_case("r1", first)
+
+    async def body(s):
+        await s.add(case, first)
+        await s.add(case, {0: png(9), 1: png(8)})
+        return await s.evidence(case.id, 0), await s.evidence(case.id, 1)
+
+    assert run(state_url, body) == (first[0], None)  # a retry adds no evidence either

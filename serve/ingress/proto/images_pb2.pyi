@@ -19,7 +19,7 @@ QUALITY_STANDARD: Quality
 QUALITY_HIGH: Quality
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "tier", "n", "size", "seed", "steps", "guidance", "quality", "model", "template", "variables")
+    __slots__ = ("prompt", "negative_prompt", "tier", "n", "size", "seed", "steps", "guidance", "quality", "model", "template", "variables", "moderation")
     class VariablesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class GenerateRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    MODERATION_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     tier: str
@@ -51,23 +52,36 @@ class GenerateRequest(_message.Message):
     model: str
     template: str
     variables: _containers.ScalarMap[str, str]
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., tier: _Optional[str] = ..., n: _Optional[int] = ..., size: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., quality: _Optional[_Union[Quality, str]] = ..., model: _Optional[str] = ..., template: _Optional[str] = ..., variables: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    moderation: str
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., tier: _Optional[str] = ..., n: _Optional[int] = ..., size: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., quality: _Optional[_Union[Quality, str]] = ..., model: _Optional[str] = ..., template: _Optional[str] = ..., variables: _Optional[_Mapping[str, str]] = ..., moderation: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("seed", "width", "height", "mime_type", "data", "alt_text")
+    __slots__ = ("seed", "width", "height", "mime_type", "data", "alt_text", "safety")
     SEED_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     ALT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    SAFETY_FIELD_NUMBER: _ClassVar[int]
     seed: int
     width: int
     height: int
     mime_type: str
     data: bytes
     alt_text: str
-    def __init__(self, seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., mime_type: _Optional[str] = ..., data: _Optional[bytes] = ..., alt_text: _Optional[str] = ...) -> None: ...
+    safety: ImageSafety
+    def __init__(self, seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., mime_type: _Optional[str] = ..., data: _Optional[bytes] = ..., alt_text: _Optional[str] = ..., safety: _Optional[_Union[ImageSafety, _Mapping]] = ...) -> None: ...
+
+class ImageSafety(_message.Message):
+    __slots__ = ("action", "category", "review_id")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    category: str
+    review_id: str
+    def __init__(self, action: _Optional[str] = ..., category: _Optional[str] = ..., review_id: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "generate_ms", "total_ms")
