@@ -159,7 +159,10 @@ class Image(BaseModel):
     height: int
     mime_type: Literal["image/png"] = "image/png"
     b64_json: str | None = Field(description="the encoded image, base64; null when withheld")
-    safety: ImageSafety = Field(description="the image classifier's verdict")
+    safety: ImageSafety = Field(
+        default_factory=lambda: ImageSafety(action="unchecked"),
+        description="the image classifier's verdict (answers kept before image safety, "
+        "replayed: unchecked)")
     alt_text: AltText | None = Field(None, description="a drafted alt text (from the "
                                      "template's pattern)")
 

@@ -177,6 +177,7 @@ def _pinned(model: str, lock: Lock, may_pin: bool) -> str:
 QUALITY_STEPS = {"low": 0.5, "standard": 1.0, "high": 2.0}
 
 _SEVERITY = {"review": 1, "blur": 2, "withhold": 3}
+_AS_GENERATED = ("allow", "review", "unchecked")  # delivered unaltered
 
 
 class Captioner(Protocol):
@@ -321,6 +322,7 @@ class ImageService:
                 verdicts = await self._check_images(out, p, r, req, spec, request_id,
                                                     principal)
                 cost, encoded = await self._deliver(out, verdicts, p, e, table)
+                alts = await self._alt_texts(out, r, verdicts)
             except BaseException:
                 if reservation is not None:  # failed, blocked or cancelled: nothing charged
                     await asyncio.shield(self._settle(reservation, 0.0, spec))
@@ -332,7 +334,6 @@ class ImageService:
                     annotate(price=charged, quota={
                         "plan": principal.plan, "units": cost, "reason": "ok",
                         "outcome": "charged" if charged is not None else "unsettled"})
-        alts = await self._alt_texts(out, r, verdicts)
         images = [
             Image(seed=j.seed, width=j.width, height=j.height,
                   b64_json=None if png is None else base64.b64encode(png).decode(),
@@ -506,12 +507,14 @@ class ImageService:
         task.add_done_callback(_logged)
         return task
 
-    async def _finish(self, call) -> None:
-        """Await a bookkeeping call; it ends even if this request is cancelled."""
+    async def _finish(self, call) -> bool:
+        """Await a bookkeeping call; it ends even if this request is cancelled. Whether
+        it succeeded."""
         task = self._later(call)
         # A store that fails is logged by _later's callback: bookkeeping never fails a
         # request. A cancellation still propagates.
         await asyncio.wait([task])  # not cancelled with this request: it ends regardless
+        return not task.cancelled() and task.exception() is None
 
     async def _generate(self, p: Plan, order: list[str], table: RoutingTable):
         """Stage 8: generate on the first usable revision. (out, revision served,
@@ -544,9 +547,10 @@ class ImageService:
                 scores = await self.classifier.classify(out.images)
             except Exception as e:  # noqa: BLE001 - the deployment down, the model failing
                 log.warning("image classifier %s failed: %s", self.classifier.name, e)
-                annotate(image_safety={"unchecked": n, "error": type(e).__name__})
-                if self.fail_open:
+                if self.fail_open:  # delivered unchecked: counted apart (an alert's)
+                    annotate(image_safety={"unchecked": n, "error": type(e).__name__})
                     return [(UNCHECKED, None)] * n
+                annotate(image_safety={"error": type(e).__name__})
                 raise ImageSafetyUnavailable(
                     "the image classifier is unavailable; images are not delivered "
                     "unchecked. Retry shortly") from None
@@ -555,6 +559,11 @@ class ImageService:
             rules = policy.image_rules(profile, req.moderation) if policy else {}
             always = policy.always if policy else frozenset()
             verdicts = [judge(s, rules, always) for s in scores]
+            if restricted := next((v for v in verdicts if v.restricted), None):
+                # one image of the always-on category: none of the request's goes out
+                verdicts = [v if v.action == "withhold" else ImageVerdict(
+                    "withhold", restricted.category, s.get(restricted.category, 0.0),
+                    restricted=True) for v, s in zip(verdicts, scores, strict=True)]
             span.set_attributes({"imagegen.image_actions": [v.action for v in verdicts]})
         flagged = [(i, v) for i, v in enumerate(verdicts) if v.action != "allow"]
         facts: dict = {"classifier": self.classifier.name, "allow": n - len(flagged)}
@@ -569,9 +578,13 @@ class ImageService:
         annotate(image_safety=facts)
         if not flagged or self.review is None:
             return [(v, None) for v in verdicts]
-        item, evidence = self._image_case(flagged, scores, out, r, request_id, principal)
-        await self._finish(self.review.add(item, evidence))  # the store down: logged
-        return [(v, item.id if v.action != "allow" else None) for v in verdicts]
+        item, evidence = await asyncio.to_thread(
+            self._image_case, flagged, scores, out, r, request_id, principal)
+        # the store down: logged, and the images carry no case id to appeal with
+        kept = await self._finish(self.review.add(item, evidence))
+        if not kept:
+            annotate(review_unrecorded=True)
+        return [(v, item.id if kept and v.action != "allow" else None) for v in verdicts]
 
     def _image_case(self, flagged: list[tuple[int, ImageVerdict]], scores, out: Generated,
                     r: Rendered, request_id: str, principal: Principal | None):
@@ -598,6 +611,7 @@ class ImageService:
         """Stage 10: the price of what is delivered (a withheld image costs nothing),
         and the delivered images encoded (blurred where judged so)."""
         delivered = [v.action != "withhold" for v, _ in verdicts]
+        annotate(images=sum(delivered))  # imagegen_images_total: what went out
         weight = table.cost_weight(p.tier, e.name, pinned=p.pinned)
         cost = round(weight * p.work() * sum(delivered) / len(delivered), 6)
         annotate(cost_units=cost)
@@ -618,12 +632,21 @@ class ImageService:
             texts = [r.alt_text] * len(out.images)
             source = "template"
         elif self.captioner is not None:
+            # only images delivered as generated: a caption of a blurred one would
+            # describe what the blur hides
+            shown = [i for i, (v, _) in enumerate(verdicts) if v.action in _AS_GENERATED]
             with stage("caption"):
                 try:
-                    texts = await self.captioner.caption(out.images, r.prompt)
+                    drafts = await self.captioner.caption([out.images[i] for i in shown],
+                                                          r.prompt) if shown else []
+                    if len(drafts) != len(shown):
+                        raise ValueError(f"{len(drafts)} captions for {len(shown)} images")
                 except Exception as e:  # noqa: BLE001 - a draft is optional; the images are not
                     log.warning("captioner failed: %s", e)
-                    return [None] * len(out.images)
+                    drafts = [None] * len(shown)
+            texts = [None] * len(out.images)
+            for i, t in zip(shown, drafts, strict=True):
+                texts[i] = t if isinstance(t, str) and t.strip() else None
             source = "captioner"
         else:
             return [None] * len(out.images)

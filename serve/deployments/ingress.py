@@ -183,9 +183,15 @@ class HandleClassifier:
         response = self.handle.remote(images)
         try:
             return await asyncio.wait_for(response, self.timeout_s())
-        except (TimeoutError, asyncio.CancelledError):
+        except TimeoutError:
             response.cancel()
-            raise
+            raise ClassifierUnavailable(f"no answer within {self.timeout_s():g} s") from None
+        except asyncio.CancelledError:
+            response.cancel()
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                raise  # the caller went away
+            # Ray cancelled it (its replica is stopping): unavailable, not a hang-up
+            raise ClassifierUnavailable("the classifier call was cancelled") from None
         except RayTaskError as e:  # its own failure, as raised in the replica
             raise ClassifierUnavailable(str(e.cause)) from None
 
@@ -315,14 +321,19 @@ class Ingress:
                 log.exception("readiness poll failed")
 
     async def _refresh_readiness(self) -> None:
-        if self.safety_status is not None:
-            try:
-                self.safety = await asyncio.wait_for(self.safety_status.remote(),
-                                                     STATUS_TIMEOUT_S)
-            except Exception as e:  # noqa: BLE001 - unreachable is unready
-                self.safety = {"ready": False, "reason": f"status unavailable: {type(e).__name__}"}
-            if self.safety.get("ready"):  # the model it loaded, for the cases it flags
-                self.service.classifier.name = self.safety["classifier"]
+        await asyncio.gather(self._refresh_models(), self._refresh_safety())
+
+    async def _refresh_safety(self) -> None:
+        if self.safety_status is None:
+            return
+        try:
+            self.safety = await asyncio.wait_for(self.safety_status.remote(), STATUS_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - unreachable is unready
+            self.safety = {"ready": False, "reason": f"status unavailable: {type(e).__name__}"}
+        if self.safety.get("ready"):  # the model it loaded, for the cases it flags
+            self.service.classifier.name = self.safety["classifier"]
+
+    async def _refresh_models(self) -> None:
         names = list(self.status_handles)
         results = await asyncio.gather(
             *(asyncio.wait_for(self.status_handles[n].remote(), STATUS_TIMEOUT_S) for n in names),

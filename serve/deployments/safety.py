@@ -21,7 +21,9 @@ from ..telemetry import Metrics, setup
 log = logging.getLogger("imagegen.safety")
 
 
-@ray_serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
+# Calls queue in the replica (its one thread), never in front of it: a status call
+# must not wait behind classify calls, or readiness flaps under load.
+@ray_serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1024,
                       health_check_period_s=10)
 class SafetyDeployment:
     def __init__(self, spec: str, threads: int = 1) -> None:

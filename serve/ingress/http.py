@@ -29,7 +29,7 @@ from ..errors import (
     http_status,
 )
 from ..quotas.idempotency import valid_key
-from ..safety.review import ReviewItem
+from ..safety.review import AppealReceipt, ReviewItem
 from ..schemas import (
     AppealRequest,
     ErrorEnvelope,
@@ -243,14 +243,15 @@ def build_http_app(
         d = validate(ReviewDecisionRequest, load_json(await read_json_body(request, 4096)))
         return await service.review_decide(caller, item_id, d.decision, d.reason)
 
-    @app.post("/v1/appeals", response_model=ReviewItem, responses=_ERRORS,
+    @app.post("/v1/appeals", response_model=AppealReceipt, responses=_ERRORS,
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": AppealRequest.model_json_schema()}}}})
-    async def appeal(request: Request) -> ReviewItem:
-        """A blocked caller's appeal: it joins the blocked request's case."""
+    async def appeal(request: Request) -> AppealReceipt:
+        """A blocked caller's appeal: it joins the blocked request's case (the answer
+        says so; the case stays the reviewers')."""
         caller = await service.authenticate(request.headers, peer(request))
         a = validate(AppealRequest, load_json(await read_json_body(request, 8192)))
-        return await service.appeal(caller, a.request_id, a.message)
+        return AppealReceipt.of(await service.appeal(caller, a.request_id, a.message))
 
     @app.get("/v1/routing")
     async def routing() -> dict[str, Any]:

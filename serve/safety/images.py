@@ -65,6 +65,10 @@ class Thresholds(BaseModel):
 
 
 Rules = dict[str, Thresholds]
+# What a policy file that predates image safety (no `images` section) is judged by:
+# the shipped file's thresholds for the shipped classifier's categories.
+DEFAULT_THRESHOLDS: Rules = {"sexual": Thresholds(review=0.3, blur=0.5, withhold=0.7),
+                             "suggestive": Thresholds(review=0.6)}
 
 
 class ImageRules(BaseModel):
@@ -73,8 +77,9 @@ class ImageRules(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     thresholds: dict[Annotated[str, Field(pattern=CODE)], Thresholds] = Field(
-        default_factory=dict, description="category -> thresholds; a category not listed "
-        "is allowed whatever its score")
+        default_factory=lambda: dict(DEFAULT_THRESHOLDS), description="category -> "
+        "thresholds; a category not listed is allowed whatever its score (a file with no "
+        "`images` section gets the shipped ones)")
     low: dict[Annotated[str, Field(pattern=CODE)], Thresholds] = Field(
         default_factory=dict, description="replacements under the OpenAI route's "
         "`moderation: low`, for profiles that allow it")

@@ -75,6 +75,10 @@ class PolicyFile(BaseModel):
             if unknown:
                 raise ValueError(f"profile {name!r} names unknown categories {unknown}")
         always = {n for n, c in self.categories.items() if c.always}
+        if unset := sorted(c for c in always & set(self.images.thresholds)
+                           if self.images.thresholds[c].withhold is None):
+            raise ValueError(f"images.thresholds of always-on categories {unset} must set "
+                             "withhold: whatever they reach is withheld")
         if loosened := sorted(always & set(self.images.low)):
             raise ValueError(f"images.low may not name always-on categories {loosened}")
         for name, p in self.profiles.items():
@@ -134,10 +138,9 @@ class PromptPolicy:
         """The thresholds an image is judged by under `profile` (and the OpenAI route's
         moderation level)."""
         p = self.spec.profiles.get(profile) or self.spec.profiles["default"]
-        rules = {**self.spec.images.thresholds, **p.images}
-        if moderation == "low" and p.low_moderation:
-            rules |= self.spec.images.low
-        return rules
+        low = self.spec.images.low if moderation == "low" and p.low_moderation else {}
+        # a profile's own thresholds outrank `low`: it never loosens a stricter profile
+        return {**self.spec.images.thresholds, **low, **p.images}
 
     def reason_of(self, category: str) -> str:
         """An image category's reason code: its own, the prompt category's, or

@@ -79,6 +79,21 @@ class ReviewItem(BaseModel):
     appeals: list[Appeal] = Field(default_factory=list)
 
 
+class AppealReceipt(BaseModel):
+    """What the appealing caller gets back: that its appeal joined the case, never the
+    case itself (scores, hashes, a reviewer's decision)."""
+
+    case: str
+    request_id: str
+    appeals: int
+    status: Status
+
+    @classmethod
+    def of(cls, item: ReviewItem) -> AppealReceipt:
+        return cls(case=item.id, request_id=item.request_id, appeals=len(item.appeals),
+                   status=item.status)
+
+
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 

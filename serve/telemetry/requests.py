@@ -165,10 +165,12 @@ def _record(rec: RequestRecord, metrics: Metrics) -> None:
         for f in safety.get("flagged", []):
             metrics.inc("imagegen_image_verdicts_total", tier=tier, action=f["action"],
                         category=f["category"])
-        for action in ("allow", "unchecked"):
-            if n := safety.get(action):
-                metrics.inc("imagegen_image_verdicts_total", n, tier=tier, action=action,
-                            category="none")
+        if n := safety.get("allow"):
+            metrics.inc("imagegen_image_verdicts_total", n, tier=tier, action="allow",
+                        category="none")
+        if n := safety.get("unchecked"):  # `error`: the classifier failed, fail-open
+            metrics.inc("imagegen_image_verdicts_total", n, tier=tier, action="unchecked",
+                        category="error" if "error" in safety else "none")
     if blocked := rec.extra.get("blocked"):  # a safety stage said no (service.py)
         metrics.inc("imagegen_blocked_total", tier=tier, stage=blocked["stage"],
                     reason=blocked["reason"])

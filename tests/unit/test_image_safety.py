@@ -382,3 +382,88 @@ def test_a_withheld_image_is_encoded_once_as_evidence_never_for_delivery(world, 
     monkeypatch.setattr(service, "encode_png", lambda i: seen.append(i.shape) or encode_png(i))
     world.run(world.service(FixedScores({"sexual": 0.9})), n=2)
     assert len(seen) == 2  # the evidence (unblurred, once each), nothing delivered
+
+
+# What the review found (each would have let an image or a charge through).
+
+
+def test_moderation_low_never_loosens_a_stricter_profile():
+    p = parse_policy(policy_with(
+        {"thresholds": {"sexual": {"withhold": 0.7}}, "low": {"sexual": {"withhold": 0.9}}},
+        {"strict": {"images": {"sexual": {"withhold": 0.3}}}}), "f")
+    assert p.image_rules("strict", "low")["sexual"].withhold == 0.3
+    assert p.image_rules("default", "low")["sexual"].withhold == 0.9
+
+
+def test_an_always_on_category_must_withhold_and_a_file_without_images_is_judged():
+    with pytest.raises(ConfigError) as e:
+        parse_policy(policy_with({"thresholds": {"sexual_minors": {}}}), "f")
+    assert "must set withhold" in e.value.message
+    spec = yaml.safe_load(POLICY.read_text())
+    del spec["images"]
+    p = parse_policy(yaml.safe_dump(spec), "f")  # a file from before image safety
+    assert p.image_rules("default")["sexual"].withhold == 0.7
+
+
+def test_one_restricted_image_withholds_the_whole_request(world):
+    before = world.spent()
+    s = world.service(PerImage({"sexual": 0.0}, {"sexual_minors": 0.9}))
+    r = world.run(s, n=2)
+    assert [(i.safety.action, i.b64_json) for i in r.images] == [("withhold", None)] * 2
+    assert world.spent() == before
+    case = asyncio.run(world.review.get(r.images[0].safety.review_id))
+    assert case.restricted and case.category == "sexual_minors"
+
+
+def test_a_captioner_that_fails_or_miscounts_never_fails_a_charged_request(world):
+    class Short:
+        async def caption(self, images, prompt):
+            return ["only one"]  # for two images
+
+    class Boom:
+        async def caption(self, images, prompt):
+            raise RuntimeError("captioner down")
+
+    for captioner in (Short(), Boom()):
+        r = world.run(world.service(FixedScores({"sexual": 0.0}), captioner=captioner), n=2)
+        assert [i.alt_text for i in r.images] == [None, None] and r.price is not None
+
+    class Seen:
+        def __init__(self):
+            self.images = []
+
+        async def caption(self, images, prompt):
+            self.images = images
+            return ["a fox"] * len(images)
+
+    seen = Seen()
+    r = world.run(world.service(PerImage({"sexual": 0.0}, {"sexual": 0.55}),
+                                captioner=seen), n=2)
+    assert len(seen.images) == 1  # the blurred one is not described
+    assert r.images[0].alt_text.text == "a fox" and r.images[1].alt_text is None
+
+
+def test_a_review_store_that_fails_leaves_no_case_id_to_appeal_with(world, monkeypatch):
+    async def down(*a, **k):
+        raise RuntimeError("redis down")
+
+    monkeypatch.setattr(world.review, "add", down)
+    r = world.run(world.service(FixedScores({"sexual": 0.9})))
+    assert r.images[0].safety.action == "withhold" and r.images[0].safety.review_id is None
+
+
+def test_a_fail_open_image_is_counted_as_an_error_and_a_fail_closed_one_not_at_all(world):
+    world.run(world.service(Broken(), fail_open=True))
+    assert world.sample("imagegen_image_verdicts_total", tier="draft", action="unchecked",
+                        category="error") == 1
+    with pytest.raises(ImageSafetyUnavailable):
+        world.run(world.service(Broken()))
+    assert world.sample("imagegen_image_verdicts_total", tier="draft", action="unchecked",
+                        category="error") == 1
+
+
+def test_an_answer_kept_before_image_safety_replays_as_unchecked():
+    from serve.schemas import Image as Wire
+
+    old = Wire.model_validate({"seed": 1, "width": 8, "height": 8, "b64_json": "AA=="})
+    assert old.safety.action == "unchecked"

@@ -96,7 +96,10 @@ def test_a_block_is_recorded_reviewed_and_appealed(world):
                       ).status_code == 404
     appealed = alice.post("/v1/appeals", json={"request_id": "req-1",
                                                "message": "it is a statue"})
-    assert appealed.status_code == 200 and appealed.json()["appeals"][0]["message"] == \
+    assert appealed.status_code == 200  # a receipt: never the case's scores or decision
+    assert appealed.json() == {"case": case["id"], "request_id": "req-1", "appeals": 1,
+                               "status": "open"}
+    assert rita.get(f"/v1/review/{case['id']}").json()["appeals"][0]["message"] == \
         "it is a statue"
 
     decided = rita.post(f"/v1/review/{case['id']}/decision",
