@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and exact: an open pin would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,loadtest,capacity,safety]'
+	# the invisible watermark's library, without the opencv-python and torch its
+	# metadata asks for (the headless OpenCV and the exact torch above serve it)
+	$(PIP) install -q --no-deps invisible-watermark==0.2.0
 	touch $@
 
 serve: $(VENV)/.installed

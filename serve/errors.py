@@ -206,6 +206,14 @@ class StateUnavailable(ImagegenError):
     retry_after_s = 5
 
 
+class StorageUnavailable(ImagegenError):
+    """The object store (directory, S3) cannot be reached or written: nothing is
+    charged; retry later."""
+
+    code = "storage_unavailable"
+    retry_after_s = 5
+
+
 class ImageSafetyUnavailable(ImagegenError):
     """The image classifier cannot run: images are not delivered unchecked (fail
     closed; `image_safety_fail_open` changes that). Nothing is charged."""
@@ -276,6 +284,7 @@ STATUS: dict[type[ImagegenError], Row] = {
     RateLimited: Row(429, "RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
     TierDisabled: Row(503, "UNAVAILABLE", *_DOWN),
     StateUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
+    StorageUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
     ImageSafetyUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
     GenerationFailed: Row(500, "INTERNAL", *_FAILED),
     ConfigError: Row(500, "FAILED_PRECONDITION", *_FAILED),

@@ -51,7 +51,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     bench_state.add_arguments(bsub.add_parser(
         "state", help="what authenticating costs per request, per state store backend"))
-    from . import bench_flood, bench_policy, bench_safety
+    from . import bench_encode, bench_flood, bench_policy, bench_safety
 
     bench_policy.add_arguments(bsub.add_parser(
         "policy", help="what the prompt policy costs per prompt, at 10,000 terms"))
@@ -59,6 +59,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "flood", help="more requests at once than a revision queues: how fast the rest are refused"))
     bench_safety.add_arguments(bsub.add_parser(
         "safety", help="what the image classifier costs: in-process, and per placement in the stack"))
+    bench_encode.add_arguments(bsub.add_parser(
+        "encode", help="what encoding costs per format and size, and the watermark"))
     return b
 
 
@@ -80,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
         from . import bench_safety
 
         return bench_safety.run(args, settings)
+    if args.bench_command == "encode":
+        from . import bench_encode
+
+        return bench_encode.run(args, settings)
     if args.bench_command == "state":
         from . import bench_state
 
