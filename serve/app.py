@@ -22,11 +22,13 @@ from .errors import ConfigError
 from .lockfile import load_lock
 from .quotas.auth import Upstream
 from .quotas.idempotency import LEASE_S
-from .quotas.keys import FileKeys, state_backend
+from .quotas.keys import FileKeys, sqlite_path, state_backend
 from .quotas.plans import load_plans, unrouted_tiers
 from .routing import load_routing
 from .safety.classifier import check_spec, load_attribute
 from .safety.policy import load_policy_file
+from .storage.recipe import load_secret
+from .storage.store import open_store
 from .templates.library import load_library
 
 APP_NAME = "imagegen"
@@ -41,6 +43,24 @@ def engine_class(kind: str) -> type[Engine]:
     from .engines.diffusers_engine import DiffusersEngine  # torch imports lazily
 
     return DiffusersEngine
+
+
+def storage_of(settings: Settings) -> dict[str, Any]:
+    """What every ingress replica opens its object store and result cache with; a bad
+    URL or a missing secret refuses to start."""
+    open_store(settings.storage_url, endpoint_url=settings.s3_endpoint_url,
+               sse=settings.s3_sse, kms_key_id=settings.s3_kms_key_id)
+    secret = settings.storage_secret
+    if secret is None:
+        if state_backend(settings.state_url) != "sqlite":
+            raise ConfigError("storage_secret is required with a Redis state store: every "
+                              "ingress replica must key recipes and sign links alike")
+        path = sqlite_path(settings.state_url).parent / "storage-secret"
+        secret = load_secret(None, path).decode()
+    return {"url": settings.storage_url, "endpoint_url": settings.s3_endpoint_url,
+            "sse": settings.s3_sse, "kms_key_id": settings.s3_kms_key_id, "secret": secret,
+            "scope": settings.cache_scope, "url_ttl_s": settings.url_ttl_s,
+            "cdn_base_url": settings.cdn_base_url}
 
 
 def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
@@ -111,7 +131,8 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
                     image_classifier=settings.image_classifier,
                     image_classifier_placement=settings.image_classifier_placement,
                     image_safety_fail_open=settings.image_safety_fail_open,
-                    captioner=settings.captioner)
+                    captioner=settings.captioner,
+                    storage=storage_of(settings))
     check_spec(settings.image_classifier)  # a spec that can never work refuses to start
     if settings.captioner:
         load_attribute(settings.captioner, "captioner")

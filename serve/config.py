@@ -28,6 +28,11 @@ def _state_url() -> str:
     return f"sqlite://{Path(base) / 'imagegen' / 'state.db'}"
 
 
+def _storage_url() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return f"file://{Path(base) / 'imagegen' / 'images'}"
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "imagegen" / "models"
@@ -140,6 +145,33 @@ class Settings(BaseSettings):
     review_keep_prompts: bool = Field(
         False, description="a blocked request's case in the review queue keeps its prompt "
         "text (else hashes only; never for the always-on category)",
+    )
+    storage_url: str = Field(
+        default_factory=_storage_url, description="the object store for images and "
+        "sidecars: file:///path (the embedded default) or s3://bucket/prefix",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="an S3-compatible endpoint (MinIO, Ceph): path-style addressing",
+    )
+    s3_sse: Literal["AES256", "aws:kms"] | None = Field(
+        None, description="server-side encryption of every object put",
+    )
+    s3_kms_key_id: str | None = Field(None, description="the KMS key for s3_sse aws:kms")
+    storage_secret: str | None = Field(
+        None, description="the server secret keying recipes (cache keys, object names) and "
+        "signing links; the same on every replica. Unset: one kept beside a SQLite state "
+        "store (a Redis one requires it)",
+    )
+    cache_scope: Literal["principal", "shared"] = Field(
+        "principal", description="whose identical requests are cache hits: the same "
+        "principal's only, or everyone's (opt-in: a hit tells a caller someone asked)",
+    )
+    url_ttl_s: Annotated[int, Field(ge=60, le=7 * 24 * 3600)] = Field(
+        3600, description="how long a response_format url link works",
+    )
+    cdn_base_url: str | None = Field(
+        None, description="links as this base + the object's key (a CDN in front of the "
+        "bucket; objects carry immutable cache headers) instead of presigned ones",
     )
     image_classifier: str = Field(
         "nudenet", description="stage 9's classifier: nudenet (the `safety` extra), "

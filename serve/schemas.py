@@ -93,8 +93,28 @@ class GenerateRequest(BaseModel):
         None, description="scales the model's default steps: low 0.5x, standard 1x, high 2x "
         "(at most the model's max_steps); give steps or quality, not both"
     )
-    response_format: Literal["b64_json"] = Field(
-        "b64_json", description="how images come back (URLs arrive with object storage)"
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json", description="how images come back: base64 in the answer, or a URL (a "
+        "presigned object-store GET, the CDN, or this service's signed /v1/files/...)"
+    )
+    output_format: Literal["png", "webp", "avif", "jpeg"] = Field(
+        "png", description="the encoding (provenance XMP, no other metadata)"
+    )
+    output_quality: Annotated[int, Field(ge=1, le=100)] | None = Field(
+        None, description="lossy quality 1..100 (webp 80, avif 60, jpeg 85 by default; "
+        "ignored for png)"
+    )
+    aspect_ratios: Annotated[list[Annotated[str, Field(pattern=r"^[0-9]{1,2}:[0-9]{1,2}$")]],
+                             Field(min_length=1, max_length=4)] | None = Field(
+        None, description='several aspect ratios at once ("16:9", ...), n images each at '
+        "the same seeds, sized to `megapixels` on the model's grid; not with size"
+    )
+    megapixels: Annotated[float, Field(gt=0, le=16)] | None = Field(
+        None, description="the target area for aspect_ratios (default: the model's "
+        "default size)"
+    )
+    approval_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")] | None = Field(
+        None, description="your approval reference, kept in each image's sidecar for audit"
     )
     moderation: Literal["auto", "low"] | None = Field(
         None, description="image safety: auto (the plan's thresholds) or low (the policy's "
@@ -110,6 +130,10 @@ class GenerateRequest(BaseModel):
             raise PydanticCustomError("missing_prompt", "give a prompt or a template")
         if self.variables is not None and self.template is None:
             raise ValueError("variables need a template")
+        if self.aspect_ratios is not None and self.size is not None:
+            raise ValueError("give size or aspect_ratios, not both")
+        if self.megapixels is not None and self.aspect_ratios is None:
+            raise ValueError("megapixels sizes aspect_ratios: give them too")
         return self
 
     @field_validator("prompt")
@@ -154,11 +178,16 @@ class ImageSafety(BaseModel):
 
 
 class Image(BaseModel):
+    id: str | None = Field(None, description="the image's id (GET /v1/images/{id}, reroll); "
+                           "none where nothing is stored")
     seed: int = Field(description="reproduces this image with the same request")
     width: int
     height: int
-    mime_type: Literal["image/png"] = "image/png"
-    b64_json: str | None = Field(description="the encoded image, base64; null when withheld")
+    aspect_ratio: str | None = Field(None, description="the ratio asked for (aspect_ratios)")
+    mime_type: Literal["image/png", "image/webp", "image/avif", "image/jpeg"] = "image/png"
+    b64_json: str | None = Field(None, description="the encoded image, base64 (b64_json); "
+                                 "null when withheld or asked as a URL")
+    url: str | None = Field(None, description="where to GET it (response_format url)")
     safety: ImageSafety = Field(
         default_factory=lambda: ImageSafety(action="unchecked"),
         description="the image classifier's verdict (answers kept before image safety, "
@@ -200,6 +229,8 @@ class GenerateResponse(BaseModel):
         "header and a successor-version Link)")
     replayed: bool = Field(False, description="the answer of an earlier request with the same "
                            "Idempotency-Key and body, not charged again")
+    cached: bool = Field(False, description="answered from the store: the same request (seed "
+                         "included) was made before; no model ran; the plan's cache price")
     images: list[Image]
     timings: Timings
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -43,10 +44,11 @@ from .errors import (
     PromptBlocked,
     QuotaExceeded,
     StateUnavailable,
+    StorageUnavailable,
     Unauthenticated,
     UnknownTemplate,
 )
-from .imaging import blur, encode_png
+from .imaging import EXTENSION, MIME, blur, encode, encode_png, sizes_for
 from .lockfile import Lock, ModelEntry
 from .quotas.fairness import InFlight, at_capacity, share_used
 from .quotas.idempotency import LEASE_S, Replays, fingerprint
@@ -79,6 +81,9 @@ from .schemas import (
     QuotaStatus,
     Timings,
 )
+from .storage.recipe import Recipe, owner_hash
+from .storage.records import ImageRecord, ObjectRecord, new_image_id
+from .storage.results import Results, flight_of
 from .telemetry import annotate, current_trace_id, stage
 from .templates.library import Template
 from .templates.render import Rendered, Styles
@@ -112,6 +117,7 @@ class Plan:
     jobs: list[Job]
     cost_units: float  # tier weight x work()
     pinned: bool = False  # the request named its revision: it alone serves
+    ratios: tuple[str | None, ...] = ()  # per job: the aspect ratio it was sized for
 
     def megapixels(self) -> float:
         return sum(j.width * j.height for j in self.jobs) / 1e6
@@ -134,11 +140,20 @@ def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable, *,
     primary = routing.route(req.tier).model  # a pinned request still needs its tier open
     entry = lock.get(primary if req.model is None else _pinned(req.model, lock, may_pin))
     d, lim = entry.defaults, entry.limits
-    width, height = req.dimensions() or (d.width, d.height)
-    for side, value, most in (("width", width, lim.max_width), ("height", height, lim.max_height)):
-        if not lim.min_size <= value <= most:
-            raise _limit("size", f"{side} {value} is outside {lim.min_size}..{most} for model "
-                                 f"{entry.name}")
+    sizes = [req.dimensions() or (d.width, d.height)]
+    if req.aspect_ratios:
+        try:
+            sizes = sizes_for(req.aspect_ratios, req.megapixels or d.width * d.height / 1e6,
+                              SIZE_MULTIPLE, lim.min_size, lim.max_width, lim.max_height)
+        except ValueError as e:
+            raise InvalidRequest(str(e), details=[{"field": "aspect_ratios",
+                                                   "type": "invalid"}]) from None
+    for width, height in sizes:
+        for side, value, most in (("width", width, lim.max_width),
+                                  ("height", height, lim.max_height)):
+            if not lim.min_size <= value <= most:
+                raise _limit("size", f"{side} {value} is outside {lim.min_size}..{most} for "
+                                     f"model {entry.name}")
     steps = req.steps
     if steps is None:
         factor = QUALITY_STEPS[req.quality or "standard"]
@@ -149,16 +164,17 @@ def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable, *,
     if guidance > lim.max_guidance:
         raise _limit("guidance",
                      f"guidance {guidance} exceeds {lim.max_guidance} for model {entry.name}")
-    if req.n > lim.max_images:
-        raise _limit("n", f"n {req.n} exceeds {lim.max_images} for model {entry.name}")
+    if req.n * len(sizes) > lim.max_images:
+        each = f" x {len(sizes)} aspect ratios" if len(sizes) > 1 else ""
+        raise _limit("n", f"n {req.n}{each} exceeds {lim.max_images} images for model "
+                          f"{entry.name}")
     seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
-    jobs = [
-        Job(req.prompt, req.negative_prompt, width, height, steps, guidance,
-            (seed + i) % (MAX_SEED + 1))
-        for i in range(req.n)
-    ]
+    # the same seeds at every ratio: one composition, laid out several ways
+    jobs = [Job(req.prompt, req.negative_prompt, w, h, steps, guidance,
+                (seed + i) % (MAX_SEED + 1)) for w, h in sizes for i in range(req.n)]
+    ratios = tuple(r for r in (req.aspect_ratios or [None]) for _ in range(req.n))
     weight = routing.cost_weight(req.tier, entry.name, pinned=req.model is not None)
-    p = Plan(req.tier, entry, jobs, 0.0, pinned=req.model is not None)
+    p = Plan(req.tier, entry, jobs, 0.0, pinned=req.model is not None, ratios=ratios)
     return replace(p, cost_units=round(weight * p.work(), 6))
 
 
@@ -173,10 +189,33 @@ def _pinned(model: str, lock: Lock, may_pin: bool) -> str:
     return model
 
 
+# Generated sides are multiples of this (the latent grid of every pipeline served).
+SIZE_MULTIPLE = 8
+
 # `quality` as a multiple of the model's default steps (capped at its max_steps).
 QUALITY_STEPS = {"low": 0.5, "standard": 1.0, "high": 2.0}
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """How a request's images are delivered (part of their recipe)."""
+
+    format: str  # png | webp | avif | jpeg
+    quality: int | None
+    watermark: bool  # the plan's
+
+
+def watermarked(image, image_id: str | None):
+    """The plan's watermark: the image id, invisible where the image is large enough
+    (256x256), else a visible mark."""
+    from .imaging import watermark  # loads OpenCV: only where a plan asks
+
+    if watermark.markable(image):
+        return watermark.apply(image, bytes.fromhex(image_id[4:]) if image_id else b"imagegen")
+    return watermark.visible(image)
+
+
 _SEVERITY = {"review": 1, "blur": 2, "withhold": 3}
+_FORMAT_OF = {ext: fmt for fmt, ext in EXTENSION.items()}
 _AS_GENERATED = ("allow", "review", "unchecked")  # delivered unaltered
 
 
@@ -205,7 +244,7 @@ class ImageService:
                  policy: LivePolicy | None = None, styles: Styles | None = None,
                  review: ReviewQueue | None = None, keep_prompts: bool = False,
                  classifier: Classifying | None = None, fail_open: bool = False,
-                 captioner: Captioner | None = None) -> None:
+                 captioner: Captioner | None = None, results: Results | None = None) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
@@ -223,6 +262,7 @@ class ImageService:
         self.classifier = classifier  # stage 9 (None: images go out `unchecked`)
         self.fail_open = fail_open  # a failing classifier: deliver unchecked, not 503
         self.captioner = captioner  # drafts alt text where the template has no pattern
+        self.results = results  # stages 6 and 11 (None: nothing stored, nothing cached)
         self.idempotency_lease_s = idempotency_lease_s  # past any request's deadline
         self._orphans: set[asyncio.Task] = set()  # refunds and releases whose caller left
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
@@ -312,7 +352,20 @@ class ImageService:
             with stage("admit"):
                 admit(principal.plan, spec, tier=p.tier, n=len(p.jobs),
                       megapixels=p.megapixels(), raw_prompt=r.template is None)
-        with (self.fairness.hold(principal.name if principal else None),
+        if req.response_format == "url" and self.results is None:
+            raise InvalidRequest("response_format url needs an object store; ask for b64_json",
+                                 details=[{"field": "response_format", "type": "unsupported"}])
+        fmt = Delivery(req.output_format, req.output_quality, bool(spec and spec.watermark))
+        scope = self.results.scope(principal.name if principal else None) \
+            if self.results else None
+        recipes = self._recipes(p, self.lock.get(self.routing.likely(order)), r, fmt)
+        hit, flight = await self._cached(recipes, scope, spec, req) if req.seed is not None \
+            else (None, None)
+        if hit is not None:  # stage 6: no model, the plan's cache price
+            return await self._from_cache(hit, recipes, scope, p, r, req, spec, principal,
+                                          request_id, fmt, t0)
+        with (self.results.lead(flight) if flight else contextlib.nullcontext(),
+              self.fairness.hold(principal.name if principal else None),
               self.capacity.hold(self.routing.likely(order))):
             reservation = None
             if spec is not None and self.ledger is not None:
@@ -321,8 +374,12 @@ class ImageService:
                 out, e, fallback = await self._generate(p, order, table)
                 verdicts = await self._check_images(out, p, r, req, spec, request_id,
                                                     principal)
-                cost, encoded = await self._deliver(out, verdicts, p, e, table)
+                ids = [new_image_id() for _ in p.jobs] if self.results else [None] * len(p.jobs)
+                cost, encoded = await self._deliver(out, verdicts, p, e, table, fmt, ids)
                 alts = await self._alt_texts(out, r, verdicts)
+                urls = await self._store(self._recipes(p, e, r, fmt), scope, ids, encoded,
+                                         verdicts, alts, cost, p, e, r, req, spec, principal,
+                                         request_id, fmt, out) if self.results else None
             except BaseException:
                 if reservation is not None:  # failed, blocked or cancelled: nothing charged
                     await asyncio.shield(self._settle(reservation, 0.0, spec))
@@ -335,25 +392,180 @@ class ImageService:
                         "plan": principal.plan, "units": cost, "reason": "ok",
                         "outcome": "charged" if charged is not None else "unsettled"})
         images = [
-            Image(seed=j.seed, width=j.width, height=j.height,
-                  b64_json=None if png is None else base64.b64encode(png).decode(),
+            Image(id=image_id, seed=j.seed, width=j.width, height=j.height, aspect_ratio=ratio,
+                  mime_type=MIME[fmt.format],
+                  b64_json=None if data is None or req.response_format == "url"
+                  else base64.b64encode(data).decode(),
+                  url=url if data is not None else None,
                   alt_text=alt, safety=ImageSafety(action=v.action, category=v.category,
                                                    review_id=review_id))
-            for j, png, alt, (v, review_id) in zip(p.jobs, encoded, alts, verdicts, strict=True)
+            for j, ratio, data, alt, (v, review_id), image_id, url in zip(
+                p.jobs, p.ratios, encoded, alts, verdicts, ids, urls or [None] * len(p.jobs),
+                strict=True)
         ]
+        return self._response(request_id, p, e, fallback, out.batch_images, cost, charged,
+                              images, r, out.queue_s, out.generate_s, t0)
+
+    def _response(self, request_id: str, p: Plan, e: ModelEntry, fallback: bool,
+                  batch_images: int, cost: float, charged: float | None, images: list[Image],
+                  r: Rendered, queue_s: float, generate_s: float, t0: float,
+                  cached: bool = False) -> GenerateResponse:
         t = r.template
         return GenerateResponse(
             id=request_id, trace_id=current_trace_id(), created=int(time.time()), tier=p.tier,
             model=e.name, revision=e.revision, fallback=fallback, pinned=p.pinned,
-            batch_images=out.batch_images, cost_units=cost, price=charged, images=images,
-            template=t.ref if t else None,
+            batch_images=batch_images, cost_units=cost, price=charged, images=images,
+            cached=cached, template=t.ref if t else None,
             template_deprecation=Deprecation(successor=t.successor, sunset=t.deprecated_on)
             if t and t.status == "deprecated" else None,
-            timings=Timings(
-                queue_ms=out.queue_s * 1e3, generate_ms=out.generate_s * 1e3,
-                total_ms=(time.perf_counter() - t0) * 1e3,
-            ),
+            timings=Timings(queue_ms=queue_s * 1e3, generate_ms=generate_s * 1e3,
+                            total_ms=(time.perf_counter() - t0) * 1e3),
         )
+
+    # Stages 6 and 11: the cache and the store.
+
+    def _recipes(self, p: Plan, e: ModelEntry, r: Rendered, fmt: Delivery) -> list[Recipe]:
+        return [Recipe(revision=f"{e.name}@{e.revision}", template=r.template.ref
+                       if r.template else None, prompt=j.prompt,
+                       negative_prompt=j.negative_prompt, seed=j.seed, width=j.width,
+                       height=j.height, steps=j.steps, guidance=j.guidance,
+                       scheduler="revision", output_format=fmt.format, quality=fmt.quality,
+                       watermark=fmt.watermark) for j in p.jobs]
+
+    async def _cached(self, recipes: list[Recipe], scope: str | None, spec: PlanSpec | None,
+                      req: GenerateRequest) -> tuple[list | None, str | None]:
+        """Stage 6: every image of this request already stored for this scope, still
+        judged as it was delivered: (records, None); else (None, the flight to lead).
+        An identical request generating here is waited for, then looked up again."""
+        if self.results is None:
+            return None, None
+        keys = [rc.key(self.results.secret, scope) for rc in recipes]
+        ext = EXTENSION[recipes[0].output_format]
+        flight = flight_of(scope, keys)
+        with stage("cache") as span:
+            while True:
+                records = await self.results.lookup(keys, [ext] * len(keys))
+                if records is not None and self._still_judged(records, spec, req):
+                    span.set_attribute("imagegen.cache_hit", True)
+                    return list(zip(keys, records, strict=True)), None
+                if not await self.results.wait_for_flight(flight):
+                    return None, flight
+
+    def _still_judged(self, records: list[ObjectRecord], spec: PlanSpec | None,
+                      req: GenerateRequest) -> bool:
+        """Whether the policy in force judges each stored image as it was delivered
+        (a changed threshold or classifier makes it a miss: generated and judged anew)."""
+        if self.classifier is None:
+            return all(rec.action == "unchecked" for rec in records)
+        if self.policy is None:
+            return all(rec.action == "allow" for rec in records)
+        policy = self.policy.policy
+        rules = policy.image_rules(spec.safety_profile if spec else "default", req.moderation)
+        return all(rec.scores is not None
+                   and judge(rec.scores, rules, policy.always).action == rec.action
+                   for rec in records)
+
+    async def _from_cache(self, hit, recipes: list[Recipe], scope: str, p: Plan, r: Rendered,
+                          req: GenerateRequest, spec: PlanSpec | None,
+                          principal: Principal | None, request_id: str, fmt: Delivery,
+                          t0: float) -> GenerateResponse:
+        e = self.lock.get(self.routing.likely(self._order(p, spec)))
+        annotate(cache_hit=True, model=e.name, revision=e.revision)
+        cost = round(p.cost_units * (spec.cache_hit_fraction if spec else 1.0), 6)
+        reservation = None
+        if spec is not None and self.ledger is not None:
+            reservation = await self._reserve(principal, spec, replace(p, cost_units=cost))
+        try:
+            ids = [new_image_id() for _ in p.jobs]
+            ext = EXTENSION[fmt.format]
+            datas = await asyncio.gather(*(self.results.content(k, ext) for k, _ in hit)) \
+                if req.response_format == "b64_json" else [b""] * len(hit)
+            if any(d is None for d in datas):
+                raise StorageUnavailable("a cached image went missing; retry")
+            verdicts = [(ImageVerdict(rec.action), None) for _, rec in hit]
+            alts = [AltText(text=r.alt_text, source="template") if r.alt_text else None] * len(hit)
+            with stage("store", **{"imagegen.images": len(hit)}):
+                await self.results.put_sidecars([
+                    self._sidecar(i, k, rec.mime_type, ext, j, ratio, rc, v, alt, cost / len(hit),
+                                  p, e, r, req, spec, principal, request_id, cached=True)
+                    for i, (k, rec), j, ratio, rc, (v, _), alt in zip(
+                        ids, hit, p.jobs, p.ratios, recipes, verdicts, alts, strict=True)])
+        except BaseException:
+            if reservation is not None:
+                await asyncio.shield(self._settle(reservation, 0.0, spec))
+            raise
+        charged = await self._settle(reservation, cost, spec) if reservation else None
+        if reservation is not None and cost:
+            annotate(price=charged, quota={"plan": principal.plan, "units": cost, "reason": "ok",
+                                           "outcome": "charged" if charged is not None
+                                           else "unsettled"})
+        annotate(cost_units=cost, images=len(hit))
+        images = [
+            Image(id=i, seed=j.seed, width=j.width, height=j.height, aspect_ratio=ratio,
+                  mime_type=rec.mime_type,
+                  b64_json=base64.b64encode(d).decode() if req.response_format == "b64_json"
+                  else None,
+                  url=self.results.url(k, ext) if req.response_format == "url" else None,
+                  alt_text=alt, safety=ImageSafety(action=rec.action))
+            for i, (k, rec), j, ratio, d, alt in zip(ids, hit, p.jobs, p.ratios, datas, alts,
+                                                     strict=True)]
+        return self._response(request_id, p, e, False, 0, cost, charged, images, r, 0.0, 0.0,
+                              t0, cached=True)
+
+    async def _store(self, recipes: list[Recipe], scope: str, ids: list[str],
+                     encoded: list[bytes | None], verdicts, alts, cost: float, p: Plan,
+                     e: ModelEntry, r: Rendered, req: GenerateRequest, spec: PlanSpec | None,
+                     principal: Principal | None, request_id: str, fmt: Delivery,
+                     out: Generated) -> list[str | None]:
+        """Stage 11: each delivered image once per recipe key (object, then its
+        record), then every image's sidecar (its own id, owner and retention). A store
+        that fails is 503 storage_unavailable and, the caller refunding, costs nothing.
+        The URLs, for response_format url."""
+        ext, mime = EXTENSION[fmt.format], MIME[fmt.format]
+        keys = [rc.key(self.results.secret, scope) for rc in recipes]
+        delivered = sum(d is not None for d in encoded)
+        share = cost / delivered if delivered else 0.0
+        now = dt.datetime.now(dt.UTC)
+        with stage("store", **{"imagegen.images": len(ids)}):
+            await asyncio.gather(*(
+                self.results.keep(k, ext, mime, data, ObjectRecord(
+                    mime_type=mime, width=j.width, height=j.height, bytes=len(data),
+                    scores=v.scores, action=v.action, created=now))
+                for k, data, j, (v, _) in zip(keys, encoded, p.jobs, verdicts, strict=True)
+                if data is not None))
+            await self.results.put_sidecars([
+                self._sidecar(i, k if data is not None else None, mime, ext, j, ratio, rc, v,
+                              alt, share if data is not None else 0.0, p, e, r, req, spec,
+                              principal, request_id, review_id=review_id,
+                              timings={"queue_ms": out.queue_s * 1e3,
+                                       "generate_ms": out.generate_s * 1e3})
+                for i, k, data, j, ratio, rc, (v, review_id), alt in zip(
+                    ids, keys, encoded, p.jobs, p.ratios, recipes, verdicts, alts,
+                    strict=True)])
+        if req.response_format != "url":
+            return [None] * len(ids)
+        return [self.results.url(k, ext) for k in keys]
+
+    def _sidecar(self, image_id: str, key: str | None, mime: str, ext: str, j: Job,
+                 ratio: str | None, recipe: Recipe, v: ImageVerdict, alt: AltText | None,
+                 cost: float, p: Plan, e: ModelEntry, r: Rendered, req: GenerateRequest,
+                 spec: PlanSpec | None, principal: Principal | None, request_id: str, *,
+                 review_id: str | None = None, cached: bool = False,
+                 timings: dict | None = None) -> ImageRecord:
+        now = dt.datetime.now(dt.UTC)
+        days = spec.retention_days if spec else None
+        return ImageRecord(
+            id=image_id, request_id=request_id, created=now,
+            expires=now + dt.timedelta(days=days) if days else None,
+            owner=owner_hash(self.results.secret, principal.name if principal else "anonymous"),
+            key=key, ext=ext, mime_type=mime, width=j.width, height=j.height,
+            aspect_ratio=ratio, seed=j.seed, tier=p.tier, model=e.name, revision=e.revision,
+            template=r.template.ref if r.template else None, recipe=recipe,
+            request=req.model_dump(mode="json", exclude_none=True, exclude={
+                "seed", "n", "size", "aspect_ratios", "megapixels"}),
+            approval_id=req.approval_id,
+            safety=ImageSafety(action=v.action, category=v.category, review_id=review_id),
+            alt_text=alt, cost_units=round(cost, 6), cached=cached, timings=timings or {})
 
     def _render(self, req: GenerateRequest, spec: PlanSpec | None) -> Rendered:
         """Stage 3: the request's template and variables -> its prompts (a raw prompt
@@ -441,6 +653,48 @@ class ImageService:
         item = await self.review.decide(item_id, d)
         annotate(review={"decision": decision, "reason": reason})
         return item
+
+    # Stored images: the owner's (or an admin's) alone; anyone else's is "not found".
+
+    async def image(self, caller: Principal, image_id: str) -> tuple[ImageRecord, str | None]:
+        """An image's sidecar and a URL for its bytes (None if withheld)."""
+        record = await self._owned(caller, image_id)
+        return record, self.results.url(record.key, record.ext) if record.key else None
+
+    async def reroll(self, caller: Principal, image_id: str, request_id: str,
+                     seed: int | None = None) -> GenerateResponse:
+        """The image's request again, one image at its size, with a new seed (drawn,
+        or the one given): every stage runs (policy, quota, safety, cache) as for a
+        new request."""
+        record = await self._owned(caller, image_id)
+        fields = {**record.request, "n": 1, "size": f"{record.width}x{record.height}"}
+        if seed is not None:
+            fields["seed"] = seed
+        annotate(reroll_of=image_id)
+        return await self.generate(GenerateRequest.model_validate(fields), request_id, caller)
+
+    async def file(self, path: str, expires: int, sig: str) -> tuple[bytes, str]:
+        """A signed /v1/files URL's bytes and type (the local store's delivery)."""
+        if self.results is None or not self.results.signed(path, expires, sig):
+            raise NotFound("no such file, or its link has expired")
+        data = await self.results.file(path)
+        if data is None:
+            raise NotFound("no such file, or its link has expired")
+        return data, MIME.get(_FORMAT_OF.get(path.rsplit(".", 1)[-1], ""),
+                              "application/octet-stream")
+
+    async def _owned(self, caller: Principal, image_id: str) -> ImageRecord:
+        if self.results is None:
+            raise NotFound("this service keeps no images")
+        missing = NotFound(f"no image {image_id[:40]!r}",
+                           details=[{"field": "id", "type": "not_found"}])
+        if not re.fullmatch(r"img_[0-9a-f]{24}", image_id):
+            raise missing
+        record = await self.results.sidecar(image_id)
+        if record is None or (record.owner != owner_hash(self.results.secret, caller.name)
+                              and not caller.has("admin")):
+            raise missing  # another principal's image is not there, for this caller
+        return record
 
     async def appeal(self, caller: Principal, request_id: str, message: str) -> ReviewItem:
         """The blocked caller's appeal joins its case in the queue."""
@@ -558,12 +812,12 @@ class ImageService:
             profile = spec.safety_profile if spec else "default"
             rules = policy.image_rules(profile, req.moderation) if policy else {}
             always = policy.always if policy else frozenset()
-            verdicts = [judge(s, rules, always) for s in scores]
+            verdicts = [replace(judge(s, rules, always), scores=s) for s in scores]
             if restricted := next((v for v in verdicts if v.restricted), None):
                 # one image of the always-on category: none of the request's goes out
                 verdicts = [v if v.action == "withhold" else ImageVerdict(
                     "withhold", restricted.category, s.get(restricted.category, 0.0),
-                    restricted=True) for v, s in zip(verdicts, scores, strict=True)]
+                    restricted=True, scores=s) for v, s in zip(verdicts, scores, strict=True)]
             span.set_attributes({"imagegen.image_actions": [v.action for v in verdicts]})
         flagged = [(i, v) for i, v in enumerate(verdicts) if v.action != "allow"]
         facts: dict = {"classifier": self.classifier.name, "allow": n - len(flagged)}
@@ -607,22 +861,33 @@ class ImageService:
         return item, evidence
 
     async def _deliver(self, out: Generated, verdicts, p: Plan, e: ModelEntry,
-                       table: RoutingTable) -> tuple[float, list[bytes | None]]:
+                       table: RoutingTable, fmt: Delivery,
+                       ids: list[str | None]) -> tuple[float, list[bytes | None]]:
         """Stage 10: the price of what is delivered (a withheld image costs nothing),
-        and the delivered images encoded (blurred where judged so)."""
+        and the delivered images post-processed (blurred where judged so; watermarked
+        where the plan says, with the image's id) and encoded."""
         delivered = [v.action != "withhold" for v, _ in verdicts]
         annotate(images=sum(delivered))  # imagegen_images_total: what went out
         weight = table.cost_weight(p.tier, e.name, pinned=p.pinned)
-        cost = round(weight * p.work() * sum(delivered) / len(delivered), 6)
+        pixels = [j.width * j.height for j in p.jobs]
+        shown = sum(px for px, keep in zip(pixels, delivered, strict=True) if keep)
+        cost = round(weight * p.work() * shown / sum(pixels), 6)
         annotate(cost_units=cost)
-        images = [None if not keep else blur(i) if v.action == "blur" else i
-                  for i, keep, (v, _) in zip(out.images, delivered, verdicts, strict=True)]
-        with stage("encode", **{"imagegen.images": sum(delivered)}):
-            if p.jobs[0].width * p.jobs[0].height * len(p.jobs) > _ENCODE_INLINE_PIXELS:
-                encoded = await asyncio.to_thread(
-                    lambda: [None if i is None else encode_png(i) for i in images])
+
+        def post(i: int):
+            if not delivered[i]:
+                return None
+            image = blur(out.images[i]) if verdicts[i][0].action == "blur" else out.images[i]
+            if fmt.watermark:
+                image = watermarked(image, ids[i])
+            return encode(image, fmt.format, fmt.quality)
+
+        with stage("encode", **{"imagegen.images": sum(delivered),
+                                "imagegen.format": fmt.format}):
+            if sum(pixels) > _ENCODE_INLINE_PIXELS or fmt.watermark or fmt.format != "png":
+                encoded = await asyncio.to_thread(lambda: [post(i) for i in range(len(pixels))])
             else:
-                encoded = [None if i is None else encode_png(i) for i in images]
+                encoded = [post(i) for i in range(len(pixels))]
         return cost, encoded
 
     async def _alt_texts(self, out: Generated, r: Rendered, verdicts) -> list[AltText | None]:

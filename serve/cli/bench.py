@@ -51,7 +51,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     bench_state.add_arguments(bsub.add_parser(
         "state", help="what authenticating costs per request, per state store backend"))
-    from . import bench_encode, bench_flood, bench_policy, bench_safety
+    from . import bench_cache, bench_encode, bench_flood, bench_policy, bench_safety
 
     bench_policy.add_arguments(bsub.add_parser(
         "policy", help="what the prompt policy costs per prompt, at 10,000 terms"))
@@ -59,6 +59,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "flood", help="more requests at once than a revision queues: how fast the rest are refused"))
     bench_safety.add_arguments(bsub.add_parser(
         "safety", help="what the image classifier costs: in-process, and per placement in the stack"))
+    bench_cache.add_arguments(bsub.add_parser(
+        "cache", help="a cache hit against a miss through the whole stack"))
     bench_encode.add_arguments(bsub.add_parser(
         "encode", help="what encoding costs per format and size, and the watermark"))
     return b
@@ -82,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         from . import bench_safety
 
         return bench_safety.run(args, settings)
+    if args.bench_command == "cache":
+        from . import bench_cache
+
+        return bench_cache.run(args, settings)
     if args.bench_command == "encode":
         from . import bench_encode
 
@@ -166,6 +172,15 @@ def throwaway_key(settings: Settings) -> tuple[Settings, str]:
     return settings.model_copy(update={"state_url": url, "in_flight_per_principal": 0}), key
 
 
+def fresh_seeds(n: int) -> range:
+    """Seeds no earlier run of this process used: every request a cache miss (a body
+    that names its seed repeats it: every request after the first a hit)."""
+    import secrets
+
+    start = secrets.randbelow(2**31)
+    return range(start, start + n)
+
+
 async def _load(url: str, key: str, body: dict, n: int, c: int
                 ) -> tuple[list[float], float, list[int]]:
     import aiohttp
@@ -173,17 +188,18 @@ async def _load(url: str, key: str, body: dict, n: int, c: int
     lat: list[float] = []
     batch_sizes: list[int] = []
     bar = tqdm(total=n, desc=f"{url.split('/', 3)[-1]}, concurrency {c}", leave=False)
-    remaining = iter(range(n))
+    remaining = iter(fresh_seeds(n))
 
     async def worker(session: aiohttp.ClientSession) -> None:
         for i in remaining:
             t = time.perf_counter()
-            async with session.post(url, json={**body, "seed": i}) as r:
+            async with session.post(url, json={"seed": i, **body}) as r:
                 data = await r.json()
                 if r.status != 200:
                     raise RuntimeError(f"HTTP {r.status}: {data}")
             lat.append(time.perf_counter() - t)
-            batch_sizes.append(data.get("batch_images") or data["imagegen"]["batch_images"])
+            batch = data.get("batch_images")  # 0: a cache hit
+            batch_sizes.append(data["imagegen"]["batch_images"] if batch is None else batch)
             bar.update()
 
     conn = aiohttp.TCPConnector(limit=c)
@@ -207,12 +223,12 @@ async def _load_grpc(target: str, key: str, body: dict, n: int, c: int
     lat: list[float] = []
     batch_sizes: list[int] = []
     bar = tqdm(total=n, desc=f"gRPC Generate, concurrency {c}", leave=False)
-    remaining = iter(range(n))
+    remaining = iter(fresh_seeds(n))
 
     async def worker(stub) -> None:
         for i in remaining:
             t = time.perf_counter()
-            r = await stub.Generate(pb.GenerateRequest(**body, seed=i), timeout=120,
+            r = await stub.Generate(pb.GenerateRequest(**{"seed": i, **body}), timeout=120,
                                     metadata=(("authorization", f"Bearer {key}"),))
             lat.append(time.perf_counter() - t)
             batch_sizes.append(r.batch_images)

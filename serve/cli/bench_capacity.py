@@ -23,14 +23,17 @@ async def _poisson(url: str, key: str, body: dict, rate: float, duration: float,
     delays the next arrival, as with real callers)."""
     import aiohttp
 
+    from .bench import fresh_seeds
+
     rng = random.Random(seed)
+    first = fresh_seeds(1).start  # every request a cache miss: the GPU path is measured
     lat: list[float] = []
     errors = 0
 
     async def one(session, i: int) -> None:
         nonlocal errors
         t = time.perf_counter()
-        async with session.post(url, json={**body, "seed": i}) as r:
+        async with session.post(url, json={**body, "seed": first + i}) as r:
             await r.read()
             if r.status != 200:
                 errors += 1

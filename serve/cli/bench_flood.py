@@ -43,6 +43,9 @@ async def flood(url: str, key: str, body: dict, n: int, readyz: str
     per request, and /readyz's status sampled every 100 ms meanwhile."""
     import aiohttp
 
+    from .bench import fresh_seeds
+
+    first = fresh_seeds(1).start  # every request a cache miss
     bar = tqdm(total=n, desc=f"flood of {n}", leave=False)
     results: list[tuple[int, str, float, str | None]] = []
     ready: list[int] = []
@@ -51,7 +54,7 @@ async def flood(url: str, key: str, body: dict, n: int, readyz: str
     async def one(session: aiohttp.ClientSession, i: int) -> None:
         await start.wait()
         t = time.perf_counter()
-        async with session.post(url, json={**body, "seed": i}) as r:
+        async with session.post(url, json={**body, "seed": first + i}) as r:
             try:
                 data = await r.json()
                 code = "ok" if r.status == 200 else data["error"]["code"]

@@ -1,5 +1,5 @@
 """`imagegen ...`: serve, generate, models, keys, quota, templates, review, routing,
-fallback, capacity, bench.
+fallback, storage, capacity, bench.
 Heavy imports stay inside each verb's `run`."""
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from . import (
     quota,
     review,
     routing,
+    storage,
     templates,
 )
 from . import serve as serve_verb
 
 VERBS = (serve_verb, generate, models, keys, quota, templates, review, routing, fallback,
-         capacity, bench)
+         storage, capacity, bench)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -41,6 +41,8 @@ from ..safety.classifier import (
 from ..safety.policy import LivePolicy, load_policy_file
 from ..safety.review import open_review
 from ..service import ImageService
+from ..storage.results import Results
+from ..storage.store import open_store
 from ..telemetry import Metrics, setup, stage, traceparent
 from ..templates.library import load_library
 from ..templates.render import Styles
@@ -88,6 +90,15 @@ class Access:
     image_classifier_placement: str = "deployment"
     image_safety_fail_open: bool = False
     captioner: str | None = None  # module:attribute
+    storage: dict[str, Any] | None = None  # open_store's url and options, and Results'
+
+    def results(self) -> Results | None:
+        if not self.storage:
+            return None
+        s = dict(self.storage)
+        store = open_store(s.pop("url"), endpoint_url=s.pop("endpoint_url"),
+                           sse=s.pop("sse"), kms_key_id=s.pop("kms_key_id"))
+        return Results(store, s.pop("secret").encode(), **s)
 
     def authenticator(self) -> Authenticator:
         return Authenticator(open_keys(self.state_url),
@@ -250,7 +261,8 @@ class Ingress:
             keep_prompts=bool(access and access.review_keep_prompts),
             classifier=self._classifier(access, safety),
             fail_open=bool(access and access.image_safety_fail_open),
-            captioner=_captioner(access.captioner) if access else None)
+            captioner=_captioner(access.captioner) if access else None,
+            results=access.results() if access else None)
         self.safety_status = safety.options(method_name="status") if safety else None
         self.safety: dict[str, Any] | None = None
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
@@ -308,6 +320,12 @@ class Ingress:
 
     async def ListTemplates(self, request: bytes, grpc_context):
         return await self.grpc.list_templates(request, grpc_context)
+
+    async def GetImage(self, request: bytes, grpc_context):
+        return await self.grpc.get_image(request, grpc_context)
+
+    async def Reroll(self, request: bytes, grpc_context):
+        return await self.grpc.reroll(request, grpc_context)
 
     async def Check(self, request: bytes, grpc_context):  # grpc.health.v1
         return await self.grpc.check(request, grpc_context)

@@ -3,11 +3,13 @@ grpc.health.v1.Health/Check, thin over ImageService. No business rules here.
 
 Ray Serve serves it on the ingress deployment: `add_servicers` tells Serve's gRPC
 servers (the proxy, and each ingress replica under direct ingress) which methods
-exist, and Serve calls the ingress method of the same name (Generate, ListModels,
-Check), which calls `GrpcTransport`. Errors come from the one table in
+exist, and Serve calls the ingress method of the same name (Generate, GetImage,
+Check, ...), which calls `GrpcTransport`. Errors come from the one table in
 serve/errors.py: the status and message on the call, the stable code and what
 else a caller acts on in the trailing metadata. A method never raises: an
-exception would reach the caller as INTERNAL with Ray's traceback.
+exception would reach the caller as INTERNAL with Ray's traceback. A local store's
+image URL is a path on the HTTP port ("/v1/files/..."): gRPC has no HTTP base URL
+to make it absolute with, so it stays relative.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from grpc_health.v1 import health_pb2
 
 from ..errors import ImagegenError, MalformedBody, PayloadTooLarge, QuotaExceeded, row
 from ..quotas.idempotency import valid_key
-from ..schemas import GenerateRequest, GenerateResponse, validate
+from ..schemas import GenerateRequest, GenerateResponse, ImageSafety, validate
 from ..service import ImageService
+from ..storage.records import ImageRecord
 from ..telemetry import Metrics, annotate, request_scope, stage
 from .http import ratelimit_fields, valid_request_id
 from .proto import images_pb2 as pb
@@ -46,7 +49,8 @@ IDEMPOTENCY_KEY = "idempotency-key"  # the invocation metadata twin of the HTTP 
 # Trailers share gRPC's 8 KiB metadata limit: past it the caller sees a bare failure.
 _MAX_MESSAGE, _MAX_DETAILS = 1024, 4096
 _QUALITY = {pb.QUALITY_LOW: "low", pb.QUALITY_STANDARD: "standard", pb.QUALITY_HIGH: "high"}
-_METHODS = {SERVICE: ("Generate", "ListModels", "GetQuota", "ListTemplates"),
+_METHODS = {SERVICE: ("Generate", "ListModels", "GetQuota", "ListTemplates", "GetImage",
+                      "Reroll"),
             HEALTH: ("Check",)}
 
 
@@ -88,12 +92,15 @@ def to_request(raw: bytes) -> GenerateRequest:
     if unknown:  # a newer client's field would otherwise be silently dropped
         raise MalformedBody(f"request has fields this server does not know: {unknown}")
     data: dict[str, Any] = {"variables": dict(m.variables)} if m.variables else {}
-    for name in ("prompt", "negative_prompt", "tier", "size", "model", "template", "moderation"):
+    for name in ("prompt", "negative_prompt", "tier", "size", "model", "template", "moderation",
+                 "response_format", "output_format", "approval_id"):
         if value := getattr(m, name):
             data[name] = value
-    for name in ("n", "seed", "steps", "guidance"):
+    for name in ("n", "seed", "steps", "guidance", "output_quality", "megapixels"):
         if m.HasField(name):
             data[name] = getattr(m, name)
+    if m.aspect_ratios:
+        data["aspect_ratios"] = list(m.aspect_ratios)
     if m.quality:
         data["quality"] = _QUALITY.get(m.quality, m.quality)  # unknown: refused by name
     return validate(GenerateRequest, data)
@@ -105,16 +112,36 @@ def to_proto(r: GenerateResponse) -> pb.GenerateResponse:
         revision=r.revision, fallback=r.fallback, pinned=r.pinned, batch_images=r.batch_images,
         cost_units=r.cost_units, price=r.price, replayed=r.replayed, template=r.template or "",
         template_successor=d.successor if (d := r.template_deprecation) else "",
-        template_sunset=d.sunset.isoformat() if d else "",
-        images=[pb.Image(seed=i.seed, width=i.width, height=i.height, mime_type=i.mime_type,
+        template_sunset=d.sunset.isoformat() if d else "", cached=r.cached,
+        images=[pb.Image(id=i.id or "", seed=i.seed, width=i.width, height=i.height,
+                         aspect_ratio=i.aspect_ratio or "", mime_type=i.mime_type,
                          data=base64.b64decode(i.b64_json) if i.b64_json else b"",
+                         url=i.url or "",  # a path stays one: relative to the HTTP port
                          alt_text=i.alt_text.text if i.alt_text else "",
-                         safety=pb.ImageSafety(action=i.safety.action,
-                                               category=i.safety.category or "",
-                                               review_id=i.safety.review_id or ""))
+                         safety=_safety(i.safety))
                 for i in r.images],
         timings=pb.Timings(**r.timings.model_dump()),
     )
+
+
+def stored_proto(record: ImageRecord, url: str | None) -> pb.StoredImage:
+    """GET /v1/images/{id}'s answer as imagegen.v1.StoredImage: times as the JSON
+    writes them, the recipe as its JSON."""
+    when = record.model_dump(mode="json", include={"created", "expires"})
+    return pb.StoredImage(
+        id=record.id, request_id=record.request_id, created=when["created"],
+        expires=when["expires"] or "", mime_type=record.mime_type, width=record.width,
+        height=record.height, aspect_ratio=record.aspect_ratio or "", seed=record.seed,
+        tier=record.tier, model=record.model, revision=record.revision,
+        template=record.template or "", approval_id=record.approval_id or "",
+        safety=_safety(record.safety), alt_text=record.alt_text.text if record.alt_text else "",
+        cost_units=record.cost_units, cached=record.cached, url=url or "",
+        recipe_json=record.recipe.model_dump_json())
+
+
+def _safety(s: ImageSafety) -> pb.ImageSafety:
+    return pb.ImageSafety(action=s.action, category=s.category or "",
+                          review_id=s.review_id or "")
 
 
 def template_proto(t) -> pb.Template:
@@ -183,6 +210,25 @@ class GrpcTransport:
 
         return await self._call("ListTemplates", call, raw, context, pb.ListTemplatesResponse,
                                 generation=False)
+
+    async def get_image(self, raw: bytes, context) -> pb.StoredImage:
+        async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.StoredImage:
+            m = _parse(pb.ImageRef, raw)
+            return stored_proto(*await self.service.image(principal, m.id))
+
+        return await self._call("GetImage", call, raw, context, pb.StoredImage,
+                                generation=False)
+
+    async def reroll(self, raw: bytes, context) -> pb.GenerateResponse:
+        async def call(raw: bytes, rid: str, principal, _metadata) -> pb.GenerateResponse:
+            with stage("validate"):
+                m = _parse(pb.RerollRequest, raw)
+            return to_proto(await self.service.reroll(
+                principal, m.id, rid, m.seed if m.HasField("seed") else None))
+
+        # a generation, counted as Generate is (HTTP's reroll route is too)
+        return await self._call("Reroll", call, raw, context, pb.GenerateResponse,
+                                generation=True)
 
     async def check(self, raw: bytes, context) -> health_pb2.HealthCheckResponse:
         """SERVING exactly when /readyz answers 200 (every enabled tier has a ready

@@ -28,6 +28,7 @@ from ..errors import (
     UnsupportedMediaType,
     http_status,
 )
+from ..imaging import MIME
 from ..quotas.idempotency import valid_key
 from ..safety.review import AppealReceipt, ReviewItem
 from ..schemas import (
@@ -44,6 +45,8 @@ from ..schemas import (
     validate,
 )
 from ..service import ImageService
+from ..storage.records import RerollRequest, StoredImage
+from ..storage.results import FILES_ROUTE, IMMUTABLE
 from ..telemetry import Metrics, annotate, current_trace_id, request_scope, stage
 from ..templates.library import Template
 
@@ -54,6 +57,7 @@ _ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/models", "/v1/
                      "/v1/templates", "/v1/review", "/v1/appeals", "/v1/routing",
                      "/healthz", "/readyz"})  # span names
 _GENERATION = frozenset({("POST", "/v1/images"), ("POST", "/v1/images/generations")})
+_REROLL = re.compile(r"/v1/images/[^/]+/reroll")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)
 }
@@ -133,6 +137,20 @@ def error_response(
     return JSONResponse(body, status_code=http_status(err), headers=headers)
 
 
+def base_url(request: Request, url: str | None) -> str | None:
+    """A local store's link is a path on this service: made absolute for the caller."""
+    if url is None or not url.startswith("/"):
+        return url
+    return str(request.base_url).rstrip("/") + url
+
+
+def absolute(request: Request, resp: GenerateResponse) -> GenerateResponse:
+    if not any(i.url and i.url.startswith("/") for i in resp.images):
+        return resp
+    return resp.model_copy(update={"images": [
+        i.model_copy(update={"url": base_url(request, i.url)}) for i in resp.images]})
+
+
 def id_header(request: Request) -> dict[str, str]:
     if request.app.state.echo_request_id:
         return {"X-Request-Id": request_id(request)}
@@ -174,8 +192,38 @@ def build_http_app(
             req = parse_request(body)
         resp = await service.generate(req, request_id(request), principal,
                                       idempotency_key(request))
-        return Response(resp.model_dump_json(), media_type="application/json",
+        return Response(absolute(request, resp).model_dump_json(), media_type="application/json",
                         headers=id_header(request) | deprecation_headers(resp))
+
+    @app.get("/v1/images/{image_id}", response_model=StoredImage, responses=_ERRORS)
+    async def image(image_id: str, request: Request) -> StoredImage:
+        """A stored image's sidecar (its owner or an admin; anyone else: 404)."""
+        caller = await service.authenticate(request.headers, peer(request))
+        record, url = await service.image(caller, image_id)
+        return StoredImage(**record.public(), url=base_url(request, url))
+
+    @app.post("/v1/images/{image_id}/reroll", response_model=GenerateResponse,
+              responses=_ERRORS, openapi_extra={"requestBody": {"required": False, "content": {
+                  "application/json": {"schema": RerollRequest.model_json_schema()}}}})
+    async def reroll(image_id: str, request: Request) -> Response:
+        """The image's request again with a new seed (or the one given)."""
+        caller = await service.authenticate(request.headers, peer(request))
+        body = await read_json_body(request, 4096) if await request.body() else b"{}"
+        r = validate(RerollRequest, load_json(body))
+        resp = await service.reroll(caller, image_id, request_id(request), r.seed)
+        return Response(absolute(request, resp).model_dump_json(), media_type="application/json",
+                        headers=id_header(request) | deprecation_headers(resp))
+
+    @app.get(FILES_ROUTE + "{path:path}", response_class=Response, responses={
+        **_ERRORS, 200: {"content": {m: {} for m in MIME.values()}}})
+    async def file(path: str, request: Request, expires: int = 0, sig: str = "") -> Response:
+        """A stored image by its signed link (the local store; S3 links are presigned).
+        Its bytes never change: cached as immutable."""
+        data, mime = await service.file(path, expires, sig)
+        etag = f'"{path.rsplit("/", 1)[-1].split(".")[0][:32]}"'
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMMUTABLE})
+        return Response(data, media_type=mime, headers={"ETag": etag, "Cache-Control": IMMUTABLE})
 
     from . import openai  # it imports this module's helpers
 
@@ -343,7 +391,8 @@ class Telemetry:
         with request_scope(
             f"{method} {path}" if path in _ROUTES else method, request_id=rid, route=path,
             carrier=headers, metrics=self.metrics, log=path.startswith("/v1/"),
-            generation=(method, path) in _GENERATION,
+            generation=(method, path) in _GENERATION or _REROLL.fullmatch(path) is not None
+            and method == "POST",
             transport="openai" if path == "/v1/images/generations" else "http",
         ) as rec:
 

@@ -2,9 +2,10 @@
 
 It translates OpenAI's request fields to a GenerateRequest and the answer to
 OpenAI's response shape, so the official `openai` client works with `base_url`.
-Every field is honoured or refused with a 400 naming it, never ignored; errors
-come back in OpenAI's shape with OpenAI's statuses (its client picks the
-exception type from the status alone).
+Every field is honoured or refused with a 400 naming it, never ignored (but
+output_compression with png, which OpenAI ignores too); errors come back in
+OpenAI's shape with OpenAI's statuses (its client picks the exception type from
+the status alone).
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from ..errors import ImageBlocked, ImagegenError, InvalidRequest, row
 from ..schemas import PRINTABLE, GenerateRequest, GenerateResponse, load_json, validate
 from ..service import ImageService
 from ..telemetry import annotate, current_trace_id, stage
-from .http import error_headers, id_header, idempotency_key, peer, read_json_body, request_id
+from .http import (
+    absolute,
+    error_headers,
+    id_header,
+    idempotency_key,
+    peer,
+    read_json_body,
+    request_id,
+)
 
 ROUTE = "/v1/images/generations"
 # `model` -> tier. A tier's own name works too. OpenAI's model names map to the
@@ -36,9 +45,6 @@ QUALITY_NAME = {"low": "low", "medium": "medium", "standard": "medium", "auto": 
 # OpenAI fields imagegen honours only in part (or not yet): the values it can honour,
 # and why the others are refused. A later feature widens its entry.
 _PARTLY = {
-    "response_format": ({"b64_json"}, "url responses arrive with object storage; use b64_json"),
-    "output_format": ({"png"}, "only png for now; webp and jpeg arrive with object storage"),
-    "output_compression": (set(), "it applies to webp/jpeg output, not offered yet"),
     "background": ({"auto", "opaque"}, "images are opaque"),
     "style": (set(), "vivid/natural styles are not offered; templates will carry styles"),
     "partial_images": (set(), "streaming partial images is not offered"),
@@ -64,7 +70,9 @@ class OpenAIImageRequest(BaseModel):
     quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = None
     response_format: Literal["b64_json", "url"] | None = None
     output_format: Literal["png", "webp", "jpeg"] | None = None
-    output_compression: int | None = None
+    # OpenAI's 0..100 for webp/jpeg (100: the least loss), as output_quality (0 -> 1);
+    # absent: imagegen's defaults (webp 80, jpeg 85), not OpenAI's 100. png ignores it.
+    output_compression: Annotated[int, Field(ge=0, le=100)] | None = None
     background: Literal["auto", "opaque", "transparent"] | None = None
     moderation: Literal["low", "auto"] | None = None
     style: Literal["vivid", "natural"] | None = None
@@ -98,6 +106,9 @@ def to_generate_request(o: OpenAIImageRequest,
         "moderation": o.moderation,
         "negative_prompt": o.negative_prompt, "quality": QUALITY.get(o.quality or ""),
         "size": None if o.size in (None, "auto") else o.size,
+        "response_format": o.response_format, "output_format": o.output_format,
+        "output_quality": None if o.output_compression is None or o.output_format in (
+            None, "png") else max(1, o.output_compression),
     }
     return validate(GenerateRequest, {k: v for k, v in fields.items() if v is not None})
 
@@ -109,8 +120,9 @@ def _refuse(param: str, message: str) -> None:
 
 def to_openai(resp: GenerateResponse, quality: str | None) -> dict[str, Any]:
     """OpenAI's answer: the delivered images only (its clients expect every entry to
-    carry one); ImageBlocked (400) when image safety withheld them all."""
-    shown = [i for i in resp.images if i.b64_json is not None]
+    carry one, as b64_json or url); ImageBlocked (400) when image safety withheld
+    them all."""
+    shown = [i for i in resp.images if i.b64_json is not None or i.url is not None]
     if not shown:
         raise ImageBlocked(f"image safety withheld all {len(resp.images)} image(s) "
                            f"({resp.images[0].safety.category}); nothing was charged",
@@ -118,13 +130,16 @@ def to_openai(resp: GenerateResponse, quality: str | None) -> dict[str, Any]:
     first = shown[0]
     return {
         "created": resp.created,
-        "data": [{"b64_json": i.b64_json} for i in shown],
-        "output_format": "png", "background": "opaque", "size": f"{first.width}x{first.height}",
+        "data": [{"b64_json": i.b64_json} if i.b64_json is not None else {"url": i.url}
+                 for i in shown],
+        "output_format": first.mime_type.removeprefix("image/"),  # the real one
+        "background": "opaque", "size": f"{first.width}x{first.height}",
         **({"quality": quality} if quality else {}),
         # What OpenAI's shape has no place for; clients ignore unknown fields.
         "imagegen": {"id": resp.id, "trace_id": resp.trace_id, "tier": resp.tier,
                      "model": resp.model, "revision": resp.revision, "fallback": resp.fallback,
-                     "pinned": resp.pinned,
+                     "pinned": resp.pinned, "cached": resp.cached,
+                     "image_ids": [i.id for i in shown],
                      "seeds": [i.seed for i in shown], "cost_units": resp.cost_units,
                      "price": resp.price, "replayed": resp.replayed,
                      "template": resp.template,
@@ -166,7 +181,8 @@ def add_routes(app: FastAPI, service: ImageService, *, max_body_bytes: int) -> N
                 annotate(openai_user=hashlib.sha256(who.encode()).hexdigest()[:16])
             resp = await service.generate(req, request_id(request), principal,
                                           idempotency_key(request))
-            answer = to_openai(resp, QUALITY_NAME.get(o.quality or ""))
+            # a local store's link is a path here: absolute, as on /v1/images
+            answer = to_openai(absolute(request, resp), QUALITY_NAME.get(o.quality or ""))
         except ImagegenError as e:
             return error(request, e)
         return JSONResponse(answer, headers=id_header(request))

@@ -57,6 +57,9 @@ class PlanSpec(BaseModel):
     pricing: list[PriceBand] = Field(default_factory=lambda: [PriceBand(price=0.0)],
                                      min_length=1)
     cache_hit_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+    retention_days: Annotated[int, Field(ge=1, le=3650)] | None = Field(
+        30, description="how long its images and sidecars are kept (`imagegen storage gc` "
+        "removes them after); none: kept until deleted")
 
     @model_validator(mode="after")
     def _bands(self) -> PlanSpec:

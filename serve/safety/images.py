@@ -91,6 +91,7 @@ class ImageVerdict:
     category: str | None = None  # the category that decided it (None: allowed, unchecked)
     score: float | None = None
     restricted: bool = False  # an always-on category: quarantined, admins only
+    scores: dict[str, float] | None = None  # what the classifier said (kept with the image)
 
 
 ALLOW = ImageVerdict("allow")

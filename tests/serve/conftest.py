@@ -193,6 +193,7 @@ def stack_settings(tmp_path_factory):
     policy = tmp / "prompt_policy.yaml"  # the package's, in a file a test may change
     policy.write_text((ROOT / "serve" / "safety" / "prompt_policy.yaml").read_text())
     return {**service_ports(), "state_url": f"sqlite://{tmp / 'state.db'}",
+            "storage_url": f"file://{tmp / 'images'}",
             "plans_file": str(plans), "prompt_policy_file": str(policy)}
 
 

@@ -6,7 +6,9 @@ answers 503 model_unavailable with Retry-After."""
 import schemathesis
 
 OPENAI_ROUTE = "/v1/images/generations"
-OPENAI_TYPES = {"invalid_request_error", "not_found_error", "server_error"}
+# the types OpenAI's API answers with (its client picks the exception by status)
+OPENAI_TYPES = {"invalid_request_error", "authentication_error", "permission_error",
+                "not_found_error", "rate_limit_error", "server_error"}
 
 
 @schemathesis.check

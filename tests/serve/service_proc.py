@@ -33,7 +33,10 @@ class Service:
         config.write_text(yaml.safe_dump({
             "lock_file": str(lock), "model_dir": str(models), "engine": "fake",
             "routing_file": str(self.routing_file),
-            "state_url": f"sqlite://{tmp_path / 'state.db'}", **(settings or {}),
+            "state_url": f"sqlite://{tmp_path / 'state.db'}",
+            "storage_url": f"file://{tmp_path / 'images'}",
+            # the session stack runs the real classifier; these test the CLI service
+            "image_classifier": "none", **(settings or {}),
         }))
         self.url = f"http://127.0.0.1:{ports['port']}"
         self.grpc_target = f"127.0.0.1:{ports['grpc_port']}"

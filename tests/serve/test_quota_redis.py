@@ -29,7 +29,8 @@ def svc(tmp_path_factory, served_models, new_ports, redis_server):
     plans = tmp / "plans.yaml"
     plans.write_text(yaml.safe_dump(PLANS))
     s = Service(tmp, served_models, new_ports(), ROUTING, settings={
-        "state_url": redis_server.url, "plans_file": str(plans)})
+        "state_url": redis_server.url, "plans_file": str(plans),
+        "storage_secret": "a-secret-every-replica-shares"})
     s.wait_for("  metrics: ")
     yield s
     s.stop(keep=frozenset({redis_server.proc.pid}))  # restarted by a test: not the service's

@@ -209,3 +209,25 @@ def state_url(request, tmp_path):
         "redis_server" if request.param == "redis" else "redis_cluster")
     server.flush()
     return server.url
+
+
+@pytest.fixture(scope="module")
+def moto_s3(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        # fake credentials, and nothing of this machine's AWS setup (profiles, endpoints)
+        none = str(tmp_path_factory.mktemp("aws") / "none")
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": none,
+                            "AWS_SHARED_CREDENTIALS_FILE": none,
+                            "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            mp.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL",
+                     "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        from moto_s3 import MotoS3
+
+        s3 = MotoS3()
+        try:
+            yield s3
+        finally:
+            s3.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import json
 import subprocess
 import sys
 import time
@@ -30,8 +31,11 @@ from serve.ingress import grpc as transport
 from serve.ingress.proto import images_pb2 as pb
 from serve.ingress.proto import images_pb2_grpc as pb_grpc
 from serve.routing import LiveRouting
-from serve.schemas import GenerateRequest
+from serve.schemas import GenerateRequest, GenerateResponse
+from serve.schemas import Image as Img
 from serve.service import ImageService
+from serve.storage.results import Results
+from serve.storage.store import open_store
 from serve.telemetry import Metrics
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -43,6 +47,7 @@ class Servicer:
     def __init__(self, t: transport.GrpcTransport) -> None:
         self.Generate, self.ListModels, self.Check = t.generate, t.list_models, t.check
         self.GetQuota, self.ListTemplates = t.get_quota, t.list_templates
+        self.GetImage, self.Reroll = t.get_image, t.reroll
 
 
 class Key(grpc.aio.UnaryUnaryClientInterceptor):
@@ -139,6 +144,14 @@ def _png(b64: str) -> bytes:
     ({"quality": pb.QUALITY_HIGH}, {"quality": "high"}),
     ({"quality": pb.QUALITY_UNSPECIFIED}, {"quality": None, "model": None}),
     ({"model": "tiny-final"}, {"model": "tiny-final"}),
+    ({}, {"response_format": "b64_json", "output_format": "png", "output_quality": None,
+          "aspect_ratios": None, "megapixels": None, "approval_id": None}),
+    ({"response_format": "url", "output_format": "webp", "output_quality": 70,
+      "approval_id": "case-7"},
+     {"response_format": "url", "output_format": "webp", "output_quality": 70,
+      "approval_id": "case-7"}),
+    ({"aspect_ratios": ["16:9", "1:1"], "megapixels": 0.25},
+     {"aspect_ratios": ["16:9", "1:1"], "megapixels": 0.25, "size": None}),
 ])
 def test_unset_fields_take_the_http_defaults(fields, want):
     got = transport.to_request(pb.GenerateRequest(prompt="a fox", **fields).SerializeToString())
@@ -166,6 +179,15 @@ BAD = [
                  "limit_exceeded", "1024", id="too-big"),
     pytest.param(pb.GenerateRequest(prompt="x", steps=51), "OUT_OF_RANGE", "limit_exceeded",
                  "steps 51", id="too-many-steps"),
+    pytest.param(pb.GenerateRequest(prompt="x", output_format="gif"), "INVALID_ARGUMENT",
+                 "invalid_request", "output_format", id="gif"),
+    pytest.param(pb.GenerateRequest(prompt="x", output_format="webp", output_quality=0),
+                 "INVALID_ARGUMENT", "invalid_request", "output_quality", id="quality-0"),
+    pytest.param(pb.GenerateRequest(prompt="x", size="64x64", aspect_ratios=["1:1"]),
+                 "INVALID_ARGUMENT", "invalid_request", "size or aspect_ratios",
+                 id="size+ratios"),
+    pytest.param(pb.GenerateRequest(prompt="x", response_format="url"), "INVALID_ARGUMENT",
+                 "invalid_request", "object store", id="url-without-store"),
     pytest.param(b"\x0a\x05ab", "INVALID_ARGUMENT", "malformed_body", "imagegen.v1.GenerateRequest",
                  id="truncated"),
     pytest.param(b"\x0a\x02\xff\xfe", "INVALID_ARGUMENT", "malformed_body", "UTF-8",
@@ -284,6 +306,96 @@ def test_list_models_matches_the_service(service, serve):
         m = got[info.name]
         assert (m.revision, list(m.tiers), m.limits.max_width, m.defaults.guidance) == (
             info.revision, info.tiers, info.limits.max_width, info.defaults.guidance)
+
+
+def test_to_proto_carries_ids_ratios_urls_and_cached():
+    link = "/v1/files/objects/ab/ab.webp?expires=1&sig=00"
+    r = transport.to_proto(GenerateResponse(
+        id="r1", trace_id="", created=1, tier="draft", model="tiny-draft", revision="x",
+        batch_images=1, cost_units=0.0, cached=True, timings={
+            "queue_ms": 0, "generate_ms": 0, "total_ms": 1},
+        images=[Img(id="img_" + "a" * 24, seed=3, width=64, height=48, aspect_ratio="4:3",
+                    mime_type="image/webp", url=link),
+                Img(seed=4, width=64, height=48, b64_json="iVBO")]))
+    url, b64 = r.images
+    assert r.cached and (url.id, url.aspect_ratio, url.mime_type) == (
+        "img_" + "a" * 24, "4:3", "image/webp")
+    assert url.url == link and url.data == b""  # a path stays relative: the HTTP port's
+    assert (b64.id, b64.aspect_ratio, b64.url, b64.data) == ("", "", "", b"\x89\x50\x4e")
+
+
+@pytest.fixture
+def stored(lock, routing, backend, auth, tmp_path) -> ImageService:
+    """The service keeping its images in a local store (ids, urls, GetImage, Reroll)."""
+    results = Results(open_store(f"file://{tmp_path / 'store'}"), b"test-secret")
+    return ImageService(lock, LiveRouting(routing, lock, "file test"), backend, auth=auth,
+                        results=results)
+
+
+def test_get_image_and_reroll_answer_like_http(stored, serve, metrics):
+    async def body(channel):
+        stub = pb_grpc.ImagesStub(channel)
+        r = await stub.Generate(pb.GenerateRequest(
+            prompt="a fox", seed=3, response_format="url", output_format="webp",
+            approval_id="case-7"), timeout=10)
+        got = await stub.GetImage(pb.ImageRef(id=r.images[0].id), timeout=10)
+        again = await stub.Reroll(pb.RerollRequest(id=r.images[0].id, seed=3), timeout=10)
+        other = await stub.Reroll(pb.RerollRequest(id=r.images[0].id, seed=9), timeout=10)
+        return r, got, again, other
+
+    r, got, again, other = serve(stored, body, metrics=metrics)
+    first = r.images[0]
+    assert first.id.startswith("img_") and first.data == b"" and not r.cached
+    assert first.url.startswith("/v1/files/") and first.mime_type == "image/webp"
+    assert (got.id, got.request_id, got.seed, got.width, got.height) == (
+        first.id, r.id, 3, 64, 48)
+    assert (got.mime_type, got.approval_id, got.tier, got.model, got.revision) == (
+        "image/webp", "case-7", "draft", "tiny-draft", r.revision)
+    assert got.url.startswith("/v1/files/") and got.expires == "" and got.safety.action
+    assert got.created.startswith("20") and "T" in got.created
+    recipe = json.loads(got.recipe_json)
+    assert (recipe["seed"], recipe["output_format"], recipe["prompt"]) == (3, "webp", "a fox")
+    # the same seed is the same recipe: answered from the store; another seed generates
+    assert again.cached and [i.seed for i in again.images] == [3]
+    assert not other.cached and [i.seed for i in other.images] == [9]
+    assert other.images[0].id not in (first.id, again.images[0].id)
+    # Generate and Reroll count as generations on grpc; GetImage does not
+    assert metrics.registry.get_sample_value("imagegen_requests_total", {
+        "tier": "draft", "model": "tiny-draft", "revision": r.revision, "outcome": "ok",
+        "code": "ok", "transport": "grpc"}) == 3
+
+
+@pytest.mark.parametrize(("rpc", "message"), [
+    ("GetImage", pb.ImageRef(id="img_" + "0" * 24)),
+    ("GetImage", pb.ImageRef(id="../secrets")),
+    ("Reroll", pb.RerollRequest(id="img_" + "0" * 24, seed=1)),
+])
+def test_an_unknown_image_is_not_found(stored, serve, rpc, message):
+    async def body(channel):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await getattr(pb_grpc.ImagesStub(channel), rpc)(message, timeout=10)
+        return info.value
+
+    e = serve(stored, body)
+    assert e.code() == grpc.StatusCode.NOT_FOUND
+    trailers = dict(e.trailing_metadata())
+    assert trailers[transport.CODE_KEY] == "not_found" and '"id"' in trailers[
+        transport.DETAILS_KEY]
+
+
+def test_get_image_without_a_store_is_not_found_and_a_bad_message_malformed(service, serve):
+    async def body(channel):
+        out = []
+        for raw in (pb.ImageRef(id="img_" + "0" * 24).SerializeToString(), b"\x0a\x05ab"):
+            c = channel.unary_unary(f"/{transport.SERVICE}/GetImage")(raw, timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await c
+            out.append((info.value.code(), dict(info.value.trailing_metadata())[
+                transport.CODE_KEY]))
+        return out
+
+    assert serve(service, body) == [(grpc.StatusCode.NOT_FOUND, "not_found"),
+                                    (grpc.StatusCode.INVALID_ARGUMENT, "malformed_body")]
 
 
 @pytest.mark.parametrize(("ready", "name", "want"), [

@@ -197,8 +197,12 @@ def world(lock, routing, backend, tmp_path):
     return w
 
 
+def decoded(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+    return decoded(base64.b64decode(b64))
 
 
 def test_a_withheld_image_is_not_delivered_not_charged_and_queued_with_its_evidence(world):
@@ -220,7 +224,8 @@ def test_a_withheld_image_is_not_delivered_not_charged_and_queued_with_its_evide
     assert item.images[0].scores == {"sexual": 0.8, "suggestive": 0.1}
     assert item.classifier == "per-image" and item.prompt is None
     evidence = asyncio.run(world.review.evidence(item.id, 0))
-    assert evidence == base64.b64decode(plain.images[0].b64_json)  # the image as generated
+    # the image as generated: the delivered one's pixels (those bytes add provenance)
+    assert (decoded(evidence) == pixels(plain.images[0].b64_json)).all()
     assert world.sample("imagegen_image_verdicts_total", tier="draft", action="withhold",
                         category="sexual") == 1
     assert world.sample("imagegen_image_verdicts_total", tier="draft", action="allow",
@@ -250,8 +255,8 @@ def test_a_blurred_image_is_delivered_blurred_charged_and_its_case_keeps_the_ori
     assert blurred.std() < original.std() * 0.8  # ...towards flat
     assert r.cost_units == plain.cost_units
     item = asyncio.run(world.review.get(img.safety.review_id))
-    assert asyncio.run(world.review.evidence(item.id, 0)) == base64.b64decode(
-        plain.images[0].b64_json)
+    assert (decoded(asyncio.run(world.review.evidence(item.id, 0)))
+            == pixels(plain.images[0].b64_json)).all()
 
 
 def test_review_delivers_the_image_and_queues_it(world):
@@ -380,8 +385,10 @@ def test_a_withheld_image_is_encoded_once_as_evidence_never_for_delivery(world, 
 
     seen = []
     monkeypatch.setattr(service, "encode_png", lambda i: seen.append(i.shape) or encode_png(i))
+    delivered = []
+    monkeypatch.setattr(service, "encode", lambda *a, **k: delivered.append(a) or b"")
     world.run(world.service(FixedScores({"sexual": 0.9})), n=2)
-    assert len(seen) == 2  # the evidence (unblurred, once each), nothing delivered
+    assert len(seen) == 2 and delivered == []  # the evidence once each, nothing delivered
 
 
 # What the review found (each would have let an image or a charge through).

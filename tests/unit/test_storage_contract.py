@@ -25,7 +25,8 @@ from serve.storage.store import open_store
 
 pytestmark = pytest.mark.timeout(120)
 
-BUCKET = "imagegen-test"
+from moto_s3 import BUCKET, MotoS3
+
 PREFIX = "some/prefix"
 MiB = 1024 * 1024
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -47,53 +48,6 @@ def closed_port() -> int:
 
 def is_s3(url: str) -> bool:
     return url.startswith("s3://")
-
-
-class MotoS3:
-    """moto's S3 server on a free loopback port, with an admin client that sees the
-    whole bucket (the store sees only its prefix)."""
-
-    def __init__(self) -> None:
-        import boto3
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.server.start()
-        host, port = self.server.get_host_and_port()
-        self.endpoint = f"http://{host}:{port}"
-        self.admin = boto3.session.Session().client("s3", endpoint_url=self.endpoint)
-        self.admin.create_bucket(Bucket=BUCKET)
-
-    def empty(self) -> None:
-        for page in self.admin.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-            for o in page.get("Contents", ()):
-                self.admin.delete_object(Bucket=BUCKET, Key=o["Key"])
-        for u in self.admin.list_multipart_uploads(Bucket=BUCKET).get("Uploads", ()):
-            self.admin.abort_multipart_upload(Bucket=BUCKET, Key=u["Key"], UploadId=u["UploadId"])
-
-    def close(self) -> None:
-        self.admin.close()
-        self.server.stop()
-
-
-@pytest.fixture(scope="module")
-def moto_s3(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        # fake credentials, and nothing of this machine's AWS setup (profiles, endpoints)
-        none = str(tmp_path_factory.mktemp("aws") / "none")
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": none,
-                            "AWS_SHARED_CREDENTIALS_FILE": none,
-                            "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            mp.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL",
-                     "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        s3 = MotoS3()
-        try:
-            yield s3
-        finally:
-            s3.close()
 
 
 class LocalProbe:

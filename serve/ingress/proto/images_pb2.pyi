@@ -19,7 +19,7 @@ QUALITY_STANDARD: Quality
 QUALITY_HIGH: Quality
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "tier", "n", "size", "seed", "steps", "guidance", "quality", "model", "template", "variables", "moderation")
+    __slots__ = ("prompt", "negative_prompt", "tier", "n", "size", "seed", "steps", "guidance", "quality", "model", "template", "variables", "moderation", "response_format", "output_format", "output_quality", "aspect_ratios", "megapixels", "approval_id")
     class VariablesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,12 @@ class GenerateRequest(_message.Message):
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     VARIABLES_FIELD_NUMBER: _ClassVar[int]
     MODERATION_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    ASPECT_RATIOS_FIELD_NUMBER: _ClassVar[int]
+    MEGAPIXELS_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     tier: str
@@ -53,10 +59,16 @@ class GenerateRequest(_message.Message):
     template: str
     variables: _containers.ScalarMap[str, str]
     moderation: str
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., tier: _Optional[str] = ..., n: _Optional[int] = ..., size: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., quality: _Optional[_Union[Quality, str]] = ..., model: _Optional[str] = ..., template: _Optional[str] = ..., variables: _Optional[_Mapping[str, str]] = ..., moderation: _Optional[str] = ...) -> None: ...
+    response_format: str
+    output_format: str
+    output_quality: int
+    aspect_ratios: _containers.RepeatedScalarFieldContainer[str]
+    megapixels: float
+    approval_id: str
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., tier: _Optional[str] = ..., n: _Optional[int] = ..., size: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., quality: _Optional[_Union[Quality, str]] = ..., model: _Optional[str] = ..., template: _Optional[str] = ..., variables: _Optional[_Mapping[str, str]] = ..., moderation: _Optional[str] = ..., response_format: _Optional[str] = ..., output_format: _Optional[str] = ..., output_quality: _Optional[int] = ..., aspect_ratios: _Optional[_Iterable[str]] = ..., megapixels: _Optional[float] = ..., approval_id: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("seed", "width", "height", "mime_type", "data", "alt_text", "safety")
+    __slots__ = ("seed", "width", "height", "mime_type", "data", "alt_text", "safety", "id", "aspect_ratio", "url")
     SEED_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +76,9 @@ class Image(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     ALT_TEXT_FIELD_NUMBER: _ClassVar[int]
     SAFETY_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ASPECT_RATIO_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
     seed: int
     width: int
     height: int
@@ -71,7 +86,10 @@ class Image(_message.Message):
     data: bytes
     alt_text: str
     safety: ImageSafety
-    def __init__(self, seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., mime_type: _Optional[str] = ..., data: _Optional[bytes] = ..., alt_text: _Optional[str] = ..., safety: _Optional[_Union[ImageSafety, _Mapping]] = ...) -> None: ...
+    id: str
+    aspect_ratio: str
+    url: str
+    def __init__(self, seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., mime_type: _Optional[str] = ..., data: _Optional[bytes] = ..., alt_text: _Optional[str] = ..., safety: _Optional[_Union[ImageSafety, _Mapping]] = ..., id: _Optional[str] = ..., aspect_ratio: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
 
 class ImageSafety(_message.Message):
     __slots__ = ("action", "category", "review_id")
@@ -94,7 +112,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("id", "trace_id", "created", "tier", "model", "revision", "fallback", "batch_images", "cost_units", "images", "timings", "pinned", "price", "replayed", "template", "template_successor", "template_sunset")
+    __slots__ = ("id", "trace_id", "created", "tier", "model", "revision", "fallback", "batch_images", "cost_units", "images", "timings", "pinned", "price", "replayed", "template", "template_successor", "template_sunset", "cached")
     ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +130,7 @@ class GenerateResponse(_message.Message):
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_SUCCESSOR_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_SUNSET_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     id: str
     trace_id: str
     created: int
@@ -129,7 +148,66 @@ class GenerateResponse(_message.Message):
     template: str
     template_successor: str
     template_sunset: str
-    def __init__(self, id: _Optional[str] = ..., trace_id: _Optional[str] = ..., created: _Optional[int] = ..., tier: _Optional[str] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., fallback: _Optional[bool] = ..., batch_images: _Optional[int] = ..., cost_units: _Optional[float] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., pinned: _Optional[bool] = ..., price: _Optional[float] = ..., replayed: _Optional[bool] = ..., template: _Optional[str] = ..., template_successor: _Optional[str] = ..., template_sunset: _Optional[str] = ...) -> None: ...
+    cached: bool
+    def __init__(self, id: _Optional[str] = ..., trace_id: _Optional[str] = ..., created: _Optional[int] = ..., tier: _Optional[str] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., fallback: _Optional[bool] = ..., batch_images: _Optional[int] = ..., cost_units: _Optional[float] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., pinned: _Optional[bool] = ..., price: _Optional[float] = ..., replayed: _Optional[bool] = ..., template: _Optional[str] = ..., template_successor: _Optional[str] = ..., template_sunset: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class ImageRef(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class StoredImage(_message.Message):
+    __slots__ = ("id", "request_id", "created", "expires", "mime_type", "width", "height", "aspect_ratio", "seed", "tier", "model", "revision", "template", "approval_id", "safety", "alt_text", "cost_units", "cached", "url", "recipe_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ASPECT_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    SAFETY_FIELD_NUMBER: _ClassVar[int]
+    ALT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    COST_UNITS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    request_id: str
+    created: str
+    expires: str
+    mime_type: str
+    width: int
+    height: int
+    aspect_ratio: str
+    seed: int
+    tier: str
+    model: str
+    revision: str
+    template: str
+    approval_id: str
+    safety: ImageSafety
+    alt_text: str
+    cost_units: float
+    cached: bool
+    url: str
+    recipe_json: str
+    def __init__(self, id: _Optional[str] = ..., request_id: _Optional[str] = ..., created: _Optional[str] = ..., expires: _Optional[str] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., aspect_ratio: _Optional[str] = ..., seed: _Optional[int] = ..., tier: _Optional[str] = ..., model: _Optional[str] = ..., revision: _Optional[str] = ..., template: _Optional[str] = ..., approval_id: _Optional[str] = ..., safety: _Optional[_Union[ImageSafety, _Mapping]] = ..., alt_text: _Optional[str] = ..., cost_units: _Optional[float] = ..., cached: _Optional[bool] = ..., url: _Optional[str] = ..., recipe_json: _Optional[str] = ...) -> None: ...
+
+class RerollRequest(_message.Message):
+    __slots__ = ("id", "seed")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    seed: int
+    def __init__(self, id: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -55,6 +55,16 @@ class ImagesStub:
                 request_serializer=imagegen_dot_v1_dot_images__pb2.ListTemplatesRequest.SerializeToString,
                 response_deserializer=imagegen_dot_v1_dot_images__pb2.ListTemplatesResponse.FromString,
                 _registered_method=True)
+        self.GetImage = channel.unary_unary(
+                '/imagegen.v1.Images/GetImage',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.ImageRef.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.StoredImage.FromString,
+                _registered_method=True)
+        self.Reroll = channel.unary_unary(
+                '/imagegen.v1.Images/Reroll',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.RerollRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class ImagesServicer:
@@ -91,6 +101,22 @@ class ImagesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetImage(self, request, context):
+        """A stored image's sidecar, as GET /v1/images/{id}: its owner's, or with the admin
+        role anyone's (another's: NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reroll(self, request, context):
+        """The image's request again, one image at its size, with a new seed (or the one
+        given), as POST /v1/images/{id}/reroll: every stage runs as for Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImagesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +139,16 @@ def add_ImagesServicer_to_server(servicer, server):
                     servicer.ListTemplates,
                     request_deserializer=imagegen_dot_v1_dot_images__pb2.ListTemplatesRequest.FromString,
                     response_serializer=imagegen_dot_v1_dot_images__pb2.ListTemplatesResponse.SerializeToString,
+            ),
+            'GetImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImage,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.ImageRef.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.StoredImage.SerializeToString,
+            ),
+            'Reroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reroll,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.RerollRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +260,60 @@ class Images:
             '/imagegen.v1.Images/ListTemplates',
             imagegen_dot_v1_dot_images__pb2.ListTemplatesRequest.SerializeToString,
             imagegen_dot_v1_dot_images__pb2.ListTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Images/GetImage',
+            imagegen_dot_v1_dot_images__pb2.ImageRef.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.StoredImage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Images/Reroll',
+            imagegen_dot_v1_dot_images__pb2.RerollRequest.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
