@@ -80,10 +80,11 @@ from .schemas import (
     ModelInfo,
     QuotaStatus,
     Timings,
+    validate,
 )
 from .storage.recipe import Recipe, owner_hash
 from .storage.records import ImageRecord, ObjectRecord, new_image_id
-from .storage.results import Results, flight_of
+from .storage.results import BLURRED, Results, flight_of
 from .telemetry import annotate, current_trace_id, stage
 from .templates.library import Template
 from .templates.render import Rendered, Styles
@@ -148,6 +149,9 @@ def plan(req: GenerateRequest, lock: Lock, routing: RoutingTable, *,
         except ValueError as e:
             raise InvalidRequest(str(e), details=[{"field": "aspect_ratios",
                                                    "type": "invalid"}]) from None
+    if len(set(sizes)) < len(sizes):
+        raise InvalidRequest(f"aspect_ratios {req.aspect_ratios} give the same size twice",
+                             details=[{"field": "aspect_ratios", "type": "duplicate"}])
     for width, height in sizes:
         for side, value, most in (("width", width, lim.max_width),
                                   ("height", height, lim.max_height)):
@@ -204,13 +208,14 @@ class Delivery:
     watermark: bool  # the plan's
 
 
-def watermarked(image, image_id: str | None):
-    """The plan's watermark: the image id, invisible where the image is large enough
-    (256x256), else a visible mark."""
+def watermarked(image, key: str | None):
+    """The plan's watermark: the first 12 bytes of the object's recipe key (its bytes
+    are shared by every sidecar of that recipe: each names the key), invisible where
+    the image is large enough (256x256), else a visible mark."""
     from .imaging import watermark  # loads OpenCV: only where a plan asks
 
     if watermark.markable(image):
-        return watermark.apply(image, bytes.fromhex(image_id[4:]) if image_id else b"imagegen")
+        return watermark.apply(image, bytes.fromhex(key[:24]) if key else b"imagegen")
     return watermark.visible(image)
 
 
@@ -358,11 +363,12 @@ class ImageService:
         fmt = Delivery(req.output_format, req.output_quality, bool(spec and spec.watermark))
         scope = self.results.scope(principal.name if principal else None) \
             if self.results else None
-        recipes = self._recipes(p, self.lock.get(self.routing.likely(order)), r, fmt)
+        likely = self.lock.get(self.routing.likely(order))
+        recipes = self._recipes(p, likely, r, fmt)
         hit, flight = await self._cached(recipes, scope, spec, req) if req.seed is not None \
             else (None, None)
         if hit is not None:  # stage 6: no model, the plan's cache price
-            return await self._from_cache(hit, recipes, scope, p, r, req, spec, principal,
+            return await self._from_cache(hit, recipes, likely, p, r, req, spec, principal,
                                           request_id, fmt, t0)
         with (self.results.lead(flight) if flight else contextlib.nullcontext(),
               self.fairness.hold(principal.name if principal else None),
@@ -374,12 +380,14 @@ class ImageService:
                 out, e, fallback = await self._generate(p, order, table)
                 verdicts = await self._check_images(out, p, r, req, spec, request_id,
                                                     principal)
-                ids = [new_image_id() for _ in p.jobs] if self.results else [None] * len(p.jobs)
-                cost, encoded = await self._deliver(out, verdicts, p, e, table, fmt, ids)
+                served = self._recipes(p, e, r, fmt)
+                keys = self._keys(served, scope, verdicts)
+                cost, encoded = await self._deliver(out, verdicts, p, e, table, fmt, keys)
                 alts = await self._alt_texts(out, r, verdicts)
-                urls = await self._store(self._recipes(p, e, r, fmt), scope, ids, encoded,
-                                         verdicts, alts, cost, p, e, r, req, spec, principal,
-                                         request_id, fmt, out) if self.results else None
+                ids = [new_image_id() for _ in p.jobs] if self.results else [None] * len(p.jobs)
+                urls = await self._store(served, keys, ids, encoded, verdicts, alts, cost, p, e,
+                                         r, req, spec, principal, request_id, fmt,
+                                         out) if self.results else None
             except BaseException:
                 if reservation is not None:  # failed, blocked or cancelled: nothing charged
                     await asyncio.shield(self._settle(reservation, 0.0, spec))
@@ -443,35 +451,53 @@ class ImageService:
         ext = EXTENSION[recipes[0].output_format]
         flight = flight_of(scope, keys)
         with stage("cache") as span:
-            while True:
+            for attempt in range(2):
                 records = await self.results.lookup(keys, [ext] * len(keys))
-                if records is not None and self._still_judged(records, spec, req):
+                if records is not None and (records := self._rejudged(records, spec, req)):
                     span.set_attribute("imagegen.cache_hit", True)
                     return list(zip(keys, records, strict=True)), None
-                if not await self.results.wait_for_flight(flight):
-                    return None, flight
+                if attempt or not await self.results.wait_for_flight(flight):
+                    break
+            # A follower whose leader kept nothing generates alone, without leading.
+            return None, None if attempt else flight
 
-    def _still_judged(self, records: list[ObjectRecord], spec: PlanSpec | None,
-                      req: GenerateRequest) -> bool:
-        """Whether the policy in force judges each stored image as it was delivered
-        (a changed threshold or classifier makes it a miss: generated and judged anew)."""
+    def _rejudged(self, records: list[ObjectRecord], spec: PlanSpec | None,
+                  req: GenerateRequest) -> list[ObjectRecord] | None:
+        """The stored images as the policy in force (this plan's profile, this
+        moderation level) judges them, if it still delivers each as generated (allow
+        or review); else None: a stricter threshold or another classifier makes a
+        miss, generated and judged anew."""
         if self.classifier is None:
-            return all(rec.action == "unchecked" for rec in records)
+            return records if all(r.action == "unchecked" for r in records) else None
+        if any(r.scores is None for r in records):
+            return None  # kept unchecked (fail open): classify it now
+        now = [r.model_copy(update={"action": self._judged(r.scores, spec, req).action})
+               for r in records]
+        return now if all(r.action in ("allow", "review") for r in now) else None
+
+    def _judged(self, scores: dict[str, float], spec: PlanSpec | None,
+                req: GenerateRequest) -> ImageVerdict:
         if self.policy is None:
-            return all(rec.action == "allow" for rec in records)
+            return ImageVerdict("allow", scores=scores)
         policy = self.policy.policy
         rules = policy.image_rules(spec.safety_profile if spec else "default", req.moderation)
-        return all(rec.scores is not None
-                   and judge(rec.scores, rules, policy.always).action == rec.action
-                   for rec in records)
+        return judge(scores, rules, policy.always)
 
-    async def _from_cache(self, hit, recipes: list[Recipe], scope: str, p: Plan, r: Rendered,
-                          req: GenerateRequest, spec: PlanSpec | None,
+    def _keys(self, recipes: list[Recipe], scope: str | None, verdicts) -> list[str | None]:
+        """Each image's name in the store: its recipe key, or for a blurred image the
+        key beside it (never a hit; never the unblurred bytes behind a blur)."""
+        if self.results is None:
+            return [None] * len(recipes)
+        return [rc.key(self.results.secret, scope) + (BLURRED if v.action == "blur" else "")
+                for rc, (v, _) in zip(recipes, verdicts, strict=True)]
+
+    async def _from_cache(self, hit, recipes: list[Recipe], e: ModelEntry, p: Plan,
+                          r: Rendered, req: GenerateRequest, spec: PlanSpec | None,
                           principal: Principal | None, request_id: str, fmt: Delivery,
                           t0: float) -> GenerateResponse:
-        e = self.lock.get(self.routing.likely(self._order(p, spec)))
         annotate(cache_hit=True, model=e.name, revision=e.revision)
-        cost = round(p.cost_units * (spec.cache_hit_fraction if spec else 1.0), 6)
+        weight = self.routing.table.cost_weight(p.tier, e.name, pinned=p.pinned)
+        cost = round(weight * p.work() * (spec.cache_hit_fraction if spec else 1.0), 6)
         reservation = None
         if spec is not None and self.ledger is not None:
             reservation = await self._reserve(principal, spec, replace(p, cost_units=cost))
@@ -483,6 +509,8 @@ class ImageService:
             if any(d is None for d in datas):
                 raise StorageUnavailable("a cached image went missing; retry")
             verdicts = [(ImageVerdict(rec.action), None) for _, rec in hit]
+            urls = [self.results.url(k, ext) if req.response_format == "url" else None
+                    for k, _ in hit]
             alts = [AltText(text=r.alt_text, source="template") if r.alt_text else None] * len(hit)
             with stage("store", **{"imagegen.images": len(hit)}):
                 await self.results.put_sidecars([
@@ -505,14 +533,13 @@ class ImageService:
                   mime_type=rec.mime_type,
                   b64_json=base64.b64encode(d).decode() if req.response_format == "b64_json"
                   else None,
-                  url=self.results.url(k, ext) if req.response_format == "url" else None,
-                  alt_text=alt, safety=ImageSafety(action=rec.action))
-            for i, (k, rec), j, ratio, d, alt in zip(ids, hit, p.jobs, p.ratios, datas, alts,
-                                                     strict=True)]
+                  url=url, alt_text=alt, safety=ImageSafety(action=rec.action))
+            for i, (_, rec), j, ratio, d, alt, url in zip(ids, hit, p.jobs, p.ratios, datas,
+                                                          alts, urls, strict=True)]
         return self._response(request_id, p, e, False, 0, cost, charged, images, r, 0.0, 0.0,
                               t0, cached=True)
 
-    async def _store(self, recipes: list[Recipe], scope: str, ids: list[str],
+    async def _store(self, recipes: list[Recipe], keys: list[str], ids: list[str],
                      encoded: list[bytes | None], verdicts, alts, cost: float, p: Plan,
                      e: ModelEntry, r: Rendered, req: GenerateRequest, spec: PlanSpec | None,
                      principal: Principal | None, request_id: str, fmt: Delivery,
@@ -522,7 +549,6 @@ class ImageService:
         that fails is 503 storage_unavailable and, the caller refunding, costs nothing.
         The URLs, for response_format url."""
         ext, mime = EXTENSION[fmt.format], MIME[fmt.format]
-        keys = [rc.key(self.results.secret, scope) for rc in recipes]
         delivered = sum(d is not None for d in encoded)
         share = cost / delivered if delivered else 0.0
         now = dt.datetime.now(dt.UTC)
@@ -554,6 +580,13 @@ class ImageService:
                  timings: dict | None = None) -> ImageRecord:
         now = dt.datetime.now(dt.UTC)
         days = spec.retention_days if spec else None
+        request = req.model_dump(mode="json", exclude_none=True, exclude={
+            "seed", "n", "size", "aspect_ratios", "megapixels"})
+        if v.restricted:  # the always-on category: the texts as hashes, as its case has
+            recipe = recipe.model_copy(update={"prompt": sha256(recipe.prompt),
+                                               "negative_prompt": sha256(recipe.negative_prompt)})
+            request = {k: x for k, x in request.items()
+                       if k not in ("prompt", "negative_prompt", "variables")}
         return ImageRecord(
             id=image_id, request_id=request_id, created=now,
             expires=now + dt.timedelta(days=days) if days else None,
@@ -561,8 +594,7 @@ class ImageService:
             key=key, ext=ext, mime_type=mime, width=j.width, height=j.height,
             aspect_ratio=ratio, seed=j.seed, tier=p.tier, model=e.name, revision=e.revision,
             template=r.template.ref if r.template else None, recipe=recipe,
-            request=req.model_dump(mode="json", exclude_none=True, exclude={
-                "seed", "n", "size", "aspect_ratios", "megapixels"}),
+            request=request,
             approval_id=req.approval_id,
             safety=ImageSafety(action=v.action, category=v.category, review_id=review_id),
             alt_text=alt, cost_units=round(cost, 6), cached=cached, timings=timings or {})
@@ -671,7 +703,7 @@ class ImageService:
         if seed is not None:
             fields["seed"] = seed
         annotate(reroll_of=image_id)
-        return await self.generate(GenerateRequest.model_validate(fields), request_id, caller)
+        return await self.generate(validate(GenerateRequest, fields), request_id, caller)
 
     async def file(self, path: str, expires: int, sig: str) -> tuple[bytes, str]:
         """A signed /v1/files URL's bytes and type (the local store's delivery)."""
@@ -862,10 +894,11 @@ class ImageService:
 
     async def _deliver(self, out: Generated, verdicts, p: Plan, e: ModelEntry,
                        table: RoutingTable, fmt: Delivery,
-                       ids: list[str | None]) -> tuple[float, list[bytes | None]]:
+                       keys: list[str | None]) -> tuple[float, list[bytes | None]]:
         """Stage 10: the price of what is delivered (a withheld image costs nothing),
         and the delivered images post-processed (blurred where judged so; watermarked
-        where the plan says, with the image's id) and encoded."""
+        where the plan says, with the object's key, which its sidecars name) and
+        encoded."""
         delivered = [v.action != "withhold" for v, _ in verdicts]
         annotate(images=sum(delivered))  # imagegen_images_total: what went out
         weight = table.cost_weight(p.tier, e.name, pinned=p.pinned)
@@ -879,7 +912,7 @@ class ImageService:
                 return None
             image = blur(out.images[i]) if verdicts[i][0].action == "blur" else out.images[i]
             if fmt.watermark:
-                image = watermarked(image, ids[i])
+                image = watermarked(image, keys[i])
             return encode(image, fmt.format, fmt.quality)
 
         with stage("encode", **{"imagegen.images": sum(delivered),

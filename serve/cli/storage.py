@@ -1,7 +1,9 @@
 """`imagegen storage gc`: retention. Removes the sidecars past their `expires` (the
 plan's retention_days), then the objects (and their records) no remaining sidecar
-names, once older than the grace period (an object is written before its sidecar:
-a request in flight keeps its own)."""
+names, once their record is older than the grace period. An object is written
+before its record and its sidecars, and a cache hit names an old object in a new
+sidecar: so an object without a record is left (a request may be writing it), and
+the sidecars written while gc ran are read again before anything is removed."""
 
 from __future__ import annotations
 
@@ -67,10 +69,15 @@ async def gc(store, *, dry_run: bool = False, grace_s: int = 3600,
             continue
         record = next((p for p in paths if p.endswith(".json")), None)
         raw = await store.get(record) if record else None
-        created = ObjectRecord.model_validate_json(raw).created if raw else None
-        if created is not None and (now - created).total_seconds() < grace_s:
+        if raw is None:
+            continue  # no record yet: a request may be writing it
+        if (now - ObjectRecord.model_validate_json(raw).created).total_seconds() < grace_s:
             continue  # a request in flight may be about to name it
         stale += paths
+    for path in sorted(set(await store.keys("images/")) - set(sidecars)):
+        raw = await store.get(path)  # written meanwhile (a hit names an old object)
+        if raw is not None and (key := ImageRecord.model_validate_json(raw).key):
+            stale = [p for p in stale if p.rsplit("/", 1)[-1].split(".", 1)[0] != key]
     if not dry_run:
         for path in expired:
             await store.delete(path)

@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import math
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from email.utils import format_datetime
@@ -46,7 +47,7 @@ from ..schemas import (
 )
 from ..service import ImageService
 from ..storage.records import RerollRequest, StoredImage
-from ..storage.results import FILES_ROUTE, IMMUTABLE
+from ..storage.results import FILES_ROUTE
 from ..telemetry import Metrics, annotate, current_trace_id, request_scope, stage
 from ..templates.library import Template
 
@@ -208,7 +209,9 @@ def build_http_app(
     async def reroll(image_id: str, request: Request) -> Response:
         """The image's request again with a new seed (or the one given)."""
         caller = await service.authenticate(request.headers, peer(request))
-        body = await read_json_body(request, 4096) if await request.body() else b"{}"
+        empty = request.headers.get("content-length") in (None, "0") and \
+            "chunked" not in request.headers.get("transfer-encoding", "")
+        body = b"{}" if empty else await read_json_body(request, 4096)
         r = validate(RerollRequest, load_json(body))
         resp = await service.reroll(caller, image_id, request_id(request), r.seed)
         return Response(absolute(request, resp).model_dump_json(), media_type="application/json",
@@ -220,10 +223,12 @@ def build_http_app(
         """A stored image by its signed link (the local store; S3 links are presigned).
         Its bytes never change: cached as immutable."""
         data, mime = await service.file(path, expires, sig)
-        etag = f'"{path.rsplit("/", 1)[-1].split(".")[0][:32]}"'
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMMUTABLE})
-        return Response(data, media_type=mime, headers={"ETag": etag, "Cache-Control": IMMUTABLE})
+        # the caller's own image, for as long as its link works: no shared cache
+        headers = {"ETag": f'"{path.rsplit("/", 1)[-1].split(".")[0][:40]}"',
+                   "Cache-Control": f"private, max-age={max(0, expires - int(time.time()))}"}
+        if request.headers.get("if-none-match") == headers["ETag"]:
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type=mime, headers=headers)
 
     from . import openai  # it imports this module's helpers
 

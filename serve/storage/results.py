@@ -22,8 +22,13 @@ from .store import ObjectStore, check_key
 
 Scope = Literal["principal", "shared"]
 FILES_ROUTE = "/v1/files/"
-# An object never changes under its key: caches may keep it as long as they like.
+# An object never changes under its key: caches may keep it as long as they like;
+# shared caches only where a CDN serves the bucket (else each link is one caller's).
 IMMUTABLE = "public, max-age=31536000, immutable"
+PRIVATE = "private, max-age=31536000, immutable"
+# What a blurred image is kept under, beside its recipe key: never a cache hit (a hit
+# is delivered as generated), never the unblurred bytes behind a blurred verdict.
+BLURRED = "-blur"
 _SIG = re.compile(r"[0-9a-f]{32}")
 
 
@@ -35,6 +40,7 @@ class Results:
         self.scope_mode = scope
         self.url_ttl_s = url_ttl_s
         self.cdn_base_url = cdn_base_url.rstrip("/") if cdn_base_url else None
+        self.cache_control = IMMUTABLE if self.cdn_base_url else PRIVATE
         self._flights: dict[str, asyncio.Future] = {}
 
     def scope(self, principal: str | None) -> str:
@@ -60,7 +66,8 @@ class Results:
 
     async def wait_for_flight(self, flight: str) -> bool:
         """If an identical request is generating in this replica, wait for it to end
-        (True: look again); False if none is."""
+        (True: look again, once: a leader that failed or kept nothing leaves each
+        follower to generate on its own, at once); False if none is."""
         running = self._flights.get(flight)
         if running is None:
             return False
@@ -91,13 +98,13 @@ class Results:
 
     async def keep(self, key: str, ext: str, mime: str, data: bytes,
                    record: ObjectRecord) -> None:
-        """The object (once per recipe key), then its record."""
+        """The object (once per key: its bytes never change), then its record, always
+        (the latest verdict and scores: what the next lookup judges again)."""
         path = object_key(key, ext)
         if not await self.store.exists(path):
-            await self.store.put(path, data, mime, IMMUTABLE)
-        if not await self.store.exists(record_key(key)):
-            await self.store.put(record_key(key), record.model_dump_json().encode(),
-                                 "application/json")
+            await self.store.put(path, data, mime, self.cache_control)
+        await self.store.put(record_key(key), record.model_dump_json().encode(),
+                             "application/json")
 
     async def put_sidecars(self, records: list[ImageRecord]) -> None:
         """Every image's sidecar, or none of them (a failure removes those written)."""

@@ -218,16 +218,23 @@ def test_the_store_down_is_503_refunded_and_leaves_no_sidecar(world, monkeypatch
     assert asyncio.run(world.store.keys("images/")) == []
 
 
-def test_a_changed_policy_makes_a_stored_image_a_miss(world):
-    world.run(seed=40)
+def test_a_stricter_policy_makes_a_stored_image_a_miss_and_a_blur_is_never_a_hit(world):
+    def thresholds(line: str, version: int) -> None:
+        assert world.policy.apply_text(POLICY.read_text().replace(
+            "version: 2", f"version: {version}").replace(
+            "    sexual: {review: 0.3, blur: 0.5, withhold: 0.7}", line, 1), "file p")
+
+    plain = world.run(seed=40, response_format="url")
     calls = len(world.backend.calls)
-    text = POLICY.read_text().replace("version: 2", "version: 3").replace(
-        "    sexual: {review: 0.3, blur: 0.5, withhold: 0.7}",
-        "    sexual: {review: 0.01, blur: 0.5, withhold: 0.7}", 1)
-    assert world.policy.apply_text(text, "file p")
-    r = world.run(seed=40)
-    assert not r.cached and len(world.backend.calls) == calls + 1
-    assert r.images[0].safety.action == "review"  # judged anew, under the new thresholds
+    thresholds("    sexual: {review: 0.01, blur: 0.5, withhold: 0.7}", 3)
+    r = world.run(seed=40)  # still delivered as generated: a hit, judged anew
+    assert r.cached and r.images[0].safety.action == "review"
+    thresholds("    sexual: {blur: 0.01, withhold: 0.7}", 4)
+    blurred = world.run(seed=40, response_format="url")
+    assert not blurred.cached and len(world.backend.calls) == calls + 1
+    assert blurred.images[0].safety.action == "blur"
+    assert blurred.images[0].url != plain.images[0].url  # never the unblurred bytes
+    assert not world.run(seed=40).cached  # a blurred image is never a hit
 
 
 def test_a_watermark_plan_marks_each_image_with_its_id(world, lock, routing, backend):
@@ -298,6 +305,31 @@ def test_on_s3_a_hit_and_a_presigned_link_fetched_for_real(lock, routing, backen
     head = moto_s3.admin.head_object(Bucket=BUCKET, Key=url.split(f"/{BUCKET}/", 1)[1]
                                      .split("?")[0])
     assert head["ServerSideEncryption"] == "AES256"
-    assert head["CacheControl"] == "public, max-age=31536000, immutable"
+    assert head["CacheControl"] == "private, max-age=31536000, immutable"  # no CDN: no
+    # shared cache may keep one caller's image
     record, _ = asyncio.run(s.image(ALICE, first.images[0].id))
     assert record.mime_type == "image/avif"
+
+
+def test_a_restricted_images_sidecar_keeps_its_texts_as_hashes(world, lock, routing, backend,
+                                                               tmp_path):
+    from serve.safety.review import sha256
+
+    s = ImageService(lock, LiveRouting(routing, lock, "file t"), backend, plans=PLANS,
+                     policy=world.policy,
+                     classifier=LocalClassifier(FixedScores({"sexual_minors": 0.9})),
+                     results=world.service.results)
+    r = asyncio.run(s.generate(GenerateRequest(prompt="a teddy bear", seed=3), "r", ALICE))
+    assert r.images[0].safety.action == "withhold"
+    record, url = asyncio.run(s.image(ALICE, r.images[0].id))
+    assert url is None and record.recipe.prompt == sha256("a teddy bear")
+    assert "prompt" not in record.request
+
+
+def test_duplicate_aspect_ratios_are_refused_not_charged_twice(world):
+    from serve.errors import InvalidRequest
+
+    for ratios in (["1:1", "1:1"], ["2:1", "4:2"]):
+        with pytest.raises(InvalidRequest) as e:
+            world.run(seed=1, aspect_ratios=ratios)
+        assert e.value.details[0]["type"] == "duplicate"
