@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and exact: an open pin would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,loadtest,capacity,safety]'
+	$(PIP) install -q -e '.[dev,loadtest,capacity,safety,provenance]'
 	# the invisible watermark's library, without the opencv-python and torch its
 	# metadata asks for (the headless OpenCV and the exact torch above serve it)
 	$(PIP) install -q --no-deps invisible-watermark==0.2.0

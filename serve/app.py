@@ -63,6 +63,23 @@ def storage_of(settings: Settings) -> dict[str, Any]:
             "cdn_base_url": settings.cdn_base_url}
 
 
+def c2pa_of(settings: Settings) -> tuple[str, str, str] | None:
+    """The C2PA signing credentials, tried once here: a key that does not fit its
+    certificate, or an unusable certificate, refuses to start."""
+    if not (settings.c2pa_cert_file or settings.c2pa_key_file):
+        return None
+    if not (settings.c2pa_cert_file and settings.c2pa_key_file):
+        raise ConfigError("C2PA signing needs both c2pa_cert_file and c2pa_key_file")
+    from .imaging.provenance import C2paSigner  # the provenance extra
+
+    try:
+        C2paSigner(settings.c2pa_cert_file, settings.c2pa_key_file,
+                   alg=settings.c2pa_alg).close()
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"C2PA signing: {e}") from None
+    return str(settings.c2pa_cert_file), str(settings.c2pa_key_file), settings.c2pa_alg
+
+
 def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
     """Ingress + one model deployment per models.lock revision (+ the image
     classifier's, where it runs apart).
@@ -132,7 +149,7 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
                     image_classifier_placement=settings.image_classifier_placement,
                     image_safety_fail_open=settings.image_safety_fail_open,
                     captioner=settings.captioner,
-                    storage=storage_of(settings))
+                    storage=storage_of(settings), c2pa=c2pa_of(settings))
     check_spec(settings.image_classifier)  # a spec that can never work refuses to start
     if settings.captioner:
         load_attribute(settings.captioner, "captioner")

@@ -173,6 +173,13 @@ class Settings(BaseSettings):
         None, description="links as this base + the object's key (a CDN in front of the "
         "bucket; objects carry immutable cache headers) instead of presigned ones",
     )
+    c2pa_cert_file: Path | None = Field(
+        None, description="PEM certificate chain (leaf first) that signs a C2PA manifest "
+        "into every delivered image (the `provenance` extra); with c2pa_key_file",
+    )
+    c2pa_key_file: Path | None = Field(None, description="its PKCS#8 PEM private key")
+    c2pa_alg: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = \
+        Field("es256", description="the signing algorithm of that key")
     image_classifier: str = Field(
         "nudenet", description="stage 9's classifier: nudenet (the `safety` extra), "
         "fixed:CATEGORY=SCORE,... (drills), module:attribute (your own class), or none "

@@ -206,6 +206,7 @@ class Delivery:
     format: str  # png | webp | avif | jpeg
     quality: int | None
     watermark: bool  # the plan's
+    c2pa: bool = False  # a signed C2PA manifest besides the XMP mark
 
 
 def watermarked(image, key: str | None):
@@ -249,7 +250,8 @@ class ImageService:
                  policy: LivePolicy | None = None, styles: Styles | None = None,
                  review: ReviewQueue | None = None, keep_prompts: bool = False,
                  classifier: Classifying | None = None, fail_open: bool = False,
-                 captioner: Captioner | None = None, results: Results | None = None) -> None:
+                 captioner: Captioner | None = None, results: Results | None = None,
+                 c2pa=None) -> None:
         self.lock = lock
         self.routing = routing
         self.backend = backend
@@ -268,6 +270,7 @@ class ImageService:
         self.fail_open = fail_open  # a failing classifier: deliver unchecked, not 503
         self.captioner = captioner  # drafts alt text where the template has no pattern
         self.results = results  # stages 6 and 11 (None: nothing stored, nothing cached)
+        self.c2pa = c2pa  # signs a C2PA manifest into each delivered image (None: XMP only)
         self.idempotency_lease_s = idempotency_lease_s  # past any request's deadline
         self._orphans: set[asyncio.Task] = set()  # refunds and releases whose caller left
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
@@ -360,7 +363,8 @@ class ImageService:
         if req.response_format == "url" and self.results is None:
             raise InvalidRequest("response_format url needs an object store; ask for b64_json",
                                  details=[{"field": "response_format", "type": "unsupported"}])
-        fmt = Delivery(req.output_format, req.output_quality, bool(spec and spec.watermark))
+        fmt = Delivery(req.output_format, req.output_quality, bool(spec and spec.watermark),
+                       c2pa=self.c2pa is not None and self.c2pa.supports(MIME[req.output_format]))
         scope = self.results.scope(principal.name if principal else None) \
             if self.results else None
         likely = self.lock.get(self.routing.likely(order))
@@ -438,7 +442,7 @@ class ImageService:
                        negative_prompt=j.negative_prompt, seed=j.seed, width=j.width,
                        height=j.height, steps=j.steps, guidance=j.guidance,
                        scheduler="revision", output_format=fmt.format, quality=fmt.quality,
-                       watermark=fmt.watermark) for j in p.jobs]
+                       watermark=fmt.watermark, c2pa=fmt.c2pa) for j in p.jobs]
 
     async def _cached(self, recipes: list[Recipe], scope: str | None, spec: PlanSpec | None,
                       req: GenerateRequest) -> tuple[list | None, str | None]:
@@ -913,7 +917,8 @@ class ImageService:
             image = blur(out.images[i]) if verdicts[i][0].action == "blur" else out.images[i]
             if fmt.watermark:
                 image = watermarked(image, keys[i])
-            return encode(image, fmt.format, fmt.quality)
+            data = encode(image, fmt.format, fmt.quality)
+            return self.c2pa.sign(data, MIME[fmt.format]) if fmt.c2pa else data
 
         with stage("encode", **{"imagegen.images": sum(delivered),
                                 "imagegen.format": fmt.format}):

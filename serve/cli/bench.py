@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import statistics
@@ -25,6 +26,19 @@ from ..engines.base import EngineSpec, Job
 from ..lockfile import load_lock
 from ..routing import load_routing
 from .common import settings as settings_of
+
+# The benchmarks with a module of their own (add_arguments, run); `serve` and
+# `capacity` are built here.
+_BENCHES = {"state": "bench_state", "policy": "bench_policy", "flood": "bench_flood",
+            "safety": "bench_safety", "cache": "bench_cache", "encode": "bench_encode"}
+_HELP = {
+    "state": "what authenticating costs per request, per state store backend",
+    "policy": "what the prompt policy costs per prompt, at 10,000 terms",
+    "flood": "more requests at once than a revision queues: how fast the rest are refused",
+    "safety": "what the image classifier costs: in-process, and per placement in the stack",
+    "cache": "a cache hit against a miss through the whole stack",
+    "encode": "what encoding costs per format and size, and the watermark",
+}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -47,22 +61,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     bc.add_argument("--overhead-ms", type=float, default=15.0,
                     help="planner's per-request stack overhead (bench serve's added p50)")
     bc.add_argument("--port", type=int, default=8123)
-    from . import bench_state
-
-    bench_state.add_arguments(bsub.add_parser(
-        "state", help="what authenticating costs per request, per state store backend"))
-    from . import bench_cache, bench_encode, bench_flood, bench_policy, bench_safety
-
-    bench_policy.add_arguments(bsub.add_parser(
-        "policy", help="what the prompt policy costs per prompt, at 10,000 terms"))
-    bench_flood.add_arguments(bsub.add_parser(
-        "flood", help="more requests at once than a revision queues: how fast the rest are refused"))
-    bench_safety.add_arguments(bsub.add_parser(
-        "safety", help="what the image classifier costs: in-process, and per placement in the stack"))
-    bench_cache.add_arguments(bsub.add_parser(
-        "cache", help="a cache hit against a miss through the whole stack"))
-    bench_encode.add_arguments(bsub.add_parser(
-        "encode", help="what encoding costs per format and size, and the watermark"))
+    for name, module in _BENCHES.items():
+        importlib.import_module(f".{module}", __package__).add_arguments(
+            bsub.add_parser(name, help=_HELP[name]))
     return b
 
 
@@ -72,30 +73,8 @@ def run(args: argparse.Namespace) -> int:
         from . import bench_capacity
 
         return bench_capacity.run(args, settings)
-    if args.bench_command == "policy":
-        from . import bench_policy
-
-        return bench_policy.run(args, settings)
-    if args.bench_command == "flood":
-        from . import bench_flood
-
-        return bench_flood.run(args, settings)
-    if args.bench_command == "safety":
-        from . import bench_safety
-
-        return bench_safety.run(args, settings)
-    if args.bench_command == "cache":
-        from . import bench_cache
-
-        return bench_cache.run(args, settings)
-    if args.bench_command == "encode":
-        from . import bench_encode
-
-        return bench_encode.run(args, settings)
-    if args.bench_command == "state":
-        from . import bench_state
-
-        return bench_state.run(args, settings)
+    if module := _BENCHES.get(args.bench_command):
+        return importlib.import_module(f".{module}", __package__).run(args, settings)
     return run_serve(args, settings)
 
 

@@ -91,6 +91,15 @@ class Access:
     image_safety_fail_open: bool = False
     captioner: str | None = None  # module:attribute
     storage: dict[str, Any] | None = None  # open_store's url and options, and Results'
+    c2pa: tuple[str, str, str] | None = None  # certificate chain, key, algorithm
+
+    def signer(self):
+        if self.c2pa is None:
+            return None
+        from ..imaging.provenance import C2paSigner  # made in this process (not forked)
+
+        cert, key, alg = self.c2pa
+        return C2paSigner(cert, key, alg=alg)
 
     def results(self) -> Results | None:
         if not self.storage:
@@ -262,7 +271,8 @@ class Ingress:
             classifier=self._classifier(access, safety),
             fail_open=bool(access and access.image_safety_fail_open),
             captioner=_captioner(access.captioner) if access else None,
-            results=access.results() if access else None)
+            results=access.results() if access else None,
+            c2pa=access.signer() if access else None)
         self.safety_status = safety.options(method_name="status") if safety else None
         self.safety: dict[str, Any] | None = None
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,

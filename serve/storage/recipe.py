@@ -39,6 +39,7 @@ class Recipe(BaseModel):
     output_format: str
     quality: int | None
     watermark: bool
+    c2pa: bool = False  # a signed C2PA manifest in the bytes
     postprocess: int = POSTPROCESS_VERSION
 
     def key(self, secret: bytes, scope: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import time
 
 import numpy as np
@@ -333,3 +334,34 @@ def test_duplicate_aspect_ratios_are_refused_not_charged_twice(world):
         with pytest.raises(InvalidRequest) as e:
             world.run(seed=1, aspect_ratios=ratios)
         assert e.value.details[0]["type"] == "duplicate"
+
+
+def test_a_configured_signer_puts_c2pa_credentials_in_every_delivered_image(
+        world, lock, routing, backend, tmp_path):
+    pytest.importorskip("c2pa")
+    from c2pa_certs import issue
+
+    from serve.app import c2pa_of
+    from serve.config import load_settings
+    from serve.errors import ConfigError
+    from serve.imaging.encode import DIGITAL_SOURCE_TYPE
+    from serve.imaging.provenance import C2paSigner, read_manifest
+
+    creds = issue(tmp_path / "c2pa")
+    s = ImageService(lock, LiveRouting(routing, lock, "file t"), backend, plans=PLANS,
+                     results=world.service.results, c2pa=C2paSigner(creds.chain, creds.key))
+    for fmt, mime in (("png", "image/png"), ("jpeg", "image/jpeg"), ("webp", "image/webp")):
+        r = asyncio.run(s.generate(GenerateRequest(prompt="a secret prompt", seed=6,
+                                                   output_format=fmt), "r", ALICE))
+        data = base64.b64decode(r.images[0].b64_json)
+        manifest = read_manifest(data, mime)
+        assert DIGITAL_SOURCE_TYPE in json.dumps(manifest)
+        assert "a secret prompt" not in json.dumps(manifest)
+        assert b"a secret prompt" not in data
+        record, _ = asyncio.run(s.image(ALICE, r.images[0].id))
+        assert record.recipe.c2pa  # another recipe than the unsigned one: no stale hit
+    other = issue(tmp_path / "other")
+    with pytest.raises(ConfigError):  # a key that does not fit its certificate
+        c2pa_of(load_settings(c2pa_cert_file=creds.chain, c2pa_key_file=other.key))
+    with pytest.raises(ConfigError):
+        c2pa_of(load_settings(c2pa_cert_file=creds.chain))
