@@ -5,9 +5,11 @@ policy -> route the tier and resolve the request against its primary (defaults a
 limits; every fallback accepts at least as much; a commercial plan keeps only
 revisions licensed for it) -> admit (the plan's limits; the principal's share of
 this replica; the first revision's room here, else 503 at once) -> reserve the cost
-in the budget -> generate on the first usable revision, failing over -> image safety
-(classify, judge, blur or withhold, queue for review) -> price what is delivered ->
-encode -> commit -> answer. Each stage has its span (`stage`) and tells the request's record what it learned
+in the budget (a seeded request already stored is answered from the store before
+this, at the cache price) -> generate on the first usable revision, failing over ->
+image safety (classify, judge, blur or withhold, queue for review) -> price what is
+delivered -> post-process and encode -> store (objects, records, sidecars) -> commit
+-> answer. Each stage has its span (`stage`) and tells the request's record what it learned
 (`annotate`): the log line and the metrics are written once, by the transport.
 """
 
