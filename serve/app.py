@@ -63,6 +63,27 @@ def storage_of(settings: Settings) -> dict[str, Any]:
             "cdn_base_url": settings.cdn_base_url}
 
 
+def batch_of(settings: Settings) -> dict[str, Any]:
+    """Every ingress replica's batch settings, and the webhook secret they share."""
+    secret = settings.webhook_secret
+    if secret is None and settings.webhook_allowlist:
+        if state_backend(settings.state_url) != "sqlite":
+            raise ConfigError("webhook_secret is required with a Redis state store: every "
+                              "ingress replica signs batch webhooks alike")
+        from .batch.webhooks import format_secret
+
+        path = sqlite_path(settings.state_url).parent / "webhook-secret"
+        secret = format_secret(load_secret(None, path)[:32])
+    if settings.webhook_allowlist:
+        from .batch.webhooks import Webhooks, parse_secret
+
+        Webhooks(parse_secret(secret), settings.webhook_allowlist)  # a bad entry: refused
+    return {"max_items": settings.batch_max_items, "concurrency": settings.batch_concurrency,
+            "yield_at": settings.batch_yield_at, "attempts": settings.batch_attempts,
+            "lease_s": settings.batch_lease_s, "webhook_allowlist": settings.webhook_allowlist,
+            "webhook_secret": secret}
+
+
 def c2pa_of(settings: Settings) -> tuple[str, str, str] | None:
     """The C2PA signing credentials, tried once here: a key that does not fit its
     certificate, or an unusable certificate, refuses to start."""
@@ -149,7 +170,8 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
                     image_classifier_placement=settings.image_classifier_placement,
                     image_safety_fail_open=settings.image_safety_fail_open,
                     captioner=settings.captioner,
-                    storage=storage_of(settings), c2pa=c2pa_of(settings))
+                    storage=storage_of(settings), c2pa=c2pa_of(settings),
+                    batch=batch_of(settings))
     check_spec(settings.image_classifier)  # a spec that can never work refuses to start
     if settings.captioner:
         load_attribute(settings.captioner, "captioner")

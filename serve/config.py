@@ -180,6 +180,32 @@ class Settings(BaseSettings):
     c2pa_key_file: Path | None = Field(None, description="its PKCS#8 PEM private key")
     c2pa_alg: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = \
         Field("es256", description="the signing algorithm of that key")
+    batch_max_items: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        1000, description="generation requests one batch may hold",
+    )
+    batch_concurrency: Annotated[int, Field(ge=0, le=64)] = Field(
+        2, description="batch items each ingress replica runs at once (0: this replica "
+        "runs none)",
+    )
+    batch_yield_at: Annotated[int, Field(ge=0)] = Field(
+        2, description="interactive requests in flight on an ingress replica from which "
+        "its batch worker claims nothing more (batch yields to interactive traffic)",
+    )
+    batch_attempts: Annotated[int, Field(ge=1, le=20)] = Field(
+        5, description="attempts of a batch item before it is dead-lettered",
+    )
+    batch_lease_s: Annotated[float, Field(ge=5, le=3600)] = Field(
+        180.0, description="how long a worker holds an item before another may take it "
+        "(renewed while it runs)",
+    )
+    webhook_allowlist: list[str] = Field(
+        default_factory=list, description="URL prefixes batch webhooks may call (empty: "
+        "no webhooks); internal addresses only where listed exactly",
+    )
+    webhook_secret: str | None = Field(
+        None, description="whsec_... signing batch webhooks (Standard Webhooks); unset: "
+        "one kept beside a SQLite state store (a Redis one requires it)",
+    )
     image_classifier: str = Field(
         "nudenet", description="stage 9's classifier: nudenet (the `safety` extra), "
         "fixed:CATEGORY=SCORE,... (drills), module:attribute (your own class), or none "

@@ -273,6 +273,7 @@ class ImageService:
         self.captioner = captioner  # drafts alt text where the template has no pattern
         self.results = results  # stages 6 and 11 (None: nothing stored, nothing cached)
         self.c2pa = c2pa  # signs a C2PA manifest into each delivered image (None: XMP only)
+        self.batches = None  # serve/batch/jobs.BatchJobs, where batch jobs run
         self.idempotency_lease_s = idempotency_lease_s  # past any request's deadline
         self._orphans: set[asyncio.Task] = set()  # refunds and releases whose caller left
         self.may_pin = may_pin  # any caller may pin a revision (principals: per plan)
@@ -691,6 +692,60 @@ class ImageService:
         item = await self.review.decide(item_id, d)
         annotate(review={"decision": decision, "reason": reason})
         return item
+
+    # Batch jobs (serve/batch): items checked at submission, run later as requests.
+
+    async def preflight(self, req: GenerateRequest, principal: Principal) -> None:
+        """What a batch item must pass when its batch is submitted: its template, the
+        prompt policy (a block is recorded as for a request), routing, the model's and
+        the plan's limits. The budget pays per item, when it runs."""
+        spec = self.plans.get(principal.plan) if self.plans else None
+        r = self._render(req, spec)
+        await self._check_prompt(req.tier, r, spec, "batch-submit", principal)
+        p = plan(req.model_copy(update={"prompt": r.prompt, "negative_prompt": r.negative_prompt}),
+                 self.lock, self.routing.table, may_pin=self.may_pin)
+        self._order(p, spec)
+        if spec is not None:
+            admit(principal.plan, spec, tier=p.tier, n=len(p.jobs), megapixels=p.megapixels(),
+                  raw_prompt=r.template is None)
+
+    def _jobs(self):
+        if self.batches is None:
+            raise NotFound("this service runs no batch jobs")
+        return self.batches
+
+    async def submit_batch(self, caller: Principal, body):
+        return await self._jobs().submit(caller, body)
+
+    async def batch(self, caller: Principal, batch_id: str):
+        return await self._jobs().view(caller, batch_id)
+
+    async def my_batches(self, caller: Principal):
+        return await self._jobs().mine(caller)
+
+    async def cancel_batch(self, caller: Principal, batch_id: str):
+        return await self._jobs().cancel(caller, batch_id)
+
+    async def batch_results(self, caller: Principal, batch_id: str):
+        return await self._jobs().results(caller, batch_id)
+
+    async def run_item(self, item, owner: str) -> dict:
+        """One batch item as its owner's request: every stage, under an
+        Idempotency-Key of its item id (a retry after a lost answer is charged once)."""
+        plan_name = await self.auth.plan_of(owner) if self.auth else None
+        if self.auth is not None and plan_name is None:
+            raise Forbidden(f"principal {owner!r} has no active key any more")
+        principal = Principal(name=owner, roles=frozenset({"user"}),
+                              plan=plan_name or "default")
+        try:
+            resp = await self.generate(validate(GenerateRequest, item.request), item.id,
+                                       principal, idempotency_key=f"batch:{item.id}")
+        except IdempotencyInProgress:  # an earlier attempt (a dead worker's) still holds it
+            raise Overloaded(f"an earlier attempt of {item.id} is still running") from None
+        return {"images": [i.id for i in resp.images], "seeds": [i.seed for i in resp.images],
+                "revision": resp.revision, "model": resp.model, "cost_units": resp.cost_units,
+                "cached": resp.cached,
+                "withheld": sum(i.safety.action == "withhold" for i in resp.images)}
 
     # Stored images: the owner's (or an admin's) alone; anyone else's is "not found".
 

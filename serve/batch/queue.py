@@ -35,6 +35,8 @@ Choices the contract fixes:
   `depth`), so a batch's counts still sum to the items it was created with.
 - A batch's state is computed on read: "cancelled" once cancelled, else "completed"
   when no item is pending or leased, else "running".
+- `notify_once` is a flag set once per batch, never cleared: a batch that completes,
+  has dead items replayed and completes again is not notified again.
 - Time is the caller's clock (`now`, default time.time()): leases are long beside the
   skew between hosts; tests pass `now` to move time without sleeping.
 """
@@ -144,6 +146,12 @@ class BatchQueue(Protocol):
 
     async def cancel(self, batch_id: str, *, now: float | None = None) -> int:
         """Cancel the batch's pending items; how many."""
+        ...
+
+    async def notify_once(self, batch_id: str) -> bool:
+        """True for the first caller only, ever, per batch (False for a batch that does
+        not exist): whoever gets True sends the batch's completion webhook, so it goes
+        once even when two workers finish its last items together."""
         ...
 
     async def dead(self, limit: int = 100) -> list[Item]:

@@ -32,6 +32,7 @@ items under tokens nobody holds: they come back when those leases expire.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -52,7 +53,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY, principal TEXT NOT NULL, created REAL NOT NULL,
     completion_window_s REAL NOT NULL, webhook_url TEXT, state TEXT NOT NULL,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL, notified INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS batches_by_principal ON batches (principal, created, id);
 CREATE TABLE IF NOT EXISTS batch_items (
@@ -93,6 +94,18 @@ def _item_row(r) -> Item:
                 lease_until=r[10], updated=r[11])
 
 
+def _add_notified(conn) -> None:
+    # A store made before `notified` existed: add the column. Two processes may race
+    # here; the loser's "duplicate column" is the column being there.
+    if any(c[1] == "notified" for c in conn.execute("PRAGMA table_info(batches)")):
+        return
+    try:
+        conn.execute("ALTER TABLE batches ADD COLUMN notified INTEGER NOT NULL DEFAULT 0")
+    except sqlite3.OperationalError as e:
+        if "duplicate column" not in str(e):
+            raise
+
+
 def _sqlite_batch(conn, r) -> Batch:
     counts = dict(conn.execute("SELECT state, COUNT(*) FROM batch_items WHERE batch_id = ? "
                                "GROUP BY state", (r[0],)).fetchall())
@@ -104,6 +117,7 @@ class SQLiteQueue:
     def __init__(self, path: Path) -> None:
         self.db = SQLiteDB(path)
         self.db.conn.executescript(_SCHEMA)
+        _add_notified(self.db.conn)
 
     async def _tx(self, fn):
         return await self.db.run(lambda conn: transaction(conn, lambda: fn(conn)))
@@ -116,7 +130,8 @@ class SQLiteQueue:
 
         def create(conn):
             new = conn.execute(
-                "INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?, 'running', ?)",
+                "INSERT OR IGNORE INTO batches (id, principal, created, completion_window_s, "
+                "webhook_url, state, size) VALUES (?, ?, ?, ?, ?, 'running', ?)",
                 (batch.id, batch.principal, batch.created, batch.completion_window_s,
                  batch.webhook_url, len(requests))).rowcount
             if not new:  # a retried create: the stored batch is kept
@@ -254,6 +269,11 @@ class SQLiteQueue:
                                 (now, batch_id)).rowcount
 
         return await self._tx(cancel)
+
+    async def notify_once(self, batch_id: str) -> bool:
+        return bool(await self._tx(lambda conn: conn.execute(
+            "UPDATE batches SET notified = 1 WHERE id = ? AND notified = 0",
+            (batch_id,)).rowcount))
 
     async def dead(self, limit: int = 100) -> list[Item]:
         _check_limit(limit)
@@ -474,6 +494,12 @@ end
 return n
 """
 
+# KEYS[1] the batch. 1 for the first caller; HSETNX alone would create a missing batch.
+_NOTIFY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], 'notified', '1')
+"""
+
 # KEYS: hashes of the one slot; each one's fields (an empty list: none).
 _READ = """
 local out = {}
@@ -518,7 +544,7 @@ class RedisQueue:
         reg = self.redis.register_script
         self._create, self._claim, self._complete = reg(_CREATE), reg(_CLAIM), reg(_COMPLETE)
         self._fail, self._renew, self._cancel = reg(_FAIL), reg(_RENEW), reg(_CANCEL)
-        self._undead, self._read = reg(_UNDEAD), reg(_READ)
+        self._undead, self._read, self._notify = reg(_UNDEAD), reg(_READ), reg(_NOTIFY)
 
     async def _run(self, script, now: float | None, *args, keys: tuple = ()):
         return await script(keys=[*_KEYS, *keys], args=[_P, _now(now), *args])
@@ -587,6 +613,10 @@ class RedisQueue:
     @unavailable
     async def cancel(self, batch_id: str, *, now: float | None = None) -> int:
         return int(await self._run(self._cancel, now, batch_id))
+
+    @unavailable
+    async def notify_once(self, batch_id: str) -> bool:
+        return bool(await self._notify(keys=[f"{_P}batch:{batch_id}"]))
 
     @unavailable
     async def dead(self, limit: int = 100) -> list[Item]:

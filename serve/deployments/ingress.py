@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -18,6 +19,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from ..batch.jobs import BatchJobs
+from ..batch.queue import open_queue
+from ..batch.webhooks import Webhooks, parse_secret
+from ..batch.worker import BatchWorker
 from ..batching import Batcher, QueueFull
 from ..engines.base import Generated, Job
 from ..errors import GenerationFailed, ImagegenError, ModelTimeout, ModelUnavailable, Overloaded
@@ -92,6 +97,7 @@ class Access:
     captioner: str | None = None  # module:attribute
     storage: dict[str, Any] | None = None  # open_store's url and options, and Results'
     c2pa: tuple[str, str, str] | None = None  # certificate chain, key, algorithm
+    batch: dict[str, Any] | None = None  # app.batch_of: limits, worker, webhooks
 
     def signer(self):
         if self.c2pa is None:
@@ -290,6 +296,8 @@ class Ingress:
         elif source.file:
             self._tasks.append(asyncio.create_task(watch_file(
                 Path(source.file), self.routing.apply_text, self.routing.unreachable)))
+        if access and access.batch:
+            self._start_batches(access)
         if policy is not None:
             self._tasks.append(asyncio.create_task(watch_file(
                 Path(access.prompt_policy_file), policy.apply_text, policy.unreachable,
@@ -298,6 +306,35 @@ class Ingress:
             self._tasks.append(asyncio.create_task(watch_dir(
                 Path(access.styles_dir), styles.reload)))
         await self._refresh_readiness()
+
+    def _start_batches(self, access: Access) -> None:
+        """Batch jobs: the routes' store, and this replica's worker, which claims items
+        only while this replica's interactive requests are few (batch yields)."""
+        b = access.batch
+        queue = open_queue(access.state_url)
+        hooks = Webhooks(parse_secret(b["webhook_secret"]), b["webhook_allowlist"]) \
+            if b["webhook_allowlist"] else None
+        self.service.batches = BatchJobs(queue, self.service.preflight,
+                                         max_items=b["max_items"],
+                                         allow_webhook=hooks.check if hooks else None)
+        if not b["concurrency"]:
+            return
+        owners: dict[str, str] = {}
+
+        async def run(item):
+            if item.batch_id not in owners:
+                owners[item.batch_id] = (await queue.get(item.batch_id)).principal
+            return await self.service.run_item(item, owners[item.batch_id])
+
+        def busy() -> bool:
+            interactive = sum(self.service.capacity.counts.values()) - worker.in_flight
+            return interactive >= max(1, b["yield_at"])
+
+        worker = BatchWorker(queue, run, name=f"ingress-{os.getpid()}", lease_s=b["lease_s"],
+                             concurrency=b["concurrency"], attempts=b["attempts"], busy=busy,
+                             webhooks=hooks, metrics=self.metrics)
+        self.batch_worker = worker
+        self._tasks.append(worker.start())
 
     def _classifier(self, access: Access | None, safety: DeploymentHandle | None):
         if access is None or access.image_classifier == "none":

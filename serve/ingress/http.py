@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..batch.jobs import BatchCreate, BatchView, ItemView
 from ..errors import (
     ImagegenError,
     InvalidRequest,
@@ -195,6 +196,38 @@ def build_http_app(
                                       idempotency_key(request))
         return Response(absolute(request, resp).model_dump_json(), media_type="application/json",
                         headers=id_header(request) | deprecation_headers(resp))
+
+    @app.post("/v1/batches", response_model=BatchView, responses=_ERRORS,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": BatchCreate.model_json_schema()}}}})
+    async def submit_batch(request: Request) -> BatchView:
+        """Up to `batch_max_items` generation requests, checked now, run in the
+        background (README § Batch jobs)."""
+        caller = await service.authenticate(request.headers, peer(request))
+        body = validate(BatchCreate, load_json(await read_json_body(request, max_body_bytes)))
+        return await service.submit_batch(caller, body)
+
+    @app.get("/v1/batches", response_model=list[BatchView], responses=_ERRORS)
+    async def my_batches(request: Request) -> list[BatchView]:
+        return await service.my_batches(await service.authenticate(request.headers,
+                                                                   peer(request)))
+
+    @app.get("/v1/batches/{batch_id}", response_model=BatchView, responses=_ERRORS)
+    async def batch(batch_id: str, request: Request) -> BatchView:
+        caller = await service.authenticate(request.headers, peer(request))
+        return await service.batch(caller, batch_id)
+
+    @app.post("/v1/batches/{batch_id}/cancel", response_model=BatchView, responses=_ERRORS)
+    async def cancel_batch(batch_id: str, request: Request) -> BatchView:
+        caller = await service.authenticate(request.headers, peer(request))
+        return await service.cancel_batch(caller, batch_id)
+
+    @app.get("/v1/batches/{batch_id}/results", response_model=list[ItemView],
+             responses=_ERRORS)
+    async def batch_results(batch_id: str, request: Request) -> list[ItemView]:
+        """Each item's state, attempts, result (image ids, revision, cost) or error."""
+        caller = await service.authenticate(request.headers, peer(request))
+        return await service.batch_results(caller, batch_id)
 
     @app.get("/v1/images/{image_id}", response_model=StoredImage, responses=_ERRORS)
     async def image(image_id: str, request: Request) -> StoredImage:

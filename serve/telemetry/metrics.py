@@ -101,6 +101,10 @@ CATALOGUE: dict[str, Spec] = {s.name: s for s in (
     Spec("imagegen_queued_images", "gauge",
          "Images waiting for a model: in the ingress (coalescing) or in a replica",
          ("model", "where")),
+    Spec("imagegen_batch_items_total", "counter",
+         "Batch items ended or retried, by outcome (succeeded, retried, dead)", ("outcome",)),
+    Spec("imagegen_batch_item_seconds", "histogram",
+         "One attempt of a batch item, claim to end", (), SECONDS),
     Spec("imagegen_dead_letters_total", "counter",
          "Batch jobs moved to the dead-letter queue after their last retry", ("queue",)),
 )}

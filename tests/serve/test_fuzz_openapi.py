@@ -40,4 +40,7 @@ def test_the_live_openapi_contract(stack, tmp_path, api_key):
                       "GET /v1/review/{item_id}/images/{index}",
                       "POST /v1/review/{item_id}/decision", "POST /v1/appeals",
                       "GET /v1/images/{image_id}", "POST /v1/images/{image_id}/reroll",
-                      "GET /v1/files/{path}", "GET /v1/routing", "GET /healthz"}, tested
+                      "GET /v1/files/{path}", "POST /v1/batches", "GET /v1/batches",
+                      "GET /v1/batches/{batch_id}", "POST /v1/batches/{batch_id}/cancel",
+                      "GET /v1/batches/{batch_id}/results", "GET /v1/routing",
+                      "GET /healthz"}, tested

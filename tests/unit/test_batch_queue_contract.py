@@ -2,8 +2,8 @@
 fixture: SQLite, Redis, a Redis Cluster): batches stored and counted, claims in
 order and never shared, leases that expire and are reclaimed (time moved with `now`,
 never slept), a result recorded exactly once, retries, the dead-letter queue
-(replay, purge), cancel, counts that conserve, and a batch drained by concurrent
-workers."""
+(replay, purge), cancel, a notification flag set once, counts that conserve, and a
+batch drained by concurrent workers."""
 
 from __future__ import annotations
 
@@ -239,6 +239,20 @@ def test_cancelling_a_finished_batch_changes_nothing(state_url):
 
     n, got = run(state_url, body)
     assert n == 0 and got.state == "completed"
+
+
+def test_notify_once_is_true_for_the_first_caller_only(state_url):
+    async def body(a, b):
+        await a.create(batch("b1"), reqs(1))
+        await a.create(batch("b2"), reqs(1))
+        racing = await asyncio.gather(*(q.notify_once("b1") for _ in range(20) for q in (a, b)))
+        return (racing, await a.notify_once("b1"), await b.notify_once("b2"),
+                await a.notify_once("nope"), await a.get("nope"), await a.get("b1"))
+
+    racing, again, other, missing, created, got = run(state_url, body, queues=2)
+    assert sorted(racing) == [False] * 39 + [True] and again is False
+    assert other is True and missing is False and created is None  # no batch made
+    assert got == batch("b1", counts=zeros(pending=1))
 
 
 def test_counts_conserve_over_a_random_mix_of_operations(state_url):
