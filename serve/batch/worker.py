@@ -132,6 +132,9 @@ class BatchWorker:
 
     async def _loop(self) -> None:
         while True:
+            # redis-py may also swallow a cancellation whole (the command answers): a
+            # stopped loop must not claim again.
+            _raise_if_cancelling()
             if self._busy():
                 await self._sleep(self.poll_s)
                 continue
