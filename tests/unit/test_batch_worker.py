@@ -153,7 +153,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: Receiver
 
     def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        length = int(self.headers.get("content-length", 0))
+        body = self.rfile.read(length)
+        if len(body) < length:  # the sender was cancelled mid-request: no delivery
+            return
         self.server.seen.append((dict(self.headers.items()), body))
         self.send_response(self.server.status)
         self.send_header("content-length", "0")
