@@ -1,19 +1,24 @@
 """`imagegen serve`: the local service until Ctrl-C (or SIGTERM).
 
 The first signal stops it cleanly at any moment, start-up included; a second one
-while it stops exits at once. It says which revisions are not ready and why, and
+while it stops exits at once. A signal while Ray starts stops it at once: nothing has
+been accepted yet, and ray.init holds the main thread in C for seconds (over ten on a
+loaded machine) where no Python handler runs. It says which revisions are not ready and why, and
 exits non-zero when no tier has a ready revision.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
+from ..errors import ImagegenError
 from .common import settings as settings_of
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -28,12 +33,87 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-def _raise_stopped(signum: int, _frame) -> None:
-    raise Stopped(signum)
+class _Phase:
+    """Who answers the first signal: the main thread's handler (Stopped, a graceful
+    stop) before Ray starts and once it serves; the watcher thread while Ray starts.
+    Claimed under a lock, so exactly one of them acts on it."""
+
+    def __init__(self) -> None:
+        self.starting = False
+        self._claimed = False
+        self._pending: int | None = None
+        self._lock = threading.Lock()
+
+    def claim(self, starting: bool) -> bool:
+        with self._lock:
+            if self._claimed or self.starting != starting:
+                return False
+            self._claimed = True
+            return True
+
+    def hold(self, signum: int) -> None:
+        """The main thread saw a signal while Ray starts: the watcher's to act on,
+        unless start-up ends first (see end_start_up)."""
+        self._pending = signum
+
+    def end_start_up(self) -> int | None:
+        """Start-up is over; a signal that arrived during it and nobody acted on."""
+        with self._lock:
+            self.starting = False
+            if self._pending is None or self._claimed:
+                return None
+            self._claimed = True
+            return self._pending
+
+
+def _stop_handler(phase: _Phase):
+    def handler(signum: int, _frame) -> None:
+        if phase.starting:
+            phase.hold(signum)
+        elif phase.claim(starting=False):
+            raise Stopped(signum)
+    return handler
 
 
 def _exit_now(signum: int, _frame) -> None:
     os._exit(128 + signum)  # Ray's processes share our fate (they die with us)
+
+
+def _watch_start_up(phase: _Phase) -> None:
+    """Signals reach this thread through the wakeup fd even while the main thread is
+    inside a C call; while Ray starts, it stops everything at once."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            signum = os.read(r, 1)[0]
+            if phase.claim(starting=True):
+                # not print(): the main thread may hold stdout's lock
+                os.write(sys.stdout.fileno(),
+                         f"{signal.Signals(signum).name}: stopping...\n".encode())
+                _kill_started()
+                os._exit(128 + signum)
+
+    threading.Thread(target=watch, name="imagegen-signals", daemon=True).start()
+
+
+def _kill_started() -> None:
+    """Freeze every process Ray started so far (a frozen process starts no other),
+    then kill them all: an agent whose raylet dies first would be left orphaned."""
+    import psutil
+
+    frozen: dict[int, psutil.Process] = {}
+    while new := [p for p in psutil.Process().children(recursive=True)
+                  if p.pid not in frozen]:
+        for p in new:
+            with contextlib.suppress(psutil.Error):
+                p.suspend()
+            frozen[p.pid] = p
+    for p in frozen.values():
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -54,8 +134,10 @@ def run(args: argparse.Namespace) -> int:
     # Our handlers from the first moment: a process started with SIGINT ignored
     # (a background job of a non-interactive shell) never gets Python's
     # KeyboardInterrupt, and the default SIGTERM would skip stopping Ray.
+    phase = _Phase()
     for sig in STOP_SIGNALS:
-        signal.signal(sig, _raise_stopped)
+        signal.signal(sig, _stop_handler(phase))
+    _watch_start_up(phase)
     serving = False
     try:
         local.check_ports(settings)  # before anything slow
@@ -66,7 +148,18 @@ def run(args: argparse.Namespace) -> int:
         dev_key = _dev_key(settings)
         t0 = time.perf_counter()
         print("starting Ray and Serve (about 20 s)...", flush=True)
-        url = local.start(settings)
+        phase.starting = True
+        try:
+            url = local.start(settings)
+        except ImagegenError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- Ray's own: one line, not a traceback
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"error: Ray Serve did not start ({type(e).__name__}: {first})",
+                  file=sys.stderr)
+            return 1
+        if (held := phase.end_start_up()) is not None:
+            raise Stopped(held)
         if not _summary(local.readiness(url), url, time.perf_counter() - t0, settings):
             return 1
         if dev_key:

@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 from service_proc import Service
 
@@ -68,7 +69,13 @@ class socket_listening:
 def test_a_signal_during_start_up_stops_it(service, sig):
     s = service(sigint_ignored=True)
     s.wait_for("starting Ray and Serve")
-    time.sleep(2)  # inside ray.init (which installs its own SIGTERM handler) or serve.start
+    # inside ray.init (which installs its own SIGTERM handler and holds the main
+    # thread in C), once it has started processes that must not outlive the service
+    end = time.monotonic() + 60
+    while not psutil.Process(s.proc.pid).children():
+        assert s.proc.poll() is None and time.monotonic() < end, s.output
+        time.sleep(0.05)
+    time.sleep(0.5)
     rc = s.stop(sig)
     assert rc == 128 + sig, s.output
     assert f"{sig.name}: stopping" in s.output and "Traceback" not in s.output
