@@ -14,9 +14,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ImagegenError, InvalidRequest, NotFound
+from ..errors import ImagegenError, InvalidRequest, MalformedBody, NotFound
 from ..quotas.principals import Principal
-from ..schemas import MAX_SEED, GenerateRequest, validate
+from ..schemas import MAX_SEED, GenerateRequest, load_json, validate
 from .queue import BATCH_ID, Batch, BatchQueue, Item, ItemState
 
 
@@ -37,6 +37,43 @@ class BatchCreate(BaseModel):
         "webhook allowlist")
 
 
+JSONL_TYPES = ("application/jsonl", "application/x-ndjson")
+
+
+def from_jsonl(raw: bytes, options: dict[str, Any]) -> BatchCreate:
+    """A JSONL body (one request per line; blank lines skipped) and the batch's other
+    fields (`options`: id, completion_window_s, webhook_url, as query parameters
+    give them). A bad line is MalformedBody naming its line number."""
+    requests = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = load_json(line)
+        except MalformedBody as e:
+            raise MalformedBody(f"line {n}: {e.message}") from None
+        if not isinstance(item, dict):
+            raise MalformedBody(f"line {n}: a request must be a JSON object")
+        requests.append(item)
+    if "completion_window_s" in options:
+        try:
+            options = {**options, "completion_window_s": int(options["completion_window_s"])}
+        except ValueError:
+            raise InvalidRequest("completion_window_s must be an integer", details=[
+                {"field": "completion_window_s", "type": "int_parsing"}]) from None
+    return validate(BatchCreate, {**options, "requests": requests})
+
+
+def manifest_key(batch_id: str) -> str:
+    """Where a batch's results manifest is written in the object store when it ends:
+    one JSON line per item (as GET /v1/batches/{id}/results gives them)."""
+    return f"batches/{batch_id}/results.jsonl"
+
+
+def manifest(items: list[Item]) -> bytes:
+    return b"".join(ItemView.of(i).model_dump_json().encode() + b"\n" for i in items)
+
+
 class BatchView(BaseModel):
     id: str
     state: str = Field(description="running | completed | cancelled")
@@ -46,6 +83,8 @@ class BatchView(BaseModel):
     progress: float = Field(description="items ended (succeeded, dead, cancelled) / all")
     late: bool = Field(description="running past its deadline")
     webhook_url: str | None = None
+    manifest: str | None = Field(None, description="once it has ended: the object-store "
+                                 "key of its results manifest (JSON lines, one per item)")
 
     @classmethod
     def of(cls, b: Batch) -> BatchView:
@@ -55,7 +94,8 @@ class BatchView(BaseModel):
         return cls(id=b.id, state=b.state, created=b.created, deadline=deadline,
                    counts=b.counts, progress=round(ended / total, 4),
                    late=b.state == "running" and time.time() > deadline,
-                   webhook_url=b.webhook_url)
+                   webhook_url=b.webhook_url,
+                   manifest=None if b.state == "running" else manifest_key(b.id))
 
 
 class ItemView(BaseModel):
@@ -76,8 +116,10 @@ Check = Callable[[GenerateRequest, Principal], Awaitable[None]]
 
 class BatchJobs:
     def __init__(self, queue: BatchQueue, check: Check, *, max_items: int = 1000,
-                 allow_webhook: Callable[[str], None] | None = None) -> None:
+                 allow_webhook: Callable[[str], None] | None = None,
+                 ended: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.queue = queue
+        self.ended = ended  # records a batch's end (the worker's notify_if_done)
         self.check = check  # one request through render, policy, plan and admit
         self.max_items = max_items
         self.allow_webhook = allow_webhook  # raises InvalidRequest off the allowlist
@@ -132,6 +174,8 @@ class BatchJobs:
     async def cancel(self, caller: Principal, batch_id: str) -> BatchView:
         await self.get(caller, batch_id)
         await self.queue.cancel(batch_id)
+        if self.ended is not None:  # nothing in flight: no worker will see it end
+            await self.ended(batch_id)
         return BatchView.of(await self.queue.get(batch_id))
 
     async def results(self, caller: Principal, batch_id: str) -> list[ItemView]:

@@ -306,7 +306,7 @@ class SQLiteQueue:
             # Literal states: only then may SQLite use the partial indexes.
             return {s: conn.execute("SELECT COUNT(*) FROM batch_items WHERE "
                                     f"state = '{s}'").fetchone()[0]
-                    for s in ("pending", "leased")}
+                    for s in ("pending", "leased", "dead")}
 
         return await self.db.run(depth)
 
@@ -635,7 +635,8 @@ class RedisQueue:
     @unavailable
     async def depth(self) -> dict[str, int]:
         return {"pending": await self.redis.zcard(_READY),
-                "leased": await self.redis.zcard(_LEASES)}
+                "leased": await self.redis.zcard(_LEASES),
+                "dead": await self.redis.zcard(_DEAD)}
 
     async def close(self) -> None:
         await self.redis.aclose()

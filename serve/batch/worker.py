@@ -31,7 +31,7 @@ from ..errors import (
     StorageUnavailable,
     TierDisabled,
 )
-from .queue import BatchQueue, Item
+from .queue import Batch, BatchQueue, Item
 from .webhooks import Webhooks, backoff
 
 log = logging.getLogger("imagegen.batch")
@@ -79,7 +79,7 @@ class BatchWorker:
                  name: str, lease_s: float = 60, concurrency: int = 2, attempts: int = 5,
                  base_delay_s: float = 1.0, max_delay_s: float = 60.0, poll_s: float = 0.5,
                  busy: Callable[[], bool] = lambda: False, webhooks: Webhooks | None = None,
-                 metrics=None, rng: random.Random | None = None,
+                 manifest: Callable[[Batch], Awaitable[object]] | None = None, metrics=None, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
         if not (lease_s > 0 and concurrency >= 1 and attempts >= 1 and base_delay_s >= 0
@@ -99,6 +99,7 @@ class BatchWorker:
         self._run = run
         self._busy = busy
         self._webhooks = webhooks
+        self._manifest = manifest
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._clock = clock
@@ -278,26 +279,58 @@ class BatchWorker:
         except Exception:  # a metric never fails an item (e.g. not yet in the catalogue)
             log.exception("batch worker %s: metric %s", self.name, name)
 
-    # -- the completion webhook -------------------------------------------------------
+    # -- the end of a batch ----------------------------------------------------------
 
     async def notify_if_done(self, batch_id: str) -> bool:
-        """Start the batch's webhook (`batch.completed` or `batch.cancelled`, data
-        {id, counts}) if it has ended, has a webhook_url and nobody sent it yet; True if
-        this call started it. Never waits for the delivery. The worker calls it when an
-        item ends; a cancel that left nothing in flight should call it too."""
-        if self._webhooks is None:
-            return False
+        """Record the batch's end, if it has ended (nothing pending or leased): its
+        results manifest (`manifest`, written again when it ends again after a replay),
+        then once: `imagegen_batches_total` by state and whether it missed its
+        completion window, and its webhook (`batch.completed` or `batch.cancelled`, data
+        {id, counts}) if it has a webhook_url, started and never waited for. True if
+        this call recorded it. The worker calls it when an item ends; a cancel that left
+        nothing in flight should call it too."""
         batch = await self.queue.get(batch_id)
-        if (batch is None or not batch.webhook_url or batch.state == "running"
+        if (batch is None or batch.state == "running"
                 or batch.counts.get("pending") or batch.counts.get("leased")):
             return False
+        if self._manifest is not None:
+            try:  # before the flag: an idempotent write, so a failed one is retried
+                await self._manifest(batch)
+            except Exception:
+                _raise_if_cancelling()
+                log.exception("batch %s: results manifest not written", batch_id)
         # Hazard: the flag is set before the delivery, so a worker dying in between
         # loses the webhook (at most once); the other order would send it twice.
         if not await self.queue.notify_once(batch_id):
             return False
-        task = asyncio.create_task(self._webhooks.send(
-            batch.webhook_url, f"batch.{batch.state}",
-            {"id": batch.id, "counts": dict(batch.counts)}, msg_id=f"{batch.id}:done"))
-        self._notifying.add(task)
-        task.add_done_callback(self._notifying.discard)
+        late = self._clock() > batch.created + batch.completion_window_s
+        self._record("inc", "imagegen_batches_total", 1, state=batch.state,
+                     late="true" if late else "false")
+        if late:
+            log.warning("batch %s ended %s past its completion window of %d s", batch.id,
+                        _took(self._clock() - batch.created - batch.completion_window_s),
+                        batch.completion_window_s)
+        if self._webhooks is not None and batch.webhook_url:
+            task = asyncio.create_task(self._webhooks.send(
+                batch.webhook_url, f"batch.{batch.state}",
+                {"id": batch.id, "counts": dict(batch.counts)}, msg_id=f"{batch.id}:done"))
+            self._notifying.add(task)
+            task.add_done_callback(self._notifying.discard)
         return True
+
+
+async def report_depth(queue: BatchQueue, metrics, every_s: float = 15.0) -> None:
+    """Set `imagegen_batch_queue_depth` from the queue every `every_s`, until cancelled;
+    a store that is down skips a round."""
+    while True:
+        try:
+            for state, n in (await queue.depth()).items():
+                metrics.set("imagegen_batch_queue_depth", n, state=state)
+        except Exception:  # the next round tries again
+            _raise_if_cancelling()
+            log.warning("batch queue depth not read", exc_info=True)
+        await asyncio.sleep(every_s)
+
+
+def _took(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"

@@ -30,7 +30,8 @@ from .common import settings as settings_of
 # The benchmarks with a module of their own (add_arguments, run); `serve` and
 # `capacity` are built here.
 _BENCHES = {"state": "bench_state", "policy": "bench_policy", "flood": "bench_flood",
-            "safety": "bench_safety", "cache": "bench_cache", "encode": "bench_encode"}
+            "safety": "bench_safety", "cache": "bench_cache", "encode": "bench_encode",
+            "batch": "bench_batch"}
 _HELP = {
     "state": "what authenticating costs per request, per state store backend",
     "policy": "what the prompt policy costs per prompt, at 10,000 terms",
@@ -38,6 +39,7 @@ _HELP = {
     "safety": "what the image classifier costs: in-process, and per placement in the stack",
     "cache": "a cache hit against a miss through the whole stack",
     "encode": "what encoding costs per format and size, and the watermark",
+    "batch": "interactive latency with a batch running, and how fast a cancel stops it",
 }
 
 

@@ -1,5 +1,5 @@
-"""`imagegen ...`: serve, generate, models, keys, quota, templates, review, routing,
-fallback, storage, capacity, bench.
+"""`imagegen ...`: serve, generate, batch, models, keys, quota, templates, review,
+routing, fallback, storage, capacity, bench.
 Heavy imports stay inside each verb's `run`."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import ImagegenError
 from . import (
+    batch,
     bench,
     capacity,
     fallback,
@@ -24,8 +25,8 @@ from . import (
 )
 from . import serve as serve_verb
 
-VERBS = (serve_verb, generate, models, keys, quota, templates, review, routing, fallback,
-         storage, capacity, bench)
+VERBS = (serve_verb, generate, batch, models, keys, quota, templates, review, routing,
+         fallback, storage, capacity, bench)
 
 
 def parser() -> argparse.ArgumentParser:

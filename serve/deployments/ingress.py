@@ -19,10 +19,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from ..batch.jobs import BatchJobs
+from ..batch.jobs import BatchJobs, manifest, manifest_key
 from ..batch.queue import open_queue
 from ..batch.webhooks import Webhooks, parse_secret
-from ..batch.worker import BatchWorker
+from ..batch.worker import BatchWorker, report_depth
 from ..batching import Batcher, QueueFull
 from ..engines.base import Generated, Job
 from ..errors import GenerationFailed, ImagegenError, ModelTimeout, ModelUnavailable, Overloaded
@@ -314,11 +314,6 @@ class Ingress:
         queue = open_queue(access.state_url)
         hooks = Webhooks(parse_secret(b["webhook_secret"]), b["webhook_allowlist"]) \
             if b["webhook_allowlist"] else None
-        self.service.batches = BatchJobs(queue, self.service.preflight,
-                                         max_items=b["max_items"],
-                                         allow_webhook=hooks.check if hooks else None)
-        if not b["concurrency"]:
-            return
         owners: dict[str, str] = {}
 
         async def run(item):
@@ -330,11 +325,25 @@ class Ingress:
             interactive = sum(self.service.capacity.counts.values()) - worker.in_flight
             return interactive >= max(1, b["yield_at"])
 
+        async def write_manifest(batch) -> None:
+            await self.service.results.store.put(
+                manifest_key(batch.id), manifest(await queue.items(batch.id)),
+                "application/jsonl")
+
+        # Built even where it claims nothing (concurrency 0): it records a batch's end
+        # when a cancel leaves nothing in flight.
         worker = BatchWorker(queue, run, name=f"ingress-{os.getpid()}", lease_s=b["lease_s"],
-                             concurrency=b["concurrency"], attempts=b["attempts"], busy=busy,
-                             webhooks=hooks, metrics=self.metrics)
+                             concurrency=max(1, b["concurrency"]), attempts=b["attempts"],
+                             busy=busy, webhooks=hooks, metrics=self.metrics,
+                             manifest=write_manifest if self.service.results else None)
+        self.service.batches = BatchJobs(queue, self.service.preflight,
+                                         max_items=b["max_items"],
+                                         allow_webhook=hooks.check if hooks else None,
+                                         ended=worker.notify_if_done)
         self.batch_worker = worker
-        self._tasks.append(worker.start())
+        self._tasks.append(asyncio.create_task(report_depth(queue, self.metrics)))
+        if b["concurrency"]:
+            self._tasks.append(worker.start())
 
     def _classifier(self, access: Access | None, safety: DeploymentHandle | None):
         if access is None or access.image_classifier == "none":

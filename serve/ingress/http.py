@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..batch.jobs import BatchCreate, BatchView, ItemView
+from ..batch.jobs import JSONL_TYPES, BatchCreate, BatchView, ItemView, from_jsonl
 from ..errors import (
     ImagegenError,
     InvalidRequest,
@@ -178,6 +178,7 @@ def build_http_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.echo_request_id = echo_request_id
+    batch_body_bytes = max_body_bytes * 32  # many requests in one body (2 MiB by default)
     app.add_middleware(Telemetry, metrics=metrics, echo_request_id=echo_request_id)
 
     @app.post(
@@ -199,12 +200,21 @@ def build_http_app(
 
     @app.post("/v1/batches", response_model=BatchView, responses=_ERRORS,
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": BatchCreate.model_json_schema()}}}})
+                  "application/json": {"schema": BatchCreate.model_json_schema()},
+                  "application/jsonl": {"schema": {"type": "string", "description":
+                      "one request per line; id, completion_window_s and webhook_url "
+                      "as query parameters"}}}}})
     async def submit_batch(request: Request) -> BatchView:
         """Up to `batch_max_items` generation requests, checked now, run in the
-        background (README § Batch jobs)."""
+        background (README § Batch jobs): a JSON body, or a JSONL file."""
         caller = await service.authenticate(request.headers, peer(request))
-        body = validate(BatchCreate, load_json(await read_json_body(request, max_body_bytes)))
+        if content_type(request) in JSONL_TYPES:
+            options = {k: v for k, v in request.query_params.items()
+                       if k in ("id", "completion_window_s", "webhook_url")}
+            body = from_jsonl(await read_body(request, batch_body_bytes), options)
+        else:
+            body = validate(BatchCreate, load_json(await read_json_body(request,
+                                                                        batch_body_bytes)))
         return await service.submit_batch(caller, body)
 
     @app.get("/v1/batches", response_model=list[BatchView], responses=_ERRORS)
@@ -390,10 +400,14 @@ def build_http_app(
 
 async def read_json_body(request: Request, limit: int) -> bytes:
     """The body of an application/json request, at most `limit` bytes."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = content_type(request)
     if ctype != "application/json":
         raise UnsupportedMediaType(f"content-type must be application/json, got {ctype!r}")
     return await read_body(request, limit)
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -107,6 +107,13 @@ CATALOGUE: dict[str, Spec] = {s.name: s for s in (
          "One attempt of a batch item, claim to end", (), SECONDS),
     Spec("imagegen_dead_letters_total", "counter",
          "Batch jobs moved to the dead-letter queue after their last retry", ("queue",)),
+    Spec("imagegen_batch_queue_depth", "gauge",
+         "Batch items in the queue: pending (waiting or retrying), leased (running), dead "
+         "(in the dead-letter queue); every ingress replica reports the one shared queue",
+         ("state",)),
+    Spec("imagegen_batches_total", "counter",
+         "Batches ended (completed or cancelled), and whether past their completion "
+         "window (late: a missed window)", ("state", "late")),
 )}
 
 

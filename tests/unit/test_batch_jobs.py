@@ -9,10 +9,10 @@ import asyncio
 
 import pytest
 
-from serve.batch.jobs import BatchCreate, BatchJobs
+from serve.batch.jobs import BatchCreate, BatchJobs, from_jsonl
 from serve.batch.queue import open_queue
 from serve.config import ROOT
-from serve.errors import InvalidRequest, NotFound, PromptBlocked
+from serve.errors import InvalidRequest, MalformedBody, NotFound, PromptBlocked
 from serve.quotas.idempotency import open_replays
 from serve.quotas.ledger import Budget, open_ledger
 from serve.quotas.plans import Plans
@@ -47,7 +47,13 @@ def world(lock, routing, backend, tmp_path):
             raise InvalidRequest("not on the webhook allowlist",
                                  details=[{"field": "webhook_url", "type": "not_allowed"}])
 
-    s.batches = BatchJobs(queue, s.preflight, max_items=5, allow_webhook=allow)
+    s.test_ended = []
+
+    async def ended(batch_id):
+        s.test_ended.append(batch_id)
+        return True
+
+    s.batches = BatchJobs(queue, s.preflight, max_items=5, allow_webhook=allow, ended=ended)
     s.test_queue, s.test_ledger = queue, open_ledger(url)
     return s
 
@@ -83,8 +89,27 @@ def test_a_batch_is_its_owners_and_a_resubmission_is_the_same_batch(world):
         submit(world, BOB, id="campaign_7")  # taken
     items = asyncio.run(world.test_queue.items("campaign_7"))
     assert all(isinstance(i.request["seed"], int) for i in items)  # drawn at submission
+    assert world.test_ended == []
     cancelled = asyncio.run(world.cancel_batch(ALICE, "campaign_7"))
     assert cancelled.state == "cancelled" and cancelled.counts["cancelled"] == 2
+    assert world.test_ended == ["campaign_7"]  # nothing in flight: its end is recorded now
+
+
+def test_a_jsonl_body_is_one_request_a_line_naming_a_bad_line():
+    got = from_jsonl(b'{"prompt": "a fox"}\n\n{"prompt": "a heron", "n": 2}\r\n',
+                     {"id": "spring_1", "completion_window_s": "3600"})
+    assert (got.id, got.completion_window_s) == ("spring_1", 3600)
+    assert got.requests == [{"prompt": "a fox"}, {"prompt": "a heron", "n": 2}]
+    for raw, where in ((b'{"prompt": "a fox"}\n{"prompt": \n', "line 2"),
+                       (b'{"prompt": "a fox"}\n["a list"]\n', "line 2"),
+                       (b'{"prompt": "a fox", "prompt": "twice"}', "line 1")):
+        with pytest.raises(MalformedBody, match=where):
+            from_jsonl(raw, {})
+    with pytest.raises(InvalidRequest) as e:
+        from_jsonl(b'{"prompt": "a fox"}', {"completion_window_s": "soon"})
+    assert e.value.details[0]["field"] == "completion_window_s"
+    with pytest.raises(InvalidRequest):
+        from_jsonl(b"\n\n", {})  # no requests
 
 
 def test_an_item_runs_as_its_owners_request_and_a_retry_is_charged_once(world, backend):

@@ -449,7 +449,7 @@ def test_busy_yields_to_interactive_traffic(state_url):
         return drained, while_busy, await q.get("b1")
 
     drained, (calls, depth, slept), got = run(state_url, body)
-    assert drained == 0 and calls == [] and depth == {"pending": 3, "leased": 0}
+    assert drained == 0 and calls == [] and depth == {"pending": 3, "leased": 0, "dead": 0}
     assert slept >= 3 and set(sleeps[:slept]) == {0.01}  # it polled, never claimed
     assert got.counts == zeros(succeeded=3) and len(fake.calls) == 3
 
@@ -500,6 +500,52 @@ def test_no_webhook_without_a_url_or_before_the_end(state_url):
                 await w.notify_if_done("nope"), await q.notify_once("b1"))
 
     assert run(state_url, body) == (False, False, False, True)  # b1's flag still unset
+
+
+def test_each_ended_batch_is_counted_once_with_its_missed_window(state_url):
+    metrics = Recorder()
+
+    async def body(q):
+        await q.create(batch("ontime", completion_window_s=3600), reqs(1))
+        await q.create(batch("late", T0 - 7200, completion_window_s=3600), reqs(2))
+        await q.create(batch("stopped", T0 + 1), reqs(3))
+        await q.cancel("stopped", now=T0 + 2)
+        w = worker(q, FakeRun({}), "w", metrics=metrics, clock=Clock(T0 + 10))
+        ran = await w.drain_once()
+        other = worker(q, FakeRun({}), "other", metrics=metrics, clock=Clock(T0 + 10))
+        return (ran, await w.notify_if_done("stopped"),
+                [await other.notify_if_done(b) for b in ("ontime", "late", "stopped")])
+
+    ran, stopped, again = run(state_url, body)
+    assert ran == 3 and stopped is True and again == [False, False, False]
+    ended = sorted((c[3]["state"], c[3]["late"]) for c in metrics.calls
+                   if c[1] == "imagegen_batches_total")
+    assert ended == [("cancelled", "false"), ("completed", "false"), ("completed", "true")]
+
+
+def test_a_manifest_is_written_at_each_end_and_a_failed_write_loses_nothing(state_url):
+    written, fail = [], [True]
+
+    async def manifest(b) -> None:
+        if fail[0]:
+            fail[0] = False
+            raise OSError("the store is down")
+        written.append((b.id, dict(b.counts)))
+
+    async def body(q):
+        await q.create(batch("b1"), reqs(2))
+        w = worker(q, FakeRun({1: [InvalidRequest("no")]}), "w", manifest=manifest)
+        await w.drain_once()  # item 1 dead: the batch ends; the first write fails
+        again = await w.notify_if_done("b1")  # the manifest again; counted already
+        await q.replay(["b1-000001"])
+        await w.drain_once()  # it ends again, all succeeded
+        return again
+
+    assert run(state_url, body) is False
+    # written again after the failed write (each item that sees the end writes it), and
+    # after the replay with the final counts
+    assert ("b1", zeros(succeeded=1, dead=1)) in written
+    assert written[-1] == ("b1", zeros(succeeded=2))
 
 
 @pytest.mark.parametrize("swallow", ["answers", "raises"])

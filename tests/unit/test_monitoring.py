@@ -84,6 +84,13 @@ def test_dashboard_and_alerts_cover_what_sres_asked_for():
             "ImagegenDeadLetterGrowth", "ImagegenQuotaRejectionsSpike"} <= alerts
 
 
+def test_every_alert_has_a_runbook_line():
+    readme = (MONITORING.parents[1] / "README.md").read_text()
+    runbook = readme.split("**Runbook.**", 1)[1].split("\n## ", 1)[0]
+    missing = [r["alert"] for r in rules() if f"*{r['alert']}" not in runbook]
+    assert not missing, f"README § Operating, Runbook: no line for {missing}"
+
+
 def test_podmonitor_gives_ray_exported_series_their_own_names():
     doc = yaml.safe_load((MONITORING / "podmonitor.yaml").read_text())
     (relabel,) = doc["spec"]["podMetricsEndpoints"][0]["metricRelabelings"]
