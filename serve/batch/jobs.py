@@ -38,6 +38,7 @@ class BatchCreate(BaseModel):
 
 
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson")
+BATCH_BODY_FACTOR = 32  # a batch body (many requests) may be this many max_body_bytes
 
 
 def from_jsonl(raw: bytes, options: dict[str, Any]) -> BatchCreate:
@@ -80,7 +81,8 @@ class BatchView(BaseModel):
     created: float
     deadline: float = Field(description="created + completion_window_s")
     counts: dict[ItemState, int]
-    progress: float = Field(description="items ended (succeeded, dead, cancelled) / all")
+    progress: float = Field(description="items ended (succeeded, dead, cancelled, purged) "
+                            "/ all")
     late: bool = Field(description="running past its deadline")
     webhook_url: str | None = None
     manifest: str | None = Field(None, description="once it has ended: the object-store "
@@ -148,9 +150,11 @@ class BatchJobs:
                     req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
                 await self.check(req, caller)
             except ImagegenError as e:
-                raise type(e)(f"requests[{i}]: {e.message}", details=[
-                    {**d, "field": f"requests.{i}.{d.get('field', '')}".rstrip(".")}
-                    for d in (e.details if isinstance(e.details, list) else [{}])]) from None
+                # The same error (its status, Retry-After, successor...), naming the item
+                e.message = f"requests[{i}]: {e.message}"
+                e.details = [{**d, "field": f"requests.{i}.{d.get('field', '')}".rstrip(".")}
+                             for d in (e.details if isinstance(e.details, list) else [{}])]
+                raise
             requests.append(req.model_dump(mode="json", exclude_none=True))
         batch = Batch(id=batch_id, principal=caller.name, created=time.time(),
                       completion_window_s=body.completion_window_s,

@@ -383,6 +383,21 @@ class Ingress:
     async def Reroll(self, request: bytes, grpc_context):
         return await self.grpc.reroll(request, grpc_context)
 
+    async def SubmitBatch(self, request: bytes, grpc_context):
+        return await self.grpc.submit_batch(request, grpc_context)
+
+    async def GetBatch(self, request: bytes, grpc_context):
+        return await self.grpc.get_batch(request, grpc_context)
+
+    async def ListBatches(self, request: bytes, grpc_context):
+        return await self.grpc.list_batches(request, grpc_context)
+
+    async def CancelBatch(self, request: bytes, grpc_context):
+        return await self.grpc.cancel_batch(request, grpc_context)
+
+    async def GetBatchResults(self, request: bytes, grpc_context):
+        return await self.grpc.get_batch_results(request, grpc_context)
+
     async def Check(self, request: bytes, grpc_context):  # grpc.health.v1
         return await self.grpc.check(request, grpc_context)
 

@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2
 
+from ..batch.jobs import BATCH_BODY_FACTOR, BatchCreate, BatchView, ItemView
 from ..errors import ImagegenError, MalformedBody, PayloadTooLarge, QuotaExceeded, row
 from ..quotas.idempotency import valid_key
 from ..schemas import GenerateRequest, GenerateResponse, ImageSafety, validate
@@ -50,9 +51,9 @@ IDEMPOTENCY_KEY = "idempotency-key"  # the invocation metadata twin of the HTTP 
 _MAX_MESSAGE, _MAX_DETAILS = 1024, 4096
 _QUALITY = {pb.QUALITY_LOW: "low", pb.QUALITY_STANDARD: "standard", pb.QUALITY_HIGH: "high"}
 _METHODS = {SERVICE: ("Generate", "ListModels", "GetQuota", "ListTemplates", "GetImage",
-                      "Reroll"),
+                      "Reroll", "SubmitBatch", "GetBatch", "ListBatches", "CancelBatch",
+                      "GetBatchResults"),
             HEALTH: ("Check",)}
-
 
 def add_servicers(servicer: Any, server: grpc.aio.Server) -> None:
     """Register the methods on a gRPC server (Serve calls this with a stand-in
@@ -88,9 +89,14 @@ def to_request(raw: bytes) -> GenerateRequest:
     except DecodeError as e:
         raise MalformedBody(f"request is not a valid {pb.GenerateRequest.DESCRIPTOR.full_name}: "
                             f"{e}") from None
-    unknown = sorted({f.field_number for f in UnknownFieldSet(m)})
-    if unknown:  # a newer client's field would otherwise be silently dropped
-        raise MalformedBody(f"request has fields this server does not know: {unknown}")
+    return validate(GenerateRequest, request_fields(m, "request"))
+
+
+def request_fields(m: pb.GenerateRequest, where: str) -> dict[str, Any]:
+    """A GenerateRequest message as the JSON object POST /v1/images would carry:
+    an unset field is absent, so it takes the same default as on HTTP. `where`
+    names the message in the error for a field this server does not know."""
+    _known(m, where)
     data: dict[str, Any] = {"variables": dict(m.variables)} if m.variables else {}
     for name in ("prompt", "negative_prompt", "tier", "size", "model", "template", "moderation",
                  "response_format", "output_format", "approval_id"):
@@ -103,7 +109,28 @@ def to_request(raw: bytes) -> GenerateRequest:
         data["aspect_ratios"] = list(m.aspect_ratios)
     if m.quality:
         data["quality"] = _QUALITY.get(m.quality, m.quality)  # unknown: refused by name
-    return validate(GenerateRequest, data)
+    return data
+
+
+def to_batch(raw: bytes) -> BatchCreate:
+    """An imagegen.v1.SubmitBatchRequest as POST /v1/batches' body: each request the
+    object POST /v1/images takes (checked at submission, naming requests.N)."""
+    m = _known(_parse(pb.SubmitBatchRequest, raw), "request")
+    data: dict[str, Any] = {"requests": [request_fields(r, f"requests[{i}]")
+                                         for i, r in enumerate(m.requests)]}
+    for name in ("id", "completion_window_s", "webhook_url"):
+        if m.HasField(name):
+            data[name] = getattr(m, name)
+    return validate(BatchCreate, data)
+
+
+def _known(m: Message, where: str) -> Message:
+    """`m`, or MalformedBody naming its fields this server does not know (a newer
+    client's field would otherwise be silently dropped)."""
+    unknown = sorted({f.field_number for f in UnknownFieldSet(m)})
+    if unknown:
+        raise MalformedBody(f"{where} has fields this server does not know: {unknown}")
+    return m
 
 
 def to_proto(r: GenerateResponse) -> pb.GenerateResponse:
@@ -137,6 +164,24 @@ def stored_proto(record: ImageRecord, url: str | None) -> pb.StoredImage:
         safety=_safety(record.safety), alt_text=record.alt_text.text if record.alt_text else "",
         cost_units=record.cost_units, cached=record.cached, url=url or "",
         recipe_json=record.recipe.model_dump_json())
+
+
+def batch_proto(b: BatchView) -> pb.Batch:
+    """GET /v1/batches/{id}'s answer field for field; None (no webhook, no manifest
+    yet) is the empty string."""
+    return pb.Batch(**{k: "" if v is None else v for k, v in b.model_dump().items()})
+
+
+def item_proto(i: ItemView) -> pb.BatchItem:
+    """GET /v1/batches/{id}/results' item; its result as the worker records it
+    (serve/service.py run_item)."""
+    r = i.result
+    return pb.BatchItem(
+        index=i.index, state=i.state, attempts=i.attempts, error=i.error or "",
+        result=None if r is None else pb.BatchItemResult(
+            image_ids=[x or "" for x in r["images"]], seeds=r["seeds"],
+            revision=r["revision"], model=r["model"], cost_units=r["cost_units"],
+            cached=r["cached"], withheld=r["withheld"]))
 
 
 def _safety(s: ImageSafety) -> pb.ImageSafety:
@@ -230,6 +275,50 @@ class GrpcTransport:
         return await self._call("Reroll", call, raw, context, pb.GenerateResponse,
                                 generation=True)
 
+    # Batch jobs (README § Batch jobs): queued here, run by the replicas' workers, so
+    # none counts as a generation (each item is counted as it runs).
+
+    async def submit_batch(self, raw: bytes, context) -> pb.Batch:
+        async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.Batch:
+            with stage("validate"):
+                body = to_batch(raw)
+            return batch_proto(await self.service.submit_batch(principal, body))
+
+        return await self._call("SubmitBatch", call, raw, context, pb.Batch, generation=False,
+                                max_bytes=self.max_body_bytes * BATCH_BODY_FACTOR)
+
+    async def get_batch(self, raw: bytes, context) -> pb.Batch:
+        async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.Batch:
+            m = _parse(pb.BatchRef, raw)
+            return batch_proto(await self.service.batch(principal, m.id))
+
+        return await self._call("GetBatch", call, raw, context, pb.Batch, generation=False)
+
+    async def list_batches(self, raw: bytes, context) -> pb.ListBatchesResponse:
+        async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.ListBatchesResponse:
+            _parse(pb.ListBatchesRequest, raw)
+            return pb.ListBatchesResponse(
+                batches=[batch_proto(b) for b in await self.service.my_batches(principal)])
+
+        return await self._call("ListBatches", call, raw, context, pb.ListBatchesResponse,
+                                generation=False)
+
+    async def cancel_batch(self, raw: bytes, context) -> pb.Batch:
+        async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.Batch:
+            m = _parse(pb.BatchRef, raw)
+            return batch_proto(await self.service.cancel_batch(principal, m.id))
+
+        return await self._call("CancelBatch", call, raw, context, pb.Batch, generation=False)
+
+    async def get_batch_results(self, raw: bytes, context) -> pb.BatchResults:
+        async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.BatchResults:
+            m = _parse(pb.BatchRef, raw)
+            return pb.BatchResults(
+                items=[item_proto(i) for i in await self.service.batch_results(principal, m.id)])
+
+        return await self._call("GetBatchResults", call, raw, context, pb.BatchResults,
+                                generation=False)
+
     async def check(self, raw: bytes, context) -> health_pb2.HealthCheckResponse:
         """SERVING exactly when /readyz answers 200 (every enabled tier has a ready
         revision), for the server ("") and for imagegen.v1.Images. Not logged, like
@@ -255,9 +344,12 @@ class GrpcTransport:
         return status(status=status.SERVING if ready else status.NOT_SERVING)
 
     async def _call(self, method: str, call: Callable[..., Awaitable[Message]],
-                    raw: bytes, context, empty: type[Message], *, generation: bool) -> Message:
+                    raw: bytes, context, empty: type[Message], *, generation: bool,
+                    max_bytes: int | None = None) -> Message:
         """One request's telemetry scope (as the HTTP middleware opens it) around
-        `call`; an error becomes the status, details and trailing metadata."""
+        `call`; an error becomes the status, details and trailing metadata. A message
+        over `max_bytes` (default: max_body_bytes) is refused unparsed."""
+        max_bytes = max_bytes or self.max_body_bytes
         metadata = _metadata(context)
         rid = _request_id(context)
         path = f"/{SERVICE}/{method}"
@@ -268,9 +360,8 @@ class GrpcTransport:
         ) as rec:
             trailers = [(TRACE_KEY, rec.trace_id), (ID_KEY, rid)]
             try:
-                if len(raw) > self.max_body_bytes:
-                    raise PayloadTooLarge(f"message of {len(raw)} bytes exceeds "
-                                          f"{self.max_body_bytes}")
+                if len(raw) > max_bytes:
+                    raise PayloadTooLarge(f"message of {len(raw)} bytes exceeds {max_bytes}")
                 principal = await self.service.authenticate(metadata, _peer(context))
                 out = await call(raw, rid, principal, metadata)
                 rec.status, rec.grpc_status = 200, "OK"

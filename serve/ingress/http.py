@@ -18,7 +18,14 @@ from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..batch.jobs import JSONL_TYPES, BatchCreate, BatchView, ItemView, from_jsonl
+from ..batch.jobs import (
+    BATCH_BODY_FACTOR,
+    JSONL_TYPES,
+    BatchCreate,
+    BatchView,
+    ItemView,
+    from_jsonl,
+)
 from ..errors import (
     ImagegenError,
     InvalidRequest,
@@ -178,7 +185,7 @@ def build_http_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.echo_request_id = echo_request_id
-    batch_body_bytes = max_body_bytes * 32  # many requests in one body (2 MiB by default)
+    batch_body_bytes = max_body_bytes * BATCH_BODY_FACTOR  # 2 MiB by default
     app.add_middleware(Telemetry, metrics=metrics, echo_request_id=echo_request_id)
 
     @app.post(

@@ -120,7 +120,8 @@ def test_reflection_lists_and_describes_the_service(channel):
     images = next(f for f in files if f.package == "imagegen.v1")
     methods = {m.name for s in images.service for m in s.method}
     assert methods == {"Generate", "ListModels", "GetQuota", "ListTemplates", "GetImage",
-                       "Reroll"}
+                       "Reroll", "SubmitBatch", "GetBatch", "ListBatches", "CancelBatch",
+                       "GetBatchResults"}
 
 
 def test_health_says_serving_exactly_when_readyz_is_200(client, channel):

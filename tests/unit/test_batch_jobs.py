@@ -70,6 +70,7 @@ def test_a_batch_is_checked_at_submission_naming_the_item(world):
     with pytest.raises(PromptBlocked) as b:
         submit(world, requests=[{"prompt": "a fox"}, {"prompt": "a p0rn scene"}])
     assert b.value.details[0]["field"] == "requests.1.prompt"
+    assert b.value.message.startswith("requests[1]: ") and b.value.reason  # still its own
     with pytest.raises(InvalidRequest):
         submit(world, requests=[{"prompt": "a fox"}] * 6)  # over batch_max_items
     with pytest.raises(InvalidRequest) as w:

@@ -17,6 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from serve.batch.jobs import BatchJobs
+from serve.batch.queue import open_queue
 from serve.config import ROOT
 from serve.engines.base import Generated, Job
 from serve.errors import (
@@ -30,7 +32,9 @@ from serve.errors import (
 from serve.ingress import grpc as transport
 from serve.ingress.proto import images_pb2 as pb
 from serve.ingress.proto import images_pb2_grpc as pb_grpc
+from serve.quotas.principals import Principal
 from serve.routing import LiveRouting
+from serve.safety.policy import LivePolicy, load_policy_file
 from serve.schemas import GenerateRequest, GenerateResponse
 from serve.schemas import Image as Img
 from serve.service import ImageService
@@ -48,6 +52,9 @@ class Servicer:
         self.Generate, self.ListModels, self.Check = t.generate, t.list_models, t.check
         self.GetQuota, self.ListTemplates = t.get_quota, t.list_templates
         self.GetImage, self.Reroll = t.get_image, t.reroll
+        self.SubmitBatch, self.GetBatch, self.ListBatches = (
+            t.submit_batch, t.get_batch, t.list_batches)
+        self.CancelBatch, self.GetBatchResults = t.cancel_batch, t.get_batch_results
 
 
 class Key(grpc.aio.UnaryUnaryClientInterceptor):
@@ -458,3 +465,207 @@ def test_no_key_or_a_bad_one_is_unauthenticated(service, key, says):
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED and says in e.details()
     assert dict(e.trailing_metadata())[transport.CODE_KEY] == "unauthenticated"
     assert health == health_pb2.HealthCheckResponse.SERVING
+
+
+# Batch jobs (README § Batch jobs): the same service calls as the HTTP routes.
+
+
+def test_a_batch_request_carries_what_the_http_body_would():
+    items = [pb.GenerateRequest(prompt="a fox", n=2, seed=0, quality=pb.QUALITY_LOW),
+             pb.GenerateRequest(prompt="a heron", guidance=0.0, aspect_ratios=["1:1"])]
+    body = transport.to_batch(pb.SubmitBatchRequest(requests=items).SerializeToString())
+    # unset optional fields absent: the batch's defaults and each request's, as on HTTP
+    assert (body.id, body.completion_window_s, body.webhook_url) == (None, 86400, None)
+    assert body.requests == [{"prompt": "a fox", "n": 2, "seed": 0, "quality": "low"},
+                             {"prompt": "a heron", "guidance": 0.0, "aspect_ratios": ["1:1"]}]
+    for item, fields in zip(items, body.requests, strict=True):  # what Generate would run
+        assert GenerateRequest.model_validate(fields) == transport.to_request(
+            item.SerializeToString())
+    body = transport.to_batch(pb.SubmitBatchRequest(
+        id="night_7", requests=items[:1], completion_window_s=600,
+        webhook_url="https://hooks.example.com/b").SerializeToString())
+    assert (body.id, body.completion_window_s, body.webhook_url) == (
+        "night_7", 600, "https://hooks.example.com/b")
+
+
+@pytest.mark.parametrize(("raw", "code", "text"), [
+    (pb.SubmitBatchRequest(), "invalid_request", "requests"),
+    (pb.SubmitBatchRequest(requests=[pb.GenerateRequest(prompt="x")],
+                           completion_window_s=59), "invalid_request", "completion_window_s"),
+    (pb.SubmitBatchRequest(requests=[pb.GenerateRequest(prompt="x")],
+                           id="has-a-dash"), "invalid_request", "id"),
+    (b"\x12\x05" + pb.GenerateRequest(prompt="x").SerializeToString() + b"\x60\x07",
+     "malformed_body", "requests[0] has fields this server does not know: [12]"),
+    (pb.SubmitBatchRequest(requests=[pb.GenerateRequest(prompt="x")]).SerializeToString()
+     + b"\x60\x07", "malformed_body", "request has fields this server does not know: [12]"),
+])
+def test_a_bad_batch_message_is_refused_before_the_service(raw, code, text):
+    raw = raw if isinstance(raw, bytes) else raw.SerializeToString()
+    with pytest.raises(ImagegenError) as e:
+        transport.to_batch(raw)
+    assert e.value.code == code and text in e.value.message + json.dumps(e.value.details)
+
+
+@pytest.fixture
+def batched(lock, routing, backend, auth, tmp_path) -> ImageService:
+    """A service keeping images, with the prompt policy and batch jobs (no worker:
+    a test runs an item itself, as the worker would)."""
+    url = f"sqlite://{tmp_path / 'state.db'}"
+    s = ImageService(lock, LiveRouting(routing, lock, "file test"), backend, auth=auth,
+                     results=Results(open_store(f"file://{tmp_path / 'store'}"), b"secret"),
+                     policy=LivePolicy(load_policy_file(
+                         ROOT / "serve" / "safety" / "prompt_policy.yaml")))
+    s.batches = BatchJobs(open_queue(url), s.preflight, max_items=50)
+    return s
+
+
+def _fields(b: pb.Batch) -> dict:
+    got = {f.name: getattr(b, f.name) for f in pb.Batch.DESCRIPTOR.fields}
+    return {**got, "counts": dict(b.counts)}
+
+
+async def _run_one(s: ImageService) -> None:
+    """What a worker does with the next item: run it as its owner's request."""
+    [item] = await s.batches.queue.claim("w", 30, 1)
+    owner = (await s.batches.queue.get(item.batch_id)).principal
+    assert await s.batches.queue.complete(item.id, item.lease_owner,
+                                          await s.run_item(item, owner))
+
+
+def test_a_batch_is_submitted_listed_run_and_read_like_http(batched, serve):
+    async def body(channel):
+        stub = pb_grpc.ImagesStub(channel)
+        b = await stub.SubmitBatch(pb.SubmitBatchRequest(id="night_1", requests=[
+            pb.GenerateRequest(prompt="a fox", n=2, seed=5),
+            pb.GenerateRequest(prompt="a heron", output_format="webp")]), timeout=10)
+        await _run_one(batched)
+        return (b, await stub.GetBatch(pb.BatchRef(id="night_1"), timeout=10),
+                await stub.ListBatches(pb.ListBatchesRequest(), timeout=10),
+                await stub.GetBatchResults(pb.BatchRef(id="night_1"), timeout=10))
+
+    b, got, listed, results = serve(batched, body)
+    assert (b.id, b.state, b.counts["pending"], b.progress, b.late) == (
+        "night_1", "running", 2, 0.0, False)
+    assert b.deadline == pytest.approx(b.created + 86400) and b.webhook_url == ""
+    assert (got.counts["succeeded"], got.counts["pending"], got.progress) == (1, 1, 0.5)
+    assert [x.id for x in listed.batches] == ["night_1"]
+    done, waiting = results.items
+    assert (done.index, done.state, done.attempts, done.error) == (0, "succeeded", 0, "")
+    assert list(done.result.seeds) == [5, 6] and len(done.result.image_ids) == 2
+    assert (done.result.model, done.result.withheld) == ("tiny-draft", 0)
+    assert done.result.cost_units > 0 and not done.result.cached
+    assert (waiting.index, waiting.state) == (1, "pending") and not waiting.HasField("result")
+    # every key of the recorded result reaches the message (a new one must be mapped)
+    tester = Principal(name="tester", roles=frozenset({"user"}), plan="default")
+    assert _fields(got) == _fields(transport.batch_proto(asyncio.run(batched.batch(
+        tester, "night_1")))) and got.manifest == ""  # still running: no manifest yet
+    [http] = [i for i in asyncio.run(batched.batch_results(tester, "night_1")) if i.result]
+    assert set(http.result) == {"images", "seeds", "revision", "model", "cost_units",
+                                "cached", "withheld"}
+    assert list(done.result.image_ids) == http.result["images"]
+    assert done.result.revision == http.result["revision"]
+
+
+def test_an_item_of_a_batch_is_an_image_its_owner_can_get(batched, serve):
+    async def body(channel):
+        stub = pb_grpc.ImagesStub(channel)
+        await stub.SubmitBatch(pb.SubmitBatchRequest(id="night_2", requests=[
+            pb.GenerateRequest(prompt="a kettle", seed=9)]), timeout=10)
+        await _run_one(batched)
+        [item] = (await stub.GetBatchResults(pb.BatchRef(id="night_2"), timeout=10)).items
+        return item, await stub.GetImage(pb.ImageRef(id=item.result.image_ids[0]), timeout=10)
+
+    item, image = serve(batched, body)
+    assert (image.seed, image.request_id) == (9, "night_2-000000")
+    assert image.revision == item.result.revision
+
+
+@pytest.mark.parametrize(("bad", "status", "code", "field"), [
+    (pb.GenerateRequest(prompt="a n.u.d.e figure"), "PERMISSION_DENIED", "prompt_blocked",
+     "requests.1.prompt"),
+    (pb.GenerateRequest(prompt="x", n=9), "INVALID_ARGUMENT", "invalid_request", "requests.1.n"),
+    (pb.GenerateRequest(prompt="x", size="1024x1024"), "OUT_OF_RANGE", "limit_exceeded",
+     "requests.1.size"),
+], ids=["blocked", "invalid", "limit"])
+def test_a_bad_item_refuses_the_batch_naming_it(batched, serve, bad, status, code, field):
+    async def body(channel):
+        stub = pb_grpc.ImagesStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitBatch(pb.SubmitBatchRequest(requests=[
+                pb.GenerateRequest(prompt="a fox"), bad]), timeout=10)
+        return info.value, await stub.ListBatches(pb.ListBatchesRequest(), timeout=10)
+
+    e, listed = serve(batched, body)
+    trailers = dict(e.trailing_metadata())
+    assert e.code() == grpc.StatusCode[status] and trailers[transport.CODE_KEY] == code
+    assert "requests[1]" in e.details()
+    assert json.loads(trailers[transport.DETAILS_KEY])[0]["field"] == field
+    assert not listed.batches  # nothing was queued
+
+
+def test_a_batch_message_may_be_larger_than_one_request(batched, serve):
+    # 40 long prompts: over max_body_bytes (64 KiB), within a batch's 32 times that
+    requests = [pb.GenerateRequest(prompt=f"{i} " + "a fox " * 330) for i in range(40)]
+    assert len(pb.SubmitBatchRequest(requests=requests).SerializeToString()) > 64 << 10
+
+    async def body(channel):
+        return await pb_grpc.ImagesStub(channel).SubmitBatch(
+            pb.SubmitBatchRequest(requests=requests), timeout=10)
+
+    assert serve(batched, body).counts["pending"] == 40
+
+
+def test_cancel_and_unknown_or_others_batches(batched, serve, keys):
+    async def body(channel):
+        stub = pb_grpc.ImagesStub(channel)
+        await stub.SubmitBatch(pb.SubmitBatchRequest(id="night_3", requests=[
+            pb.GenerateRequest(prompt=f"a lantern {i}") for i in range(3)]), timeout=10)
+        cancelled = await stub.CancelBatch(pb.BatchRef(id="night_3"), timeout=10)
+        codes = []
+        for rpc in ("GetBatch", "CancelBatch", "GetBatchResults"):
+            for ref in ("nope_1", "a/../b"):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await getattr(stub, rpc)(pb.BatchRef(id=ref), timeout=10)
+                codes.append((info.value.code(), dict(info.value.trailing_metadata())[
+                    transport.CODE_KEY]))
+        return cancelled, codes
+
+    cancelled, codes = serve(batched, body)
+    assert (cancelled.state, cancelled.counts["cancelled"], cancelled.progress) == (
+        "cancelled", 3, 1.0)
+    assert cancelled.manifest == "batches/night_3/results.jsonl"  # ended: its manifest
+    assert codes == [(grpc.StatusCode.NOT_FOUND, "not_found")] * 6
+    # another principal's key: the batch is not theirs, so it does not exist for them
+    other = _other_key(keys[0])
+
+    async def theirs(channel):
+        stub = pb_grpc.ImagesStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetBatch(pb.BatchRef(id="night_3"), timeout=10)
+        return info.value.code(), await stub.ListBatches(pb.ListBatchesRequest(), timeout=10)
+
+    code, listed = _serve(batched, theirs, key=other)
+    assert code == grpc.StatusCode.NOT_FOUND and not listed.batches
+
+
+def _other_key(auth) -> str:
+    from serve.quotas.principals import new_key, record_for
+
+    key_id, key = new_key()
+    asyncio.run(auth.store.add(record_for(key, key_id, "someone-else")))
+    return key
+
+
+def test_without_batch_jobs_every_batch_rpc_is_not_found(service, serve):
+    async def body(channel):
+        stub = pb_grpc.ImagesStub(channel)
+        out = []
+        for rpc, message in [("SubmitBatch", pb.SubmitBatchRequest(requests=[
+                pb.GenerateRequest(prompt="x")])), ("ListBatches", pb.ListBatchesRequest()),
+                ("GetBatch", pb.BatchRef(id="b_1"))]:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await getattr(stub, rpc)(message, timeout=10)
+            out.append((info.value.code(), "no batch jobs" in info.value.details()))
+        return out
+
+    assert serve(service, body) == [(grpc.StatusCode.NOT_FOUND, True)] * 3

@@ -365,3 +365,98 @@ class ListTemplatesResponse(_message.Message):
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     templates: _containers.RepeatedCompositeFieldContainer[Template]
     def __init__(self, templates: _Optional[_Iterable[_Union[Template, _Mapping]]] = ...) -> None: ...
+
+class SubmitBatchRequest(_message.Message):
+    __slots__ = ("id", "requests", "completion_window_s", "webhook_url")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    requests: _containers.RepeatedCompositeFieldContainer[GenerateRequest]
+    completion_window_s: int
+    webhook_url: str
+    def __init__(self, id: _Optional[str] = ..., requests: _Optional[_Iterable[_Union[GenerateRequest, _Mapping]]] = ..., completion_window_s: _Optional[int] = ..., webhook_url: _Optional[str] = ...) -> None: ...
+
+class BatchRef(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class Batch(_message.Message):
+    __slots__ = ("id", "state", "created", "deadline", "counts", "progress", "late", "webhook_url", "manifest")
+    class CountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: str
+    created: float
+    deadline: float
+    counts: _containers.ScalarMap[str, int]
+    progress: float
+    late: bool
+    webhook_url: str
+    manifest: str
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., created: _Optional[float] = ..., deadline: _Optional[float] = ..., counts: _Optional[_Mapping[str, int]] = ..., progress: _Optional[float] = ..., late: _Optional[bool] = ..., webhook_url: _Optional[str] = ..., manifest: _Optional[str] = ...) -> None: ...
+
+class ListBatchesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListBatchesResponse(_message.Message):
+    __slots__ = ("batches",)
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[Batch]
+    def __init__(self, batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ...) -> None: ...
+
+class BatchItemResult(_message.Message):
+    __slots__ = ("image_ids", "seeds", "revision", "model", "cost_units", "cached", "withheld")
+    IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    COST_UNITS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    image_ids: _containers.RepeatedScalarFieldContainer[str]
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    revision: str
+    model: str
+    cost_units: float
+    cached: bool
+    withheld: int
+    def __init__(self, image_ids: _Optional[_Iterable[str]] = ..., seeds: _Optional[_Iterable[int]] = ..., revision: _Optional[str] = ..., model: _Optional[str] = ..., cost_units: _Optional[float] = ..., cached: _Optional[bool] = ..., withheld: _Optional[int] = ...) -> None: ...
+
+class BatchItem(_message.Message):
+    __slots__ = ("index", "state", "attempts", "result", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    state: str
+    attempts: int
+    result: BatchItemResult
+    error: str
+    def __init__(self, index: _Optional[int] = ..., state: _Optional[str] = ..., attempts: _Optional[int] = ..., result: _Optional[_Union[BatchItemResult, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class BatchResults(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[BatchItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ...) -> None: ...

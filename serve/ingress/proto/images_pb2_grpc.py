@@ -65,6 +65,31 @@ class ImagesStub:
                 request_serializer=imagegen_dot_v1_dot_images__pb2.RerollRequest.SerializeToString,
                 response_deserializer=imagegen_dot_v1_dot_images__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.SubmitBatch = channel.unary_unary(
+                '/imagegen.v1.Images/SubmitBatch',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.Batch.FromString,
+                _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/imagegen.v1.Images/GetBatch',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.BatchRef.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.Batch.FromString,
+                _registered_method=True)
+        self.ListBatches = channel.unary_unary(
+                '/imagegen.v1.Images/ListBatches',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.ListBatchesRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.ListBatchesResponse.FromString,
+                _registered_method=True)
+        self.CancelBatch = channel.unary_unary(
+                '/imagegen.v1.Images/CancelBatch',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.BatchRef.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.Batch.FromString,
+                _registered_method=True)
+        self.GetBatchResults = channel.unary_unary(
+                '/imagegen.v1.Images/GetBatchResults',
+                request_serializer=imagegen_dot_v1_dot_images__pb2.BatchRef.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_images__pb2.BatchResults.FromString,
+                _registered_method=True)
 
 
 class ImagesServicer:
@@ -117,6 +142,45 @@ class ImagesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitBatch(self, request, context):
+        """A batch of generation requests, as POST /v1/batches (README § Batch jobs): every
+        item checked now as Generate would check it (a bad or blocked one refuses the
+        whole batch, its details naming `requests.N`), run later in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
+        """One batch, as GET /v1/batches/{id}: its owner's, or with the admin role anyone's
+        (another's, or an unknown id: NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBatches(self, request, context):
+        """The caller's batches, newest first, as GET /v1/batches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatch(self, request, context):
+        """As POST /v1/batches/{id}/cancel: pending items cancelled at once, running ones
+        finish; the batch as it is then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatchResults(self, request, context):
+        """Each item's state, attempts, result or error, as GET /v1/batches/{id}/results.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImagesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +213,31 @@ def add_ImagesServicer_to_server(servicer, server):
                     servicer.Reroll,
                     request_deserializer=imagegen_dot_v1_dot_images__pb2.RerollRequest.FromString,
                     response_serializer=imagegen_dot_v1_dot_images__pb2.GenerateResponse.SerializeToString,
+            ),
+            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBatch,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.Batch.SerializeToString,
+            ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.BatchRef.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.Batch.SerializeToString,
+            ),
+            'ListBatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatches,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.ListBatchesRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.ListBatchesResponse.SerializeToString,
+            ),
+            'CancelBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatch,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.BatchRef.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.Batch.SerializeToString,
+            ),
+            'GetBatchResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatchResults,
+                    request_deserializer=imagegen_dot_v1_dot_images__pb2.BatchRef.FromString,
+                    response_serializer=imagegen_dot_v1_dot_images__pb2.BatchResults.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +403,141 @@ class Images:
             '/imagegen.v1.Images/Reroll',
             imagegen_dot_v1_dot_images__pb2.RerollRequest.SerializeToString,
             imagegen_dot_v1_dot_images__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Images/SubmitBatch',
+            imagegen_dot_v1_dot_images__pb2.SubmitBatchRequest.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.Batch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Images/GetBatch',
+            imagegen_dot_v1_dot_images__pb2.BatchRef.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.Batch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Images/ListBatches',
+            imagegen_dot_v1_dot_images__pb2.ListBatchesRequest.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.ListBatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Images/CancelBatch',
+            imagegen_dot_v1_dot_images__pb2.BatchRef.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.Batch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatchResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.Images/GetBatchResults',
+            imagegen_dot_v1_dot_images__pb2.BatchRef.SerializeToString,
+            imagegen_dot_v1_dot_images__pb2.BatchResults.FromString,
             options,
             channel_credentials,
             insecure,
