@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=8.0, help="interactive requests per second")
     p.add_argument("--duration", type=float, default=30.0, help="seconds per point")
     p.add_argument("--items", type=int, default=1000, help="items in each flooding batch")
+    p.add_argument("--batch-concurrency", type=int, help="items each ingress runs at once "
+                   "(default: the setting's)")
+    p.add_argument("--yield-at", type=int, help="batch_yield_at (default: the setting's)")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
 
@@ -31,6 +34,9 @@ def run(args: argparse.Namespace, settings) -> int:
     from .bench import throwaway_key
 
     build_missing(settings.lock_file, settings.model_dir)
+    settings = settings.model_copy(update={k: v for k, v in (
+        ("batch_concurrency", args.batch_concurrency), ("batch_yield_at", args.yield_at))
+        if v is not None})
     rows: dict[str, dict] = {}
     for yield_at in (settings.batch_yield_at, NO_YIELD):
         stack, key = throwaway_key(settings.model_copy(update={
