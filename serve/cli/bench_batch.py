@@ -19,7 +19,8 @@ NO_YIELD = 1_000_000  # batch_yield_at no interactive load reaches
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tier", default="draft")
     p.add_argument("--rate", type=float, default=8.0, help="interactive requests per second")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds per point")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per point")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     p.add_argument("--items", type=int, default=1000, help="items in each flooding batch")
     p.add_argument("--batch-concurrency", type=int, help="items each ingress runs at once "
                    "(default: the setting's)")
@@ -54,46 +55,73 @@ def run(args: argparse.Namespace, settings) -> int:
 
 
 async def _points(base: str, key: str, args, *, yielding: bool) -> dict[str, dict]:
+    """With the yield: `rounds` interleaved pairs (alone, beside a batch), medians of
+    each; then the batch alone. Without it: the rounds beside a batch only."""
     import httpx
 
-    from .bench import _pct
-    from .bench_capacity import _poisson
-
     body = {"prompt": "a lighthouse at dusk", "tier": args.tier}
-    url = base + "/v1/images"
-    rows: dict[str, dict] = {}
+    rows: dict[str, list[dict]] = {}
     async with httpx.AsyncClient(base_url=base, timeout=60,
                                  headers={"Authorization": f"Bearer {key}"}) as c:
-        await _poisson(url, key, body, args.rate, 3, 0)  # warm the handles and replica
+        load = _Load(base + "/v1/images", key, body, args)
+        await load.run(3)  # warm the handles and the replica
+        beside = "interactive + batch" + ("" if yielding else ", no yield")
+        for r in range(args.rounds):
+            if yielding:
+                rows.setdefault("interactive alone", []).append(
+                    _latency(await load.run(args.duration)))
+            rows.setdefault(beside, []).append(await _beside(c, load, args, f"{yielding}{r}"))
         if yielding:
-            lat = await _poisson(url, key, body, args.rate, args.duration, 1)
-            rows["interactive alone"] = _latency(lat, _pct)
             batch = await _flood(c, args, "alone")
             t0, before = time.perf_counter(), await _done(c, batch)
             await asyncio.sleep(args.duration)
-            rows["batch alone"] = {"items_per_s": (await _done(c, batch) - before)
-                                   / (time.perf_counter() - t0)}
+            rows["batch alone"] = [{"items_per_s": (await _done(c, batch) - before)
+                                    / (time.perf_counter() - t0)}]
             await c.post(f"/v1/batches/{batch}/cancel")
             await _quiet(c, batch)
-        name = "interactive + batch" + ("" if yielding else ", no yield")
-        batch = await _flood(c, args, "beside" if yielding else "noyield")
-        await asyncio.sleep(2)  # the workers have claimed
-        t0, before = time.perf_counter(), await _done(c, batch)
-        lat = await _poisson(url, key, body, args.rate, args.duration, 2)
-        rows[name] = _latency(lat, _pct) | {
-            "items_per_s": (await _done(c, batch) - before) / (time.perf_counter() - t0)}
-        t0 = time.perf_counter()
-        answered = (await c.post(f"/v1/batches/{batch}/cancel")).json()
-        answer_s = time.perf_counter() - t0
-        await _quiet(c, batch)
-        rows[name] |= {"cancel_answer_ms": answer_s * 1e3,
-                       "cancel_quiet_ms": (time.perf_counter() - t0) * 1e3,
-                       "cancelled_items": answered["counts"]["cancelled"]}
-    return rows
+    return {name: _median(points) for name, points in rows.items()}
 
 
-def _latency(lat: list[float], pct) -> dict:
-    return {"requests": len(lat), "p50_ms": pct(lat, 0.5), "p95_ms": pct(lat, 0.95)}
+class _Load:
+    def __init__(self, url: str, key: str, body: dict, args) -> None:
+        self.url, self.key, self.body, self.rate = url, key, body, args.rate
+        self.seed = 0
+
+    async def run(self, duration: float) -> list[float]:
+        from .bench_capacity import _poisson
+
+        self.seed += 1
+        return await _poisson(self.url, self.key, self.body, self.rate, duration, self.seed)
+
+
+async def _beside(c, load: _Load, args, tag: str) -> dict:
+    """Interactive load beside a flooding batch, then the batch's cancel."""
+    batch = await _flood(c, args, f"beside{tag}")
+    await asyncio.sleep(2)  # the workers have claimed
+    t0, before = time.perf_counter(), await _done(c, batch)
+    point = _latency(await load.run(args.duration))
+    point["items_per_s"] = (await _done(c, batch) - before) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    await c.post(f"/v1/batches/{batch}/cancel")
+    point["cancel_answer_ms"] = (time.perf_counter() - t0) * 1e3
+    await _quiet(c, batch)
+    point["cancel_quiet_ms"] = (time.perf_counter() - t0) * 1e3
+    return point
+
+
+def _median(points: list[dict]) -> dict:
+    import statistics
+
+    out = {k: statistics.median(p[k] for p in points) for k in points[0]}
+    if len(points) > 1 and "p95_ms" in out:
+        out["p95_ms_rounds"] = [round(p["p95_ms"], 1) for p in points]
+    return out
+
+
+def _latency(lat: list[float]) -> dict:
+    from .bench import _pct
+
+    return {"requests": len(lat), "p50_ms": _pct(lat, 0.5), "p95_ms": _pct(lat, 0.95)}
 
 
 async def _flood(c, args, tag: str) -> str:
@@ -124,7 +152,8 @@ async def _quiet(c, batch: str, deadline_s: float = 60) -> float:
 def _print(rows: dict[str, dict], args, settings) -> None:
     alone = rows["interactive alone"]["p95_ms"]
     print(f"\nimagegen bench batch — tier {args.tier}, interactive open-loop Poisson at "
-          f"{args.rate:g} req/s, {args.duration:g} s per point; batch_concurrency "
+          f"{args.rate:g} req/s, {args.duration:g} s per point, medians of {args.rounds} "
+          "interleaved rounds; batch_concurrency "
           f"{settings.batch_concurrency}, batch_yield_at {settings.batch_yield_at}\n")
     print(f"{'point':<30}{'p50 ms':>8}{'p95 ms':>8}{'p95 x alone':>12}{'batch items/s':>15}"
           f"{'cancel ms':>11}{'quiet ms':>10}")
@@ -137,5 +166,8 @@ def _print(rows: dict[str, dict], args, settings) -> None:
                  f"{r['cancel_answer_ms']:>11.1f}" if "cancel_answer_ms" in r else f"{'':>11}",
                  f"{r['cancel_quiet_ms']:>10.1f}" if "cancel_quiet_ms" in r else f"{'':>10}"]
         print(f"{name:<30}" + "".join(cells))
+    for name, r in rows.items():
+        if "p95_ms_rounds" in r:
+            print(f"  {name}: p95 per round {r['p95_ms_rounds']} ms")
     print("\ntargets: p95 with a batch <= 1.2x alone; nothing running within 2 s of a "
           "cancel (quiet ms)")
