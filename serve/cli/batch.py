@@ -192,8 +192,9 @@ def wait(api: Api, view: dict, url: str, poll_s: float = 1.0) -> int:
               f"imagegen batch status {batch_id}{url}; stop it with "
               f"imagegen batch cancel {batch_id}{url}", file=sys.stderr)
         return 130
+    # stderr: stdout is the id alone, with --wait too (ID=$(imagegen batch submit ...))
     print(f"{batch_id} {view['state']}: {_counts(view['counts'], ENDED[:3], zeros=True)}"
-          + (" (late)" if view["late"] else ""))
+          + (" (late)" if view["late"] else ""), file=sys.stderr)
     all_ok = view["state"] == "completed" and view["counts"]["succeeded"] == _total(view)
     return 0 if all_ok else 1
 

@@ -45,7 +45,8 @@ def test_submit_wait_then_results(cli, client, tmp_path):
                                         {"prompt": f"a kettle {tag}", "seed": 7}])
     run = cli("submit", file, "--wait", "--window", "3600")
     assert run.returncode == 0, run.stderr
-    batch_id, final = run.stdout.splitlines()
+    (batch_id,) = run.stdout.splitlines()  # the id alone: ID=$(imagegen batch submit ...)
+    final = run.stderr.splitlines()[-1]
     assert final == f"{batch_id} completed: 3 succeeded, 0 dead, 0 cancelled"
     assert f"imagegen batch status {batch_id}" in run.stderr and "3/3" in run.stderr
     view = client.get(f"/v1/batches/{batch_id}").json()
