@@ -399,13 +399,7 @@ class ImageService:
                 if reservation is not None:  # failed, blocked or cancelled: nothing charged
                     await asyncio.shield(self._settle(reservation, 0.0, spec))
                 raise
-            charged = None
-            if reservation is not None:
-                charged = await self._settle(reservation, cost, spec)
-                if cost:  # every image withheld: refunded, nothing to count
-                    annotate(price=charged, quota={
-                        "plan": principal.plan, "units": cost, "reason": "ok",
-                        "outcome": "charged" if charged is not None else "unsettled"})
+            charged = await self._charge(reservation, cost, spec, principal)
         images = [
             Image(id=image_id, seed=j.seed, width=j.width, height=j.height, aspect_ratio=ratio,
                   mime_type=MIME[fmt.format],
@@ -498,6 +492,19 @@ class ImageService:
         return [rc.key(self.results.secret, scope) + (BLURRED if v.action == "blur" else "")
                 for rc, (v, _) in zip(recipes, verdicts, strict=True)]
 
+    async def _charge(self, reservation, cost: float, spec: PlanSpec | None,
+                      principal: Principal | None) -> float | None:
+        """Settle a served request's reservation at `cost`; the price charged (None:
+        no budget, or the store failed and it went unsettled)."""
+        if reservation is None:
+            return None
+        charged = await self._settle(reservation, cost, spec)
+        if cost:  # every image withheld: refunded, nothing to count
+            annotate(price=charged, quota={
+                "plan": principal.plan, "units": cost, "reason": "ok",
+                "outcome": "charged" if charged is not None else "unsettled"})
+        return charged
+
     async def _from_cache(self, hit, recipes: list[Recipe], e: ModelEntry, p: Plan,
                           r: Rendered, req: GenerateRequest, spec: PlanSpec | None,
                           principal: Principal | None, request_id: str, fmt: Delivery,
@@ -529,11 +536,7 @@ class ImageService:
             if reservation is not None:
                 await asyncio.shield(self._settle(reservation, 0.0, spec))
             raise
-        charged = await self._settle(reservation, cost, spec) if reservation else None
-        if reservation is not None and cost:
-            annotate(price=charged, quota={"plan": principal.plan, "units": cost, "reason": "ok",
-                                           "outcome": "charged" if charged is not None
-                                           else "unsettled"})
+        charged = await self._charge(reservation, cost, spec, principal)
         annotate(cost_units=cost, images=len(hit))
         images = [
             Image(id=i, seed=j.seed, width=j.width, height=j.height, aspect_ratio=ratio,
