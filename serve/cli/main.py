@@ -1,5 +1,5 @@
 """`imagegen ...`: serve, generate, batch, models, keys, quota, templates, review,
-routing, fallback, storage, capacity, bench.
+routing, fallback, storage, capacity, render, bench.
 Heavy imports stay inside each verb's `run`."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from . import (
     keys,
     models,
     quota,
+    render,
     review,
     routing,
     storage,
@@ -26,7 +27,7 @@ from . import (
 from . import serve as serve_verb
 
 VERBS = (serve_verb, generate, batch, models, keys, quota, templates, review, routing,
-         fallback, storage, capacity, bench)
+         fallback, storage, capacity, render, bench)
 
 
 def parser() -> argparse.ArgumentParser:

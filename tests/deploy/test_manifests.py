@@ -1,0 +1,217 @@
+"""The built overlays: every built-in object against the Kubernetes schemas, the
+RayService against the project's schema of KubeRay's CRD, its serveConfigV2 against
+Ray's ServeDeploySchema, least privilege, the node cap and the network policy."""
+
+from __future__ import annotations
+
+import json
+
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import OVERLAYS, ROOT
+from jsonschema import Draft202012Validator
+
+from autoscaling.policies import load_policy
+from serve.cli.main import main
+
+K8S_VERSION = "1.33.0"  # the oldest Kubernetes the manifests target (kubectl 1.33 ships)
+CRDS = ("ray.io/", "monitoring.coreos.com/")
+
+
+def _rayservice(objects) -> dict:
+    (rs,) = [o for o in objects if o["kind"] == "RayService"]
+    return rs
+
+
+def _serve_config(objects) -> dict:
+    return yaml.safe_load(_rayservice(objects)["spec"]["serveConfigV2"])
+
+
+def _groups(rs) -> dict[str, dict]:
+    rc = rs["spec"]["rayClusterConfig"]
+    return {"head": rc["headGroupSpec"], **{g["groupName"]: g for g in rc["workerGroupSpecs"]}}
+
+
+def _containers(objects):
+    """(where, container) for every container a pod of these objects runs, the
+    autoscaler sidecar KubeRay injects from autoscalerOptions included."""
+    for o in objects:
+        if o["kind"] == "RayService":
+            rc = o["spec"]["rayClusterConfig"]
+            yield "autoscaler", {"name": "autoscaler", **rc["autoscalerOptions"]}, {}
+            for name, group in _groups(o).items():
+                spec = group["template"]["spec"]
+                for c in spec.get("initContainers", []) + spec["containers"]:
+                    yield f"{name}/{c['name']}", c, spec
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_built_in_objects_validate_strictly(rendered, overlay):
+    objects = rendered[overlay]
+    kinds = {o["kind"] for o in objects}
+    assert {"RayService", "ConfigMap", "ServiceAccount", "Role", "RoleBinding",
+            "NetworkPolicy", "PodDisruptionBudget"} <= kinds
+    for o in objects:
+        if o["apiVersion"].startswith(CRDS):
+            continue
+        kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_pod_templates_validate_as_pods(rendered, overlay):
+    """KubeRay's CRD does not check its pod templates: each one, as a Pod, does."""
+    for name, group in _groups(_rayservice(rendered[overlay])).items():
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, **group["template"].get("metadata", {})},
+               "spec": group["template"]["spec"]}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayservice_matches_the_crd_schema(rendered, overlay):
+    schema = json.loads((ROOT / "tests/deploy/schemas/rayservice.schema.json").read_text())
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in Draft202012Validator(schema).iter_errors(_rayservice(rendered[overlay]))]
+    assert not errors
+
+
+def test_prod_carries_the_monitoring_objects_and_they_match_the_crds(rendered):
+    """PodMonitor and PrometheusRule against the operator's schema (the fields used);
+    the dashboard as the ConfigMap Grafana's sidecar loads."""
+    schema = json.loads((ROOT / "tests/deploy/schemas/monitoring.schema.json").read_text())
+    monitoring = [o for o in rendered["prod"] if o["apiVersion"].startswith(CRDS[1])]
+    assert sorted(o["kind"] for o in monitoring) == ["PodMonitor", "PrometheusRule"]
+    for o in monitoring:
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in Draft202012Validator(schema).iter_errors(o)]
+        assert not errors, (o["kind"], errors)
+    (dash,) = [o for o in rendered["prod"]
+               if o["metadata"]["name"] == "imagegen-grafana-dashboard"]
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dash["data"]["grafana-dashboard.json"])["panels"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_embedded_serve_config_is_valid_and_keeps_safety_on_cpu(rendered, overlay):
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = _serve_config(rendered[overlay])
+    ServeDeploySchema.model_validate(doc)
+    (app,) = doc["applications"]
+    options = {d["name"]: d["ray_actor_options"] for d in app["deployments"]}
+    assert options["image-safety"]["num_gpus"] == 0
+    assert options["image-safety"]["label_selector"] == {"imagegen.io/pool": "cpu"}
+    # every label the serve config selects is a pool the RayService has
+    pools = {g["labels"]["imagegen.io/pool"] for g in _groups(_rayservice(rendered[overlay]))
+             .values()}
+    assert {o["label_selector"]["imagegen.io/pool"] for o in options.values()} <= pools
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kuberay_essentials(rendered, overlay):
+    rs = _rayservice(rendered[overlay])
+    rc = rs["spec"]["rayClusterConfig"]
+    assert rc["enableInTreeAutoscaling"] is True
+    assert rs["spec"]["upgradeStrategy"] == {"type": "None"}  # one RayCluster: the cap holds
+    head = rc["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert ports["serve"] == 8000 and ports["serve-grpc"] == 9000 and ports["metrics"] == 8080
+    assert _serve_config(rendered[overlay])["grpc_options"]["port"] == ports["serve-grpc"]
+    for _, c, _ in _containers(rendered[overlay]):
+        assert "readinessProbe" not in c and "livenessProbe" not in c  # KubeRay's own
+    if overlay == "prod":
+        redis = rc["gcsFaultToleranceOptions"]
+        assert redis["redisPassword"]["valueFrom"]["secretKeyRef"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_roles_are_least_privilege(rendered, overlay):
+    roles = [o for o in rendered[overlay] if o["kind"] in ("Role", "ClusterRole")]
+    assert {r["kind"] for r in roles} == {"Role"}
+    for role in roles:
+        for rule in role["rules"]:
+            for field in ("verbs", "resources", "apiGroups", "resourceNames"):
+                assert "*" not in rule.get(field, []), (role["metadata"]["name"], field)
+            assert rule["resources"] == ["configmaps"]
+            assert rule["resourceNames"] == ["imagegen-routing"]
+    verbs = {r["metadata"]["name"]: set(r["rules"][0]["verbs"]) for r in roles}
+    assert verbs == {"imagegen-routing-reader": {"get", "list", "watch"},
+                     "imagegen-routing-switch": {"get", "patch"}}
+    names = {o["metadata"]["name"] for o in rendered[overlay] if o["kind"] == "ConfigMap"}
+    assert "imagegen-routing" in names
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_is_locked_down_with_requests_and_limits(rendered, overlay):
+    for where, c, pod in _containers(rendered[overlay]):
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True, where
+        assert sc["readOnlyRootFilesystem"] is True, where
+        assert sc["allowPrivilegeEscalation"] is False, where
+        assert sc["capabilities"] == {"drop": ["ALL"]}, where
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        res = c["resources"]
+        for kind in ("cpu", "memory"):
+            assert res["requests"][kind] and res["limits"][kind], (where, kind)
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert "/tmp" in mounts, where  # Ray's session dir on a read-only root
+        if pod:
+            assert pod["securityContext"]["runAsNonRoot"] is True, where
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_secrets_are_referenced_never_created(rendered):
+    for objects in rendered.values():
+        assert not [o for o in objects if o["kind"] == "Secret"]
+        text = yaml.safe_dump(objects)
+        for name in ("imagegen-secrets", "imagegen-s3", "imagegen-keys", "imagegen-c2pa"):
+            assert name in text
+
+
+def test_node_cap_is_the_gpu_policys(rendered, capsys):
+    """For the GPU policy the model group's maxReplicas is the policy's max_nodes, each
+    pod holds a node's GPUs, and `imagegen capacity check` passes on what was rendered."""
+    objects = rendered["prod"]
+    policy_file = _serve_config(objects)["applications"][0]["args"]["policy_file"]
+    policy = load_policy(ROOT / policy_file)
+    (node,) = policy.cluster.node_types.values()
+    models = _groups(_rayservice(objects))["models"]
+    assert models["maxReplicas"] == node.max_nodes
+    worker = models["template"]["spec"]["containers"][0]["resources"]
+    assert worker["limits"]["nvidia.com/gpu"] == str(node.gpus_per_node)
+    assert worker["requests"]["nvidia.com/gpu"] == str(node.gpus_per_node)
+    spec = models["template"]["spec"]
+    assert spec["nodeSelector"] and spec["tolerations"]
+    assert main(["capacity", "--policy", str(ROOT / policy_file), "check"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("ok")
+
+
+def test_dev_cap_is_the_cpu_policys(rendered):
+    objects = rendered["dev"]
+    policy = load_policy(ROOT / _serve_config(objects)["applications"][0]["args"]["policy_file"])
+    (node,) = policy.cluster.node_types.values()
+    models = _groups(_rayservice(objects))["models"]
+    assert models["maxReplicas"] == node.max_nodes == 1
+    assert "nvidia.com/gpu" not in models["template"]["spec"]["containers"][0]["resources"][
+        "limits"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dashboard_reachable_only_from_the_clusters_pods_and_operator(rendered, overlay):
+    (policy,) = [o for o in rendered[overlay] if o["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    for rule in spec["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        peers = rule["from"]
+        if not ports:  # every port: only the cluster's own pods
+            assert peers == [{"podSelector": {"matchLabels": {
+                "app.kubernetes.io/name": "imagegen"}}}]
+        elif 8265 in ports:
+            assert all(p["podSelector"]["matchLabels"] == {
+                "app.kubernetes.io/name": "kuberay-operator"} for p in peers)
+        else:
+            assert ports <= {8000, 9000, 8080}
+    egress_ports = {p["port"] for r in spec["egress"] for p in r.get("ports", [])}
+    assert {53, 6379, 4317, 4318, 443} <= egress_ports
