@@ -720,6 +720,9 @@ class ImageService:
     async def submit_batch(self, caller: Principal, body):
         return await self._jobs().submit(caller, body)
 
+    async def submit_batch_jsonl(self, caller: Principal, raw: bytes, options: dict):
+        return await self._jobs().submit_jsonl(caller, raw, options)
+
     async def batch(self, caller: Principal, batch_id: str):
         return await self._jobs().view(caller, batch_id)
 

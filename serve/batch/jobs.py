@@ -7,6 +7,7 @@ same recipe."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -38,17 +39,31 @@ class BatchCreate(BaseModel):
 
 
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson")
-BATCH_BODY_FACTOR = 32  # a batch body (many requests) may be this many max_body_bytes
+JSONL_OPTIONS = ("id", "completion_window_s", "webhook_url")  # query parameters with JSONL
 
 
-def from_jsonl(raw: bytes, options: dict[str, Any]) -> BatchCreate:
+def batch_body_limit(max_body_bytes: int) -> int:
+    """A batch body holds many requests: 32 requests' worth (2 MiB by default), at most
+    32 MiB whatever max_body_bytes says (it is parsed on the ingress's event loop)."""
+    return min(max_body_bytes * 32, 32 << 20)
+
+
+def from_jsonl(raw: bytes, options: dict[str, Any], max_items: int) -> BatchCreate:
     """A JSONL body (one request per line; blank lines skipped) and the batch's other
     fields (`options`: id, completion_window_s, webhook_url, as query parameters
-    give them). A bad line is MalformedBody naming its line number."""
+    give them; any other is refused). A bad line is MalformedBody naming its line
+    number; past `max_items` requests it stops reading (InvalidRequest)."""
+    if unknown := sorted(set(options) - set(JSONL_OPTIONS)):
+        raise InvalidRequest(f"unknown query parameter {unknown[0]!r} (a JSONL batch takes "
+                             f"{', '.join(JSONL_OPTIONS)})",
+                             details=[{"field": unknown[0], "type": "extra_forbidden"}])
     requests = []
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
+        if len(requests) == max_items:
+            raise InvalidRequest(f"more than the batch limit of {max_items} requests",
+                                 details=[{"field": "requests", "type": "too_long"}])
         try:
             item = load_json(line)
         except MalformedBody as e:
@@ -85,11 +100,12 @@ class BatchView(BaseModel):
                             "/ all")
     late: bool = Field(description="running past its deadline")
     webhook_url: str | None = None
-    manifest: str | None = Field(None, description="once it has ended: the object-store "
-                                 "key of its results manifest (JSON lines, one per item)")
+    manifest: str | None = Field(None, description="once it has ended (nothing pending or "
+                                 "running) where results are stored: the object-store key "
+                                 "of its results manifest (JSON lines, one per item)")
 
     @classmethod
-    def of(cls, b: Batch) -> BatchView:
+    def of(cls, b: Batch, manifests: bool = True) -> BatchView:
         total = sum(b.counts.values()) or 1
         ended = sum(b.counts.get(s, 0) for s in ("succeeded", "dead", "cancelled", "purged"))
         deadline = b.created + b.completion_window_s
@@ -97,7 +113,8 @@ class BatchView(BaseModel):
                    counts=b.counts, progress=round(ended / total, 4),
                    late=b.state == "running" and time.time() > deadline,
                    webhook_url=b.webhook_url,
-                   manifest=None if b.state == "running" else manifest_key(b.id))
+                   manifest=manifest_key(b.id) if manifests and b.state != "running"
+                   and not b.counts.get("leased") else None)
 
 
 class ItemView(BaseModel):
@@ -119,9 +136,12 @@ Check = Callable[[GenerateRequest, Principal], Awaitable[None]]
 class BatchJobs:
     def __init__(self, queue: BatchQueue, check: Check, *, max_items: int = 1000,
                  allow_webhook: Callable[[str], None] | None = None,
-                 ended: Callable[[str], Awaitable[bool]] | None = None) -> None:
+                 ended: Callable[[str], Awaitable[bool]] | None = None,
+                 manifests: bool = False) -> None:
         self.queue = queue
         self.ended = ended  # records a batch's end (the worker's notify_if_done)
+        self.manifests = manifests  # an ended batch's manifest is written (a store)
+        self._ending: set[asyncio.Task] = set()
         self.check = check  # one request through render, policy, plan and admit
         self.max_items = max_items
         self.allow_webhook = allow_webhook  # raises InvalidRequest off the allowlist
@@ -141,7 +161,7 @@ class BatchJobs:
             if known.principal != caller.name:
                 raise InvalidRequest(f"batch id {batch_id!r} is taken; choose another",
                                      details=[{"field": "id", "type": "taken"}])
-            return BatchView.of(known)  # a resubmission: the same batch
+            return self._view(known)  # a resubmission: the same batch
         requests = []
         for i, raw in enumerate(body.requests):
             try:
@@ -160,7 +180,12 @@ class BatchJobs:
                       completion_window_s=body.completion_window_s,
                       webhook_url=body.webhook_url)
         await self.queue.create(batch, requests)
-        return BatchView.of(await self.queue.get(batch_id))
+        return self._view(await self.queue.get(batch_id))
+
+    async def submit_jsonl(self, caller: Principal, raw: bytes,
+                           options: dict[str, Any]) -> BatchView:
+        """A JSONL body and its query parameters (from_jsonl)."""
+        return await self.submit(caller, from_jsonl(raw, options, self.max_items))
 
     async def get(self, caller: Principal, batch_id: str) -> Batch:
         batch = await self.queue.get(batch_id) if _valid(batch_id) else None
@@ -170,17 +195,23 @@ class BatchJobs:
         return batch
 
     async def view(self, caller: Principal, batch_id: str) -> BatchView:
-        return BatchView.of(await self.get(caller, batch_id))
+        return self._view(await self.get(caller, batch_id))
 
     async def mine(self, caller: Principal) -> list[BatchView]:
-        return [BatchView.of(b) for b in await self.queue.list(caller.name)]
+        return [self._view(b) for b in await self.queue.list(caller.name)]
 
     async def cancel(self, caller: Principal, batch_id: str) -> BatchView:
         await self.get(caller, batch_id)
-        await self.queue.cancel(batch_id)
-        if self.ended is not None:  # nothing in flight: no worker will see it end
-            await self.ended(batch_id)
-        return BatchView.of(await self.queue.get(batch_id))
+        if await self.queue.cancel(batch_id) and self.ended is not None:
+            # Nothing in flight, no worker will see it end: record it here, in the
+            # background (the manifest's write must not hold up the answer).
+            task = asyncio.create_task(self.ended(batch_id))
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+        return self._view(await self.queue.get(batch_id))
+
+    def _view(self, b: Batch) -> BatchView:
+        return BatchView.of(b, self.manifests)
 
     async def results(self, caller: Principal, batch_id: str) -> list[ItemView]:
         await self.get(caller, batch_id)

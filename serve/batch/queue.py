@@ -51,7 +51,8 @@ BatchState = Literal["running", "cancelled", "completed"]
 ItemState = Literal["pending", "leased", "succeeded", "dead", "cancelled", "purged"]
 ITEM_STATES: tuple[ItemState, ...] = ("pending", "leased", "succeeded", "dead", "cancelled",
                                       "purged")
-BATCH_ID = r"^[A-Za-z0-9_.]{1,64}$"  # no "-": an item id is "<batch id>-<index>"
+# No "-" (an item id is "<batch id>-<index>"), no leading "." (its manifest's key)
+BATCH_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.]{0,63}$"
 
 
 def item_id(batch_id: str, index: int) -> str:
@@ -166,8 +167,10 @@ class BatchQueue(Protocol):
         """Dead items out of the DLQ, to state "purged"; how many."""
         ...
 
-    async def depth(self) -> dict[str, int]:
-        """{"pending": n, "leased": n, "dead": n} across all batches (metrics)."""
+    async def depth(self, *, now: float | None = None) -> dict[str, int]:
+        """Items across all batches (metrics): "pending" (due: claimable now),
+        "waiting" (pending, not due before a retry's or a future batch's time),
+        "leased", "dead"."""
         ...
 
     async def close(self) -> None: ...

@@ -301,12 +301,19 @@ class SQLiteQueue:
             item_ids, "UPDATE batch_items SET state = 'purged', updated = ? "
             "WHERE state = 'dead' AND id = ?", (now,))
 
-    async def depth(self) -> dict[str, int]:
+    async def depth(self, *, now: float | None = None) -> dict[str, int]:
+        now = time.time() if now is None else now
+
         def depth(conn):
             # Literal states: only then may SQLite use the partial indexes.
-            return {s: conn.execute("SELECT COUNT(*) FROM batch_items WHERE "
-                                    f"state = '{s}'").fetchone()[0]
-                    for s in ("pending", "leased", "dead")}
+            out = {s: conn.execute("SELECT COUNT(*) FROM batch_items WHERE "
+                                   f"state = '{s}'").fetchone()[0]
+                   for s in ("pending", "leased", "dead")}
+            out["waiting"] = conn.execute(
+                "SELECT COUNT(*) FROM batch_items WHERE state = 'pending' AND not_before > ?",
+                (now,)).fetchone()[0]
+            out["pending"] -= out["waiting"]
+            return out
 
         return await self.db.run(depth)
 
@@ -633,8 +640,10 @@ class RedisQueue:
         return int(await self._run(self._undead, now, "purge", *item_ids))
 
     @unavailable
-    async def depth(self) -> dict[str, int]:
-        return {"pending": await self.redis.zcard(_READY),
+    async def depth(self, *, now: float | None = None) -> dict[str, int]:
+        now = time.time() if now is None else now
+        return {"pending": await self.redis.zcount(_READY, "-inf", now),
+                "waiting": await self.redis.zcount(_READY, f"({now}", "+inf"),
                 "leased": await self.redis.zcard(_LEASES),
                 "dead": await self.redis.zcard(_DEAD)}
 

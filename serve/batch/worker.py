@@ -35,6 +35,7 @@ from .queue import Batch, BatchQueue, Item
 from .webhooks import Webhooks, backoff
 
 log = logging.getLogger("imagegen.batch")
+END_RETRY_S = 5.0  # how often a batch end whose manifest write failed is tried again
 
 # Errors worth another attempt later: the service could not serve now. Any other
 # ImagegenError is the request's own fault (4xx) and would fail the same way again.
@@ -108,6 +109,8 @@ class BatchWorker:
         self._graceful = False  # stop() is ending the loop: items in flight run on
         self._items: set[asyncio.Task] = set()
         self._notifying: set[asyncio.Task] = set()
+        self._unrecorded: set[str] = set()  # ended batches whose manifest write failed
+        self._retry_ends_at = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -136,6 +139,8 @@ class BatchWorker:
             # redis-py may also swallow a cancellation whole (the command answers): a
             # stopped loop must not claim again.
             _raise_if_cancelling()
+            if self._unrecorded and time.monotonic() >= self._retry_ends_at:
+                await self._record_ends()
             if self._busy():
                 await self._sleep(self.poll_s)
                 continue
@@ -281,6 +286,17 @@ class BatchWorker:
 
     # -- the end of a batch ----------------------------------------------------------
 
+    async def _record_ends(self) -> None:
+        """Try again to record the ends whose manifest write failed (every
+        `END_RETRY_S`); one that still fails stays for the next try."""
+        self._retry_ends_at = time.monotonic() + END_RETRY_S
+        for batch_id in list(self._unrecorded):
+            try:
+                await self.notify_if_done(batch_id)
+            except Exception:
+                _raise_if_cancelling()
+                log.exception("batch %s: end not recorded", batch_id)
+
     async def notify_if_done(self, batch_id: str) -> bool:
         """Record the batch's end, if it has ended (nothing pending or leased): its
         results manifest (`manifest`, written again when it ends again after a replay),
@@ -298,7 +314,10 @@ class BatchWorker:
                 await self._manifest(batch)
             except Exception:
                 _raise_if_cancelling()
-                log.exception("batch %s: results manifest not written", batch_id)
+                log.exception("batch %s: results manifest not written; retrying", batch_id)
+                self._unrecorded.add(batch_id)  # the loop tries again (its end unflagged)
+                return False
+        self._unrecorded.discard(batch_id)
         # Hazard: the flag is set before the delivery, so a worker dying in between
         # loses the webhook (at most once); the other order would send it twice.
         if not await self.queue.notify_once(batch_id):

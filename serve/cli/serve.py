@@ -42,7 +42,9 @@ class _Phase:
         self.starting = False
         self._claimed = False
         self._pending: int | None = None
-        self._lock = threading.Lock()
+        # Re-entrant: the main thread's handler runs between any two bytecodes, so it
+        # may claim while the main thread holds the lock (in end_start_up).
+        self._lock = threading.RLock()
 
     def claim(self, starting: bool) -> bool:
         with self._lock:
@@ -89,11 +91,16 @@ def _watch_start_up(phase: _Phase) -> None:
     def watch() -> None:
         while True:
             signum = os.read(r, 1)[0]
-            if phase.claim(starting=True):
-                # not print(): the main thread may hold stdout's lock
-                os.write(sys.stdout.fileno(),
-                         f"{signal.Signals(signum).name}: stopping...\n".encode())
+            if signum not in STOP_SIGNALS or not phase.claim(starting=True):
+                continue
+            try:
+                # not print(): the main thread may hold stdout's lock; and a closed
+                # pipe (`| tee`, killed by the same Ctrl-C) must not stop the stop
+                with contextlib.suppress(OSError, ValueError):
+                    os.write(sys.stdout.fileno(),
+                             f"{signal.Signals(signum).name}: stopping...\n".encode())
                 _kill_started()
+            finally:
                 os._exit(128 + signum)
 
     threading.Thread(target=watch, name="imagegen-signals", daemon=True).start()

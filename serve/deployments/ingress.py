@@ -339,7 +339,8 @@ class Ingress:
         self.service.batches = BatchJobs(queue, self.service.preflight,
                                          max_items=b["max_items"],
                                          allow_webhook=hooks.check if hooks else None,
-                                         ended=worker.notify_if_done)
+                                         ended=worker.notify_if_done,
+                                         manifests=self.service.results is not None)
         self.batch_worker = worker
         self._tasks.append(asyncio.create_task(report_depth(queue, self.metrics)))
         if b["concurrency"]:

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2
 
-from ..batch.jobs import BATCH_BODY_FACTOR, BatchCreate, BatchView, ItemView
+from ..batch.jobs import BatchCreate, BatchView, ItemView, batch_body_limit
 from ..errors import ImagegenError, MalformedBody, PayloadTooLarge, QuotaExceeded, row
 from ..quotas.idempotency import valid_key
 from ..schemas import GenerateRequest, GenerateResponse, ImageSafety, validate
@@ -285,7 +285,7 @@ class GrpcTransport:
             return batch_proto(await self.service.submit_batch(principal, body))
 
         return await self._call("SubmitBatch", call, raw, context, pb.Batch, generation=False,
-                                max_bytes=self.max_body_bytes * BATCH_BODY_FACTOR)
+                                max_bytes=batch_body_limit(self.max_body_bytes))
 
     async def get_batch(self, raw: bytes, context) -> pb.Batch:
         async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.Batch:

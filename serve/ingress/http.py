@@ -19,12 +19,11 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..batch.jobs import (
-    BATCH_BODY_FACTOR,
     JSONL_TYPES,
     BatchCreate,
     BatchView,
     ItemView,
-    from_jsonl,
+    batch_body_limit,
 )
 from ..errors import (
     ImagegenError,
@@ -185,7 +184,7 @@ def build_http_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.echo_request_id = echo_request_id
-    batch_body_bytes = max_body_bytes * BATCH_BODY_FACTOR  # 2 MiB by default
+    batch_body_bytes = batch_body_limit(max_body_bytes)
     app.add_middleware(Telemetry, metrics=metrics, echo_request_id=echo_request_id)
 
     @app.post(
@@ -216,12 +215,10 @@ def build_http_app(
         background (README § Batch jobs): a JSON body, or a JSONL file."""
         caller = await service.authenticate(request.headers, peer(request))
         if content_type(request) in JSONL_TYPES:
-            options = {k: v for k, v in request.query_params.items()
-                       if k in ("id", "completion_window_s", "webhook_url")}
-            body = from_jsonl(await read_body(request, batch_body_bytes), options)
-        else:
-            body = validate(BatchCreate, load_json(await read_json_body(request,
-                                                                        batch_body_bytes)))
+            return await service.submit_batch_jsonl(
+                caller, await read_body(request, batch_body_bytes),
+                dict(request.query_params))
+        body = validate(BatchCreate, load_json(await read_json_body(request, batch_body_bytes)))
         return await service.submit_batch(caller, body)
 
     @app.get("/v1/batches", response_model=list[BatchView], responses=_ERRORS)

@@ -94,23 +94,31 @@ def test_a_batch_is_its_owners_and_a_resubmission_is_the_same_batch(world):
     cancelled = asyncio.run(world.cancel_batch(ALICE, "campaign_7"))
     assert cancelled.state == "cancelled" and cancelled.counts["cancelled"] == 2
     assert world.test_ended == ["campaign_7"]  # nothing in flight: its end is recorded now
+    asyncio.run(world.cancel_batch(ALICE, "campaign_7"))
+    assert world.test_ended == ["campaign_7"]  # a cancel that changed nothing records nothing
 
 
 def test_a_jsonl_body_is_one_request_a_line_naming_a_bad_line():
     got = from_jsonl(b'{"prompt": "a fox"}\n\n{"prompt": "a heron", "n": 2}\r\n',
-                     {"id": "spring_1", "completion_window_s": "3600"})
+                     {"id": "spring_1", "completion_window_s": "3600"}, 2)
     assert (got.id, got.completion_window_s) == ("spring_1", 3600)
     assert got.requests == [{"prompt": "a fox"}, {"prompt": "a heron", "n": 2}]
     for raw, where in ((b'{"prompt": "a fox"}\n{"prompt": \n', "line 2"),
                        (b'{"prompt": "a fox"}\n["a list"]\n', "line 2"),
                        (b'{"prompt": "a fox", "prompt": "twice"}', "line 1")):
         with pytest.raises(MalformedBody, match=where):
-            from_jsonl(raw, {})
+            from_jsonl(raw, {}, 5)
     with pytest.raises(InvalidRequest) as e:
-        from_jsonl(b'{"prompt": "a fox"}', {"completion_window_s": "soon"})
+        from_jsonl(b'{"prompt": "a fox"}', {"completion_window_s": "soon"}, 5)
     assert e.value.details[0]["field"] == "completion_window_s"
     with pytest.raises(InvalidRequest):
-        from_jsonl(b"\n\n", {})  # no requests
+        from_jsonl(b"\n\n", {}, 5)  # no requests
+    with pytest.raises(InvalidRequest) as e:
+        from_jsonl(b'{"prompt": "a fox"}', {"completion_window": "3600"}, 5)  # a typo
+    assert e.value.details[0] == {"field": "completion_window", "type": "extra_forbidden"}
+    with pytest.raises(InvalidRequest) as e:  # stops reading past the limit
+        from_jsonl(b'{"prompt": "a fox"}\n' * 3 + b"not even json", {}, 3)
+    assert e.value.details[0]["type"] == "too_long"
 
 
 def test_an_item_runs_as_its_owners_request_and_a_retry_is_charged_once(world, backend):

@@ -80,7 +80,7 @@ def test_a_limit_or_lease_below_one_is_refused(state_url):
                 await call
         return await q.depth()
 
-    assert run(state_url, body) == {"pending": 2, "leased": 0, "dead": 0}
+    assert run(state_url, body) == {"pending": 2, "waiting": 0, "leased": 0, "dead": 0}
 
 
 def test_claim_takes_the_oldest_first_up_to_the_limit(state_url):
@@ -90,7 +90,8 @@ def test_claim_takes_the_oldest_first_up_to_the_limit(state_url):
         await q.create(batch("future", T0 + 100), reqs(1))
         first = await q.claim("w1", 30, 4, now=T0 + 10)
         second = await q.claim("w2", 30, 4, now=T0 + 10)  # "future" is not due
-        return first, second, await q.claim("w2", 30, 4, now=T0 + 10), await q.depth()
+        return (first, second, await q.claim("w2", 30, 4, now=T0 + 10),
+                await q.depth(now=T0 + 10))
 
     first, second, third, depth = run(state_url, body)
     assert [i.id for i in first] == ["early-000000", "early-000001", "early-000002",
@@ -99,7 +100,7 @@ def test_claim_takes_the_oldest_first_up_to_the_limit(state_url):
     assert all(i.lease_owner.startswith("w1:") for i in first)
     assert len({i.lease_owner for i in first}) == 4  # a fresh token per item
     assert [i.id for i in second] == ["late-000001"] and third == []
-    assert depth == {"pending": 1, "leased": 5, "dead": 0}
+    assert depth == {"pending": 0, "waiting": 1, "leased": 5, "dead": 0}  # "future" not due
 
 
 def test_two_concurrent_claimers_never_share_an_item(state_url):
@@ -227,7 +228,8 @@ def test_cancel_ends_pending_items_and_leased_ones_finish(state_url):
     assert got.state == "cancelled" and got.counts == zeros(succeeded=1, cancelled=4)
     assert [i.state for i in items] == ["succeeded", "cancelled", "cancelled", "cancelled",
                                         "cancelled"]
-    assert (twice, missing) == (0, 0) and depth == {"pending": 0, "leased": 0, "dead": 0}
+    assert (twice, missing) == (0, 0)
+    assert depth == {"pending": 0, "waiting": 0, "leased": 0, "dead": 0}
 
 
 def test_cancelling_a_finished_batch_changes_nothing(state_url):
@@ -292,8 +294,8 @@ def test_counts_conserve_over_a_random_mix_of_operations(state_url):
         assert sum(b.counts.values()) == n == len(its)
         assert b.counts == zeros(**Counter(i.state for i in its))
     every = Counter(i.state for its in items for i in its)
-    assert depth == {"pending": every["pending"], "leased": every["leased"],
-                     "dead": every["dead"]}
+    assert depth["pending"] + depth["waiting"] == every["pending"]
+    assert (depth["leased"], depth["dead"]) == (every["leased"], every["dead"])
     assert all((i.lease_until is not None) == (i.state == "leased") for its in items
                for i in its)
 

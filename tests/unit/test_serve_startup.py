@@ -3,6 +3,7 @@ summary (tests/serve/test_cli_serve.py runs the real process)."""
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import pytest
@@ -144,3 +145,22 @@ def test_a_port_taken_while_serve_starts_is_named_not_a_traceback(monkeypatch):
                        "process while the service started; it is --port \\+ 8"):
         local.start(settings)
     assert stopped  # nothing is left running
+
+
+@pytest.mark.timeout(10)
+def test_the_first_signal_is_acted_on_once_whoever_sees_it():
+    from serve.cli.serve import Stopped, _Phase, _stop_handler
+
+    phase = _Phase()
+    handler = _stop_handler(phase)
+    phase.starting = True
+    handler(signal.SIGTERM, None)  # Ray starting: held for the watcher
+    assert phase.end_start_up() == signal.SIGTERM  # start-up ended first: the main thread's
+    assert not phase.claim(starting=True) and not phase.claim(starting=False)
+
+    phase = _Phase()
+    handler = _stop_handler(phase)
+    # a handler runs between any two bytecodes: here, inside end_start_up's lock
+    with phase._lock, pytest.raises(Stopped):
+        handler(signal.SIGINT, None)
+    assert phase.end_start_up() is None  # claimed already
