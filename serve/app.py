@@ -33,6 +33,9 @@ from .templates.library import load_library
 
 APP_NAME = "imagegen"
 log = logging.getLogger("imagegen")
+# What a stopping replica needs past its requests' grace: closing its servers and
+# running its destructor, before Serve's controller kills it.
+DRAIN_MARGIN_S = 10.0
 
 
 def engine_class(kind: str) -> type[Engine]:
@@ -101,6 +104,20 @@ def c2pa_of(settings: Settings) -> tuple[str, str, str] | None:
     return str(settings.c2pa_cert_file), str(settings.c2pa_key_file), settings.c2pa_alg
 
 
+def drain_grace_s(settings: Settings) -> float:
+    """How long a stopping replica gives the requests it holds: request_timeout_s, the
+    deadline Serve itself puts on every request (proxy and direct ingress), so nothing
+    admitted before the stop is cut short and nothing waits longer than it could run."""
+    return settings.request_timeout_s
+
+
+def with_drain(options: dict[str, Any], grace_s: float) -> dict[str, Any]:
+    """Deployment options in which Serve waits out the drain before killing a replica
+    (Serve's default graceful_shutdown_timeout_s, 20 s, is shorter than a generation
+    can be); a value the policy sets stays."""
+    return {"graceful_shutdown_timeout_s": grace_s + DRAIN_MARGIN_S, **options}
+
+
 def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
     """Ingress + one model deployment per models.lock revision (+ the image
     classifier's, where it runs apart).
@@ -113,6 +130,7 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
     routing = load_routing(settings.routing_file, lock)
     policy = load_policy(settings.policy_file)
     engine_cls = engine_class(settings.engine)
+    grace = drain_grace_s(settings)
     logging_config = {"enable_access_log": settings.log_requests}
     models = {}
     coalescing = {}
@@ -131,7 +149,7 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
         models[name] = ModelDeployment.options(
             name=entry.deployment_name,
             logging_config=logging_config,
-            **model_deployment_options(p),
+            **with_drain(model_deployment_options(p), grace),
         ).bind(entry, engine_cls, str(settings.model_dir), options)
     state_backend(settings.state_url)  # a bad URL refuses to start
     plans = load_plans(settings.plans_file)
@@ -187,5 +205,7 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
         kubeconfig=settings.kubeconfig,
     )
     return Ingress.options(
-        logging_config=logging_config, **ingress_deployment_options(policy.ingress)
-    ).bind(lock, routing, models, coalescing, settings.max_body_bytes, source, access, safety)
+        logging_config=logging_config,
+        **with_drain(ingress_deployment_options(policy.ingress), grace),
+    ).bind(lock, routing, models, coalescing, settings.max_body_bytes, source, access, safety,
+           drain_grace_s=grace)

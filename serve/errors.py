@@ -172,6 +172,15 @@ class Overloaded(ModelUnavailable):
     retry_after_s = 1
 
 
+class Draining(ImagegenError):
+    """This ingress replica is stopping (a rolling update, a scale-down, a node
+    drain): it finishes the requests it holds and takes no new one. Another replica
+    answers the retry."""
+
+    code = "draining"
+    retry_after_s = 1
+
+
 class TierDisabled(ImagegenError):
     """An operator disabled the tier in the routing document (the message says why)."""
 
@@ -283,6 +292,7 @@ STATUS: dict[type[ImagegenError], Row] = {
     QuotaExceeded: Row(429, "RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
     RateLimited: Row(429, "RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
     TierDisabled: Row(503, "UNAVAILABLE", *_DOWN),
+    Draining: Row(503, "UNAVAILABLE", *_DOWN),
     StateUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
     StorageUnavailable: Row(503, "UNAVAILABLE", *_DOWN),
     ImageSafetyUnavailable: Row(503, "UNAVAILABLE", *_DOWN),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -57,6 +58,61 @@ log = logging.getLogger("imagegen.ingress")
 
 STATUS_TIMEOUT_S = 2.0
 READY_POLL_S = 1.0
+DRAIN_POLL_S = 0.1  # how soon the batch worker stops claiming once the replica stops
+DRAIN_GRACE_S = 300.0  # app.py passes settings.request_timeout_s
+
+
+def _serve_replica() -> Any:
+    """The Ray Serve replica this process hosts (Ray 2.60: the ReplicaActor's
+    `_replica_impl`), or None outside Serve. Read for one flag: see Drain."""
+    try:
+        from ray._private.worker import global_worker
+
+        actor = global_worker.actors.get(global_worker.actor_id)
+    except Exception:  # noqa: BLE001 - not in a Ray actor
+        return None
+    return getattr(actor, "_replica_impl", None)
+
+
+class Drain:
+    """Whether Serve is stopping this replica, and how long its requests may still run.
+
+    Serve tells user code nothing until `__del__`, which it calls only once no request
+    is in flight; meanwhile a direct-ingress replica admits every new request (Ray
+    2.60 serve/_private/replica.py, `_perform_graceful_shutdown`), so under steady
+    load it never drains and is killed mid-request at graceful_shutdown_timeout_s.
+    The replica's `_shutting_down` flag (set as its stop begins; documented there as
+    readable by subclasses) is the one early signal: read on every request, it costs
+    an attribute lookup. Hazard: a private attribute; where it is missing (another
+    Ray) nothing drains early and Serve's own stop applies, with a warning."""
+
+    def __init__(self, grace_s: float, replica: Any = None) -> None:
+        self.grace_s = grace_s  # the longest a request admitted before the stop may run
+        self.since: float | None = None  # time.monotonic() when the stop was seen
+        self._replica = replica
+        self._looked = replica is not None
+
+    def __call__(self) -> bool:
+        if self.since is not None:
+            return True
+        if not self._looked:
+            self._looked = True
+            self._replica = _serve_replica()
+            if self._replica is None:
+                log.debug("not in a Serve replica: no early drain")
+            elif not hasattr(self._replica, "_shutting_down"):
+                log.warning("this Ray Serve has no replica _shutting_down flag: a stopping "
+                            "ingress replica will keep admitting requests")
+        if not getattr(self._replica, "_shutting_down", False):
+            return False
+        self.since = time.monotonic()
+        return True
+
+    def left_s(self) -> float:
+        """Grace left to the requests in flight (all of it before the stop)."""
+        if self.since is None:
+            return self.grace_s
+        return max(0.0, self.since + self.grace_s - time.monotonic())
 
 
 @dataclass(frozen=True)
@@ -249,9 +305,13 @@ class Ingress:
         source: RoutingSource | None = None,
         access: Access | None = None,
         safety: DeploymentHandle | None = None,
+        drain_grace_s: float = DRAIN_GRACE_S,
     ) -> None:
         setup("ingress")
         self.metrics = Metrics()
+        self.drain = Drain(drain_grace_s)
+        self.batch_worker: BatchWorker | None = None
+        self._worker_stop: asyncio.Task | None = None
         source = source or RoutingSource()
         self.routing = LiveRouting(routing, lock, source.describe(), metrics=self.metrics)
         self.status_handles = {n: h.options(method_name="status") for n, h in models.items()}
@@ -282,10 +342,11 @@ class Ingress:
         self.safety_status = safety.options(method_name="status") if safety else None
         self.safety: dict[str, Any] | None = None
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
-                                  max_body_bytes=max_body_bytes)
+                                  max_body_bytes=max_body_bytes, draining=self.drain)
         self.max_body_bytes = max_body_bytes
         self.statuses: dict[str, dict[str, Any]] = {}
-        self._tasks = [asyncio.create_task(self._poll_readiness(), name="imagegen-readiness")]
+        self._tasks = [asyncio.create_task(self._poll_readiness(), name="imagegen-readiness"),
+                       asyncio.create_task(self._watch_drain(), name="imagegen-drain")]
         self._watch = None
         if source.configmap:
             self._watch = ConfigMapSource(
@@ -344,7 +405,7 @@ class Ingress:
         self.batch_worker = worker
         self._tasks.append(asyncio.create_task(report_depth(queue, self.metrics)))
         if b["concurrency"]:
-            self._tasks.append(worker.start())
+            worker.start()  # stopped by _stop_batches, never cancelled with the rest
 
     def _classifier(self, access: Access | None, safety: DeploymentHandle | None):
         if access is None or access.image_classifier == "none":
@@ -361,7 +422,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         return build_http_app(
             self.service, self.readiness, max_body_bytes=self.max_body_bytes,
-            metrics=self.metrics, echo_request_id=False,
+            metrics=self.metrics, echo_request_id=False, draining=self.drain,
         )
 
     # gRPC (ingress/grpc.py): Serve calls the method named like the RPC, with the
@@ -435,11 +496,29 @@ class Ingress:
             self.statuses[name] = res
             self.routing.set_ready(name, res["ready"], res.get("reason"))
 
+    async def _watch_drain(self) -> None:
+        while not self.drain():
+            await asyncio.sleep(DRAIN_POLL_S)
+        log.warning("replica stopping: refusing new requests (503 draining), %.0f s for "
+                    "those in flight", self.drain.grace_s)
+        self._stop_batches()
+
+    def _stop_batches(self) -> asyncio.Task | None:
+        """The batch worker claims nothing more; its items in flight get the grace left."""
+        if self.batch_worker is not None and self._worker_stop is None:
+            self._worker_stop = asyncio.create_task(
+                self.batch_worker.stop(grace_s=self.drain.left_s()), name="imagegen-batch-stop")
+        return self._worker_stop
+
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready while every enabled tier has a ready revision and the image classifier
-        can run (unless it fails open); reports every revision, the classifier and the
-        routing source's last error."""
-        await self._refresh_readiness()
+        can run (unless it fails open), and the replica is not stopping (`draining`);
+        reports every revision, the classifier and the routing source's last error."""
+        draining = self.drain()
+        # Stopping: the last poll's state, at once (a probe is a request in flight,
+        # which Serve's drain waits for).
+        if not draining:
+            await self._refresh_readiness()
         table = self.routing.table
         models = {}
         for name, res in self.statuses.items():
@@ -448,8 +527,10 @@ class Ingress:
                                       if t not in table.tiers_of(name)]}
         tiers = {t: self.routing.tier_ready(t) for t, r in table.tiers.items() if not r.disabled}
         safety = self._safety_readiness()
-        ready = all(tiers.values()) and (safety["ready"] or self.service.fail_open)
-        return ready, {"models": models, "tiers": tiers, "image_safety": safety, "routing": {
+        ready = not draining and all(tiers.values()) and (
+            safety["ready"] or self.service.fail_open)
+        return ready, {"draining": draining, "models": models, "tiers": tiers,
+                       "image_safety": safety, "routing": {
             "version": table.version, "source": self.routing.source, "error": self.routing.error,
             "source_error": self.routing.source_error}}
 
@@ -463,8 +544,14 @@ class Ingress:
             return {"classifier": c.name, "ready": True, "reason": None}
         return {"classifier": c.name, **self.safety}
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        # Serve awaits an async __del__ once the requests in flight are done and its
+        # servers have stopped (call_destructor); the controller kills the process at
+        # graceful_shutdown_timeout_s, which app.py sets past the drain's grace.
+        # getattr: a constructor that failed left only some attributes.
         for task in getattr(self, "_tasks", []):
             task.cancel()
         if getattr(self, "_watch", None) is not None:
             self._watch.stop()
+        if getattr(self, "batch_worker", None) is not None:
+            await self._stop_batches()

@@ -28,7 +28,14 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2
 
 from ..batch.jobs import BatchCreate, BatchView, ItemView, batch_body_limit
-from ..errors import ImagegenError, MalformedBody, PayloadTooLarge, QuotaExceeded, row
+from ..errors import (
+    Draining,
+    ImagegenError,
+    MalformedBody,
+    PayloadTooLarge,
+    QuotaExceeded,
+    row,
+)
 from ..quotas.idempotency import valid_key
 from ..schemas import GenerateRequest, GenerateResponse, ImageSafety, validate
 from ..service import ImageService
@@ -208,10 +215,12 @@ class GrpcTransport:
 
     def __init__(self, service: ImageService,
                  readiness: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
-                 metrics: Metrics, *, max_body_bytes: int = 64 << 10) -> None:
+                 metrics: Metrics, *, max_body_bytes: int = 64 << 10,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self.service = service
         self.readiness = readiness
         self.metrics = metrics
+        self.draining = draining  # the replica is stopping: refuse new calls (UNAVAILABLE)
         # As on HTTP. Serve's gRPC servers take messages up to 2 GiB, and parsing one
         # (and listing its unknown fields) would hold the event loop for seconds.
         self.max_body_bytes = max_body_bytes
@@ -321,8 +330,8 @@ class GrpcTransport:
 
     async def check(self, raw: bytes, context) -> health_pb2.HealthCheckResponse:
         """SERVING exactly when /readyz answers 200 (every enabled tier has a ready
-        revision), for the server ("") and for imagegen.v1.Images. Not logged, like
-        the HTTP probes."""
+        revision, and the replica is not stopping), for the server ("") and for
+        imagegen.v1.Images. Not logged, like the HTTP probes."""
         status = health_pb2.HealthCheckResponse
         try:
             if len(raw) > self.max_body_bytes:
@@ -360,6 +369,8 @@ class GrpcTransport:
         ) as rec:
             trailers = [(TRACE_KEY, rec.trace_id), (ID_KEY, rid)]
             try:
+                if self.draining():
+                    raise Draining("this replica is stopping; retry (another one will answer)")
                 if len(raw) > max_bytes:
                     raise PayloadTooLarge(f"message of {len(raw)} bytes exceeds {max_bytes}")
                 principal = await self.service.authenticate(metadata, _peer(context))

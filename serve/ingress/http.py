@@ -26,6 +26,7 @@ from ..batch.jobs import (
     batch_body_limit,
 )
 from ..errors import (
+    Draining,
     ImagegenError,
     InvalidRequest,
     MethodNotAllowed,
@@ -64,6 +65,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _ROUTES = frozenset({"/v1/images", "/v1/images/generations", "/v1/models", "/v1/quota",
                      "/v1/templates", "/v1/review", "/v1/appeals", "/v1/routing",
                      "/healthz", "/readyz"})  # span names
+_PROBES = frozenset({"/healthz", "/readyz"})  # still answered while draining
 _GENERATION = frozenset({("POST", "/v1/images"), ("POST", "/v1/images/generations")})
 _REROLL = re.compile(r"/v1/images/[^/]+/reroll")
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -172,9 +174,11 @@ def build_http_app(
     max_body_bytes: int,
     metrics: Metrics,
     echo_request_id: bool = True,
+    draining: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """The HTTP app. Behind Ray Serve pass echo_request_id=False: the Serve proxy
-    already answers with the X-Request-ID it passed in (a second one would repeat it)."""
+    already answers with the X-Request-ID it passed in (a second one would repeat it).
+    While `draining()` (the replica is stopping) new requests are refused (see DrainGate)."""
     # FastAPI's own OpenTelemetry spans are off: the Telemetry middleware opens the
     # server span the same way for every transport (gRPC: ingress/grpc.py).
     # FastAPIOffline serves /docs with Swagger UI from its package, not a public CDN:
@@ -185,6 +189,9 @@ def build_http_app(
     )
     app.state.echo_request_id = echo_request_id
     batch_body_bytes = batch_body_limit(max_body_bytes)
+    if draining is not None:  # inside Telemetry: a refusal is logged, counted, traced
+        # `answer` (below) is looked up per request: each route's own envelope.
+        app.add_middleware(DrainGate, draining=draining, refuse=lambda r, e: answer(r, e))
     app.add_middleware(Telemetry, metrics=metrics, echo_request_id=echo_request_id)
 
     @app.post(
@@ -425,6 +432,35 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class DrainGate:
+    """ASGI middleware for a replica that is stopping: a new request is refused 503
+    `draining` with Retry-After (in its route's envelope), the probes still answer
+    (/readyz 503), and every answer closes its connection, so a client's next request
+    opens a new one, which the load balancer gives a replica that is not stopping,
+    instead of racing the server's close on a kept-alive one."""
+
+    def __init__(self, app, draining: Callable[[], bool],
+                 refuse: Callable[[Request, ImagegenError], Response]) -> None:
+        self.app = app
+        self.draining = draining
+        self.refuse = refuse
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_closing(message) -> None:
+            if message["type"] == "http.response.start" and self.draining():
+                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+            await send(message)
+
+        if self.draining() and scope["path"] not in _PROBES:
+            request = Request(scope, receive)
+            refusal = Draining("this replica is stopping; retry (another one will answer)")
+            return await self.refuse(request, refusal)(scope, receive, send_closing)
+        await self.app(scope, receive, send_closing)
 
 
 class Telemetry:

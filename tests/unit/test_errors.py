@@ -32,7 +32,7 @@ CLIENT = {
 SERVER = {
     "internal", "model_unavailable", "overloaded", "generation_failed", "config_error",
     "model_verification_failed", "tier_disabled", "model_timeout", "state_unavailable",
-    "image_safety_unavailable", "storage_unavailable",
+    "image_safety_unavailable", "storage_unavailable", "draining",
 }
 # The error types OpenAI's API answers with (its client maps the status to the
 # exception class: 400 BadRequestError, 401 AuthenticationError, 403 PermissionDeniedError,
