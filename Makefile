@@ -6,7 +6,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench lint proto clean
+.PHONY: serve test bench lint proto constraints clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check serve autoscaling tests
+
+# constraints.txt: the versions the suite ran with, which the container image installs.
+constraints: $(VENV)/.installed
+	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable \
+	  | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # The gRPC stubs in serve/ingress/proto from proto/ (committed; see scripts/gen_proto.py).
 proto: $(VENV)/.installed
