@@ -333,7 +333,7 @@ def build_http_app(
     @app.get("/v1/review/{item_id}/images/{index}", response_class=Response,
              responses={200: {"description": "the flagged image, unblurred", "content": {
                  "image/png": {"schema": {"type": "string", "format": "binary"}}}}, **_ERRORS})
-    async def review_image(item_id: str, index: Annotated[int, Path(ge=0)],
+    async def review_image(item_id: str, index: Annotated[int, Path(ge=0, le=255)],
                            request: Request) -> Response:
         """An image case's flagged image `index` as a PNG, unblurred (role reviewer; a
         restricted case: admin)."""

@@ -133,6 +133,8 @@ def test_an_image_case_serves_its_evidence_under_its_roles(world):
     for path, code in ((f"/v1/review/{case.id}/images/0", 404),  # not a flagged one
                        ("/v1/review/nope/images/1", 404),
                        (f"/v1/review/{case.id}/images/-1", 422),
+                       # past SQLite's integers: refused before the store (it was a 500)
+                       (f"/v1/review/{case.id}/images/145885527696668656033333248", 422),
                        (f"/v1/review/{case.id}/images/x", 422)):
         r = rita.get(path)
         assert r.status_code == code and "error" in r.json(), path
