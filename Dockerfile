@@ -21,10 +21,11 @@ COPY autoscaling ./autoscaling
 COPY proto ./proto
 # Versions from constraints.txt, the set the suite ran with; all dependencies come as
 # wheels (neither stage has a compiler). torch first, from its own index: PyPI's is
-# CUDA's. The project is installed editable from /app, which the final stage keeps
+# CUDA's; its own dependencies come with the project's, from PyPI (the torch index
+# mirrors only some of their versions). The project is installed editable from /app, which the final stage keeps
 # (models.lock, the policies and the style library are read from the checkout).
 RUN python -m venv /opt/imagegen \
- && /opt/imagegen/bin/pip install --only-binary=:all: -c constraints.txt \
+ && /opt/imagegen/bin/pip install --only-binary=:all: -c constraints.txt --no-deps \
       --index-url "${TORCH_INDEX}" torch \
  && /opt/imagegen/bin/pip install -c constraints.txt -e ".[${EXTRAS}]" \
  && /opt/imagegen/bin/pip install --only-binary=:all: -c constraints.txt --no-deps \
@@ -39,6 +40,8 @@ RUN apt-get update \
  && useradd --uid 1000 --gid 100 --no-create-home --home-dir /tmp ray
 COPY --from=build /opt/imagegen /opt/imagegen
 COPY --from=build /app /app
+# On PATH even where a login shell resets it (KubeRay's ENABLE_LOGIN_SHELL)
+RUN ln -s /opt/imagegen/bin/ray /opt/imagegen/bin/imagegen /usr/local/bin/
 # The root filesystem is read-only on the cluster: caches and Ray's session under
 # /tmp (an emptyDir); weights come from `imagegen models fetch` (an init container)
 # and are served offline.

@@ -44,7 +44,7 @@ def serve_config(policy, lock, routing, settings, build_args: dict[str, Any]) ->
     from autoscaling.policies import ingress_deployment_options, model_deployment_options
     from autoscaling.serve_policy import serve_config as app_entry
 
-    from .cli.capacity import grpc_options
+    from .cli.capacity import grpc_options, http_options
 
     app = app_entry(policy, lock, routing, args=build_args)
     ingress = ingress_deployment_options(policy.ingress)["ray_actor_options"]
@@ -60,7 +60,8 @@ def serve_config(policy, lock, routing, settings, build_args: dict[str, Any]) ->
         deployments.append({"name": entry.deployment_name, "ray_actor_options": {
             **actor, "label_selector": {POOL_LABEL: MODEL_POOL}}})
     app["deployments"] = deployments
-    doc = {"grpc_options": grpc_options(settings), "applications": [app]}
+    doc = {"http_options": http_options(settings), "grpc_options": grpc_options(settings),
+           "applications": [app]}
     if settings.grpc_port == 0:
         doc.pop("grpc_options")
     return doc

@@ -128,16 +128,24 @@ def _serve_config(args, settings) -> int:
         rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         build_args["policy_file"] = str(rel)
     app = serve_config(_policy(args, settings), lock, routing, args=build_args)
-    print(yaml.safe_dump({"grpc_options": grpc_options(settings), "applications": [app]},
+    print(yaml.safe_dump({"http_options": http_options(settings),
+                          "grpc_options": grpc_options(settings), "applications": [app]},
                          sort_keys=False), end="")
     return 0
+
+
+def http_options(settings) -> dict:
+    """Serve's HTTP proxies: the end-to-end deadline `imagegen serve` sets too (the
+    ingress's drain grace and the idempotency lease assume it)."""
+    return {"request_timeout_s": settings.request_timeout_s}
 
 
 def grpc_options(settings) -> dict:
     """Serve's gRPC proxy on every node: imagegen.v1.Images, health and reflection."""
     from ..ingress.grpc import SERVICER_FUNCTIONS
 
-    return {"port": settings.grpc_port or 9000, "grpc_servicer_functions": SERVICER_FUNCTIONS}
+    return {"port": settings.grpc_port or 9000, "grpc_servicer_functions": SERVICER_FUNCTIONS,
+            **http_options(settings)}
 
 
 def _pairs(values: list[str], what: str, cast=float) -> dict:

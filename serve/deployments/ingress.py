@@ -310,6 +310,11 @@ class Ingress:
         setup("ingress")
         self.metrics = Metrics()
         self.drain = Drain(drain_grace_s)
+        # Only a direct-ingress replica refuses while it drains: behind Serve's proxies
+        # (KubeRay) a stopping replica is taken out of routing and, once quiescing,
+        # Serve itself sends a request elsewhere; refusing there would fail requests
+        # Serve would have served. /readyz says draining either way.
+        self._refuses = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
         self.batch_worker: BatchWorker | None = None
         self._worker_stop: asyncio.Task | None = None
         source = source or RoutingSource()
@@ -342,7 +347,7 @@ class Ingress:
         self.safety_status = safety.options(method_name="status") if safety else None
         self.safety: dict[str, Any] | None = None
         self.grpc = GrpcTransport(self.service, self.readiness, self.metrics,
-                                  max_body_bytes=max_body_bytes, draining=self.drain)
+                                  max_body_bytes=max_body_bytes, draining=self.refusing)
         self.max_body_bytes = max_body_bytes
         self.statuses: dict[str, dict[str, Any]] = {}
         self._tasks = [asyncio.create_task(self._poll_readiness(), name="imagegen-readiness"),
@@ -422,7 +427,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         return build_http_app(
             self.service, self.readiness, max_body_bytes=self.max_body_bytes,
-            metrics=self.metrics, echo_request_id=False, draining=self.drain,
+            metrics=self.metrics, echo_request_id=False, draining=self.refusing,
         )
 
     # gRPC (ingress/grpc.py): Serve calls the method named like the RPC, with the
@@ -496,11 +501,16 @@ class Ingress:
             self.statuses[name] = res
             self.routing.set_ready(name, res["ready"], res.get("reason"))
 
+    def refusing(self) -> bool:
+        """Whether new requests get 503 draining (a stopping direct-ingress replica)."""
+        return self._refuses and self.drain()
+
     async def _watch_drain(self) -> None:
         while not self.drain():
             await asyncio.sleep(DRAIN_POLL_S)
-        log.warning("replica stopping: refusing new requests (503 draining), %.0f s for "
-                    "those in flight", self.drain.grace_s)
+        log.warning("replica stopping: %s, %.0f s for those in flight",
+                    "refusing new requests (503 draining)" if self._refuses
+                    else "Serve routes new requests elsewhere", self.drain.grace_s)
         self._stop_batches()
 
     def _stop_batches(self) -> asyncio.Task | None:

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-OVERLAYS = ("dev", "prod")
+from deploy_support import OVERLAYS, ROOT, build
 
 
 def pytest_configure(config) -> None:
@@ -44,12 +40,6 @@ def kubectl() -> str:
     return _tool("kubectl")
 
 
-def build(kubectl: str, path: Path) -> list[dict]:
-    """`kubectl kustomize PATH` as a list of objects."""
-    run = subprocess.run([kubectl, "kustomize", str(path)], check=False,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    return [d for d in yaml.safe_load_all(run.stdout) if d]
 
 
 @pytest.fixture(scope="session")

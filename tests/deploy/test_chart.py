@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import OVERLAYS, ROOT, build
+from deploy_support import OVERLAYS, ROOT, build
 
 from serve import deploy
 from serve.cli import render

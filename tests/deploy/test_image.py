@@ -9,7 +9,7 @@ import re
 import tomllib
 
 import pytest
-from conftest import ROOT
+from deploy_support import ROOT
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

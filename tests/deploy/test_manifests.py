@@ -9,7 +9,7 @@ import json
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import OVERLAYS, ROOT
+from deploy_support import OVERLAYS, ROOT
 from jsonschema import Draft202012Validator
 
 from autoscaling.policies import load_policy
@@ -235,3 +235,15 @@ def test_every_ray_pod_outlasts_the_longest_generation_when_it_stops(rendered, o
         sleep = float(ray["lifecycle"]["preStop"]["exec"]["command"][1])
         assert drain >= timeout + 10, (name, drain, timeout)
         assert spec["terminationGracePeriodSeconds"] >= sleep + drain + 10, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serves_proxies_get_the_request_deadline(rendered, overlay):
+    """request_timeout_s reaches Serve's HTTP and gRPC proxies on the cluster, as
+    `imagegen serve` sets it locally (the drain's grace is sized by it)."""
+    from serve.config import load_settings
+
+    doc = _serve_config(rendered[overlay])
+    timeout = load_settings().request_timeout_s
+    assert doc["http_options"]["request_timeout_s"] == timeout
+    assert doc.get("grpc_options", {"request_timeout_s": timeout})["request_timeout_s"] == timeout

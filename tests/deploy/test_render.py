@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import OVERLAYS, ROOT, build
+from deploy_support import OVERLAYS, ROOT, build
 
 from serve.cli.main import main
 from serve.cli.render import overlay_files

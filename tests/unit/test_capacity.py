@@ -173,7 +173,8 @@ def test_cli_serve_config_is_a_valid_serve_config(capsys):
     assert app["autoscaling_policy"]["policy_function"] == "autoscaling.serve_policy:BudgetPolicy"
     # gRPC on every node's Serve proxy, as locally (a cluster without it serves no gRPC)
     assert doc["grpc_options"] == {"port": 9000, "grpc_servicer_functions": [
-        "serve.ingress.grpc.add_servicers"]}
+        "serve.ingress.grpc.add_servicers"], "request_timeout_s": 300.0}
+    assert doc["http_options"] == {"request_timeout_s": 300.0}  # as `imagegen serve` sets
     from ray.serve._private.utils import import_attr
 
     assert callable(import_attr(doc["grpc_options"]["grpc_servicer_functions"][0]))
