@@ -297,11 +297,8 @@ class GrpcTransport:
                                 max_bytes=batch_body_limit(self.max_body_bytes))
 
     async def get_batch(self, raw: bytes, context) -> pb.Batch:
-        async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.Batch:
-            m = _parse(pb.BatchRef, raw)
-            return batch_proto(await self.service.batch(principal, m.id))
-
-        return await self._call("GetBatch", call, raw, context, pb.Batch, generation=False)
+        return await self._on_batch("GetBatch", raw, context, self.service.batch,
+                                    batch_proto, pb.Batch)
 
     async def list_batches(self, raw: bytes, context) -> pb.ListBatchesResponse:
         async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.ListBatchesResponse:
@@ -313,20 +310,22 @@ class GrpcTransport:
                                 generation=False)
 
     async def cancel_batch(self, raw: bytes, context) -> pb.Batch:
-        async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.Batch:
-            m = _parse(pb.BatchRef, raw)
-            return batch_proto(await self.service.cancel_batch(principal, m.id))
-
-        return await self._call("CancelBatch", call, raw, context, pb.Batch, generation=False)
+        return await self._on_batch("CancelBatch", raw, context, self.service.cancel_batch,
+                                    batch_proto, pb.Batch)
 
     async def get_batch_results(self, raw: bytes, context) -> pb.BatchResults:
-        async def call(raw: bytes, _rid: str, principal, _metadata) -> pb.BatchResults:
-            m = _parse(pb.BatchRef, raw)
-            return pb.BatchResults(
-                items=[item_proto(i) for i in await self.service.batch_results(principal, m.id)])
+        return await self._on_batch(
+            "GetBatchResults", raw, context, self.service.batch_results,
+            lambda items: pb.BatchResults(items=[item_proto(i) for i in items]),
+            pb.BatchResults)
 
-        return await self._call("GetBatchResults", call, raw, context, pb.BatchResults,
-                                generation=False)
+    async def _on_batch(self, method: str, raw: bytes, context, answer, to_proto, response):
+        """An RPC on one batch (a BatchRef): the service's `answer(caller, id)`, as
+        `to_proto` shapes it."""
+        async def call(raw: bytes, _rid: str, principal, _metadata):
+            return to_proto(await answer(principal, _parse(pb.BatchRef, raw).id))
+
+        return await self._call(method, call, raw, context, response, generation=False)
 
     async def check(self, raw: bytes, context) -> health_pb2.HealthCheckResponse:
         """SERVING exactly when /readyz answers 200 (every enabled tier has a ready

@@ -151,6 +151,15 @@ def backend_for():
 
 
 @pytest.fixture
+def state(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite state store, and the settings (IMAGEGEN_STATE_URL) pointing at it:
+    the CLI tests' operator commands use it."""
+    url = f"sqlite://{tmp_path / 'state.db'}"
+    monkeypatch.setenv("IMAGEGEN_STATE_URL", url)
+    return url
+
+
+@pytest.fixture
 def keys(tmp_path) -> tuple[Authenticator, str]:
     """A real authenticator over a SQLite state store holding one key, and the key."""
     store = open_keys(f"sqlite://{tmp_path / 'state.db'}")

@@ -8,19 +8,10 @@ import asyncio
 import json
 import socket
 
-import pytest
-
 from serve.batch import Batch, open_queue
 from serve.cli.main import main
 
 T0 = 1_700_000_000.0
-
-
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    url = f"sqlite://{tmp_path / 'state.db'}"
-    monkeypatch.setenv("IMAGEGEN_STATE_URL", url)
-    return url
 
 
 def on_queue(url, fn):

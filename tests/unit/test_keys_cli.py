@@ -14,13 +14,6 @@ from serve.quotas.auth import Authenticator
 from serve.quotas.keys import open_keys
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    url = f"sqlite://{tmp_path / 'state.db'}"
-    monkeypatch.setenv("IMAGEGEN_STATE_URL", url)
-    return url
-
-
 def test_create_list_revoke_a_key_that_authenticates_until_revoked(state, capsys):
     assert main(["keys", "create", "team-search", "--role", "user", "--role", "reviewer",
                  "--plan", "drafts-only"]) == 0
