@@ -282,12 +282,14 @@ def test_a_killed_workers_items_are_finished_by_another(state_url):
 
 
 def test_the_heartbeat_keeps_a_long_item_leased(state_url):
-    slow, other = FakeRun(delay_s=0.6), FakeRun()
+    # An item running 2.5 leases long. The lease is 1 s, renewed every third of it:
+    # at 0.2 s a loaded CI machine's stall of a few hundred ms let one lapse.
+    slow, other = FakeRun(delay_s=2.5), FakeRun()
 
     async def body(qa, qb):
         await qa.create(batch("b1"), reqs(1))
-        a = worker(qa, slow, "A", lease_s=0.2)
-        b = worker(qb, other, "B", lease_s=0.2)
+        a = worker(qa, slow, "A", lease_s=1.0)
+        b = worker(qb, other, "B", lease_s=1.0)
         a.start()
         await until(lambda: len(slow.calls) == 1, "A to start")
         b.start()  # polls all along: a lapsed lease would be taken
