@@ -170,5 +170,5 @@ def _inside_documented_map(lines: list[str], i: int, indent: int) -> bool:
 DATA_MAPS = {"resources", "requests", "limits", "podSecurityContext", "securityContext",
              "capabilities", "seccompProfile", "rayStartParams", "nodeSelector",
              "clientNamespaceSelector", "namespaceSelector", "podSelector",
-             "operatorPodSelector", "redisPodSelector", "otlpCollectorPodSelector", "labels",
+             "operatorPodSelector", "redisPodSelector", "labels",
              "dashboardLabels"}

@@ -114,6 +114,9 @@ def test_kuberay_essentials(rendered, overlay):
     rc = rs["spec"]["rayClusterConfig"]
     assert rc["enableInTreeAutoscaling"] is True
     assert rs["spec"]["upgradeStrategy"] == {"type": "None"}  # one RayCluster: the cap holds
+    # The head runs no replica and the NetworkPolicy refuses the operator's check of
+    # head:8000: it must not be in the Serve service.
+    assert rs["spec"]["excludeHeadPodFromServeSvc"] is True
     head = rc["headGroupSpec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
     assert ports["serve"] == 8000 and ports["serve-grpc"] == 9000 and ports["metrics"] == 8080
@@ -215,6 +218,15 @@ def test_dashboard_reachable_only_from_the_clusters_pods_and_operator(rendered, 
             assert ports <= {8000, 9000, 8080}
     egress_ports = {p["port"] for r in spec["egress"] for p in r.get("ports", [])}
     assert {53, 6379, 4317, 4318, 443} <= egress_ports
+    # The collector is reached in the namespace of the OTLP endpoint the pods use.
+    settings = next(o for o in rendered[overlay] if o["metadata"]["name"] == "imagegen-settings")
+    endpoint = settings["data"].get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    (otlp,) = [r for r in spec["egress"] if 4317 in {p["port"] for p in r.get("ports", [])}]
+    (peer,) = otlp["to"]
+    namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+    if endpoint:
+        host = endpoint.split("://", 1)[1].split(":")[0].split("/")[0]
+        assert host.split(".")[1] == namespace, (endpoint, namespace)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
