@@ -165,6 +165,7 @@ def plan_inputs(
                 gpus_per_replica=_accelerators(p, nodes[key]),
                 max_batch_images=p.batching.max_batch_images,
                 service_cv=service_cv,
+                threads=_threads(p, nodes[key]),
             ) for key, prof in usable.items()},
             min_replicas=p.autoscaling.min_replicas, max_replicas=p.autoscaling.max_replicas,
         )
@@ -181,7 +182,17 @@ def plan_inputs(
 
 
 def _accelerators(p, node: NodeType) -> float:
-    """GPUs per replica; a CPU replica (num_gpus 0) takes cpu_threads cores."""
+    """GPUs per replica. A CPU replica (num_gpus 0) takes cpu_threads cores, or on a
+    shared-cores node its num_cpus, which is what Ray places it by."""
     if p.num_gpus:
         return p.num_gpus
+    if node.shared_cores:
+        return p.num_cpus or 1e-3  # a 0-CPU replica still runs somewhere
+    return min(p.cpu_threads or node.gpus_per_node, node.gpus_per_node)
+
+
+def _threads(p, node: NodeType) -> float | None:
+    """Cores a running batch of a CPU replica on a shared-cores node keeps busy."""
+    if p.num_gpus or not node.shared_cores:
+        return None
     return min(p.cpu_threads or node.gpus_per_node, node.gpus_per_node)

@@ -48,6 +48,10 @@ class Profile(_Strict):
     service_cv: Annotated[float, Field(ge=0, le=10)] = Field(
         0.0, description="run-to-run CV of a batch's time (0 deterministic, 1 exponential)"
     )
+    threads: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="cores a running batch keeps busy, on a shared-cores node "
+        "(its cpu_threads); None: gpus_per_replica"
+    )
 
     @model_validator(mode="after")
     def _batches_take_longer(self) -> Profile:
@@ -74,7 +78,8 @@ class Profile(_Strict):
 
     def usable_batch(self, node: NodeType) -> int:
         """Largest batch (images) up to max_batch_images that fits in memory; 0: none."""
-        memory = self.gpus_per_replica * node.gpu_memory_gb
+        memory = node.gpu_memory_gb if node.shared_cores else (
+            self.gpus_per_replica * node.gpu_memory_gb)
         fits = [b for b in range(1, self.max_batch_images + 1) if self.peak_memory(b) <= memory]
         return max(fits, default=0)
 
@@ -124,8 +129,8 @@ class PlanInputs(_Strict):
                 raise ValueError(f"revision {name!r}: no profile for any of {sorted(self.nodes)}")
             for gpu, profile in spec.profiles.items():
                 node = self.nodes.get(gpu)
-                if node is None:
-                    continue  # measured on a GPU this cluster does not have
+                if node is None or node.shared_cores:
+                    continue  # another cluster's GPU; or cores Ray shares out by fractions
                 per_node = node.gpus_per_node / profile.gpus_per_replica
                 if per_node < 1 or abs(per_node - round(per_node)) > 1e-9:
                     raise ValueError(

@@ -11,7 +11,7 @@ GPU type, then packs replicas onto nodes under each type's cap, by priority.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .budget import Demand, allocate
@@ -39,36 +39,115 @@ def revision_slo(inputs: PlanInputs, revision: str) -> float:
 # --- GPU type and replicas per revision (the latency model: latency.py) ---------
 
 
-def _load(inputs: PlanInputs, revision: str, gpu: str, rate_rps: float | None = None) -> Load:
-    return load_of(inputs.revisions[revision].profiles[gpu], inputs.nodes[gpu],
+def _load(inputs: PlanInputs, revision: str, gpu: str, rate_rps: float | None = None,
+          slowdown: float = 1.0) -> Load:
+    profile = inputs.revisions[revision].profiles[gpu]
+    if slowdown != 1.0:
+        profile = profile.model_copy(update={"seconds_per_megapixel": {
+            b: t * slowdown for b, t in profile.seconds_per_megapixel.items()}})
+    return load_of(profile, inputs.nodes[gpu],
                    [inputs.tiers[t] for t in tiers_by_revision(inputs)[revision]], inputs.mix,
                    overhead_s=inputs.overhead_s, rate_rps=rate_rps)
+
+
+# --- shared cores (CPU nodes) ----------------------------------------------------
+
+
+def contention(inputs: PlanInputs, gpu: str, replicas: dict[str, int],
+               rates: dict[str, float] | None = None) -> dict[str, float]:
+    """How much slower each revision's batches run on the shared-cores node type
+    `gpu`, with `replicas` of each revision placed there, at its tiers' rates (or
+    `rates`): 1 on a node type that hands out whole accelerators.
+
+    Over the pool's cores C: while a replica of r runs a batch it wants t_r
+    threads; each other replica q is running (independently) with its busy
+    fraction and then wants t_q; the stack wants `cpu_per_request_s` per request,
+    spread evenly. A batch runs at C / (everything wanted) of its quiet speed
+    whenever that exceeds the cores: the slowdown is the expectation of that over
+    which others are running. Busy fractions grow with the slowdown (and batches
+    with them), so the slowdowns are a fixed point, found by damped iteration."""
+    node = inputs.nodes[gpu]
+    placed = {r: c for r, c in replicas.items() if c > 0}
+    if not node.shared_cores or not placed:
+        return {r: 1.0 for r in replicas}
+    rates = rates or {}
+    threads = {r: inputs.revisions[r].profiles[gpu].threads
+               or inputs.revisions[r].profiles[gpu].gpus_per_replica for r in placed}
+    sizes = [inputs.revisions[r].profiles[gpu].gpus_per_replica
+             for r, c in placed.items() for _ in range(c)]
+    cores = node.gpus_per_node * max(1, _pack(sizes, node))
+    rate = sum(_load(inputs, r, gpu, rates.get(r)).rate for r in placed)
+    stack = node.cpu_per_request_s * rate
+    slow = {r: 1.0 for r in placed}
+    for _ in range(200):
+        busy = {}
+        for r, count in placed.items():
+            perf = predict(_load(inputs, r, gpu, rates.get(r), slow[r]), count)
+            busy[r] = perf.busy if perf.stable else 1.0
+        new = {r: expected_slowdown(threads[r] + stack, cores, [
+            (placed[q] - (q == r), busy[q], threads[q]) for q in placed]) for r in placed}
+        if all(abs(new[r] - slow[r]) < 1e-4 * slow[r] for r in placed):
+            slow = new
+            break
+        slow = {r: 0.5 * (slow[r] + new[r]) for r in placed}
+    return {r: slow.get(r, 1.0) for r in replicas}
+
+
+def expected_slowdown(base: float, cores: float,
+                       groups: list[tuple[int, float, float]]) -> float:
+    """E[max(1, (base + threads of the running others) / cores)], `groups` being
+    (replicas, busy fraction, threads) with each replica running independently."""
+    dist = {0.0: 1.0}  # threads wanted by the others -> probability
+    for n, b, t in groups:
+        step: dict[float, float] = {}
+        for k in range(n + 1):
+            pk = math.comb(n, k) * b**k * (1.0 - b) ** (n - k)
+            for want, p in dist.items():
+                step[want + k * t] = step.get(want + k * t, 0.0) + p * pk
+        dist = step
+    return sum(p * max(1.0, (base + want) / cores) for want, p in dist.items())
+
+
+def _predict(inputs: PlanInputs, revision: str, gpu: str, replicas: int,
+             others: dict[str, int] | None = None, rate_rps: float | None = None
+             ) -> Performance:
+    """predict() with the slowdown of shared cores: `others` are the replicas of the
+    other revisions on the same node type (at their tiers' rates)."""
+    pool = {**(others or {}), revision: replicas}
+    slow = contention(inputs, gpu, pool, {revision: rate_rps} if rate_rps is not None
+                      else None)[revision]
+    return predict(_load(inputs, revision, gpu, rate_rps, slow), replicas)
 
 
 def _meets(perf: Performance, slo_s: float, target: float) -> bool:
     return perf.stable and perf.p95_s <= slo_s and perf.utilisation <= target
 
 
-def _required(load: Load, slo_s: float, target: float, lo: int, hi: int) -> int:
+def _required(load: Load, slo_s: float, target: float, lo: int, hi: int,
+              perf: Callable[[int], Performance] | None = None) -> int:
     """Smallest replica count in [lo, hi] meeting the SLO and the utilisation
     target (both improve with replicas). When even hi misses the SLO, replicas
-    cannot buy it (the service alone is too slow): the target alone decides."""
+    cannot buy it (the service alone is too slow): the target alone decides.
+    `perf(c)`: the performance at c replicas (default predict(load, c))."""
     if load.rate == 0:
         return lo
+    if perf is None:
+        def perf(c: int) -> Performance:
+            return predict(load, c)
     # Utilisation falls as 1/c, so this is the first count meeting the target.
     k = max(1.0, load.max_batch / load.mean_images)
     floor = max(lo, 1, math.ceil(load.rate * load.batch_seconds(k) / (k * target) - 1e-9))
-    if floor >= hi or not _meets(predict(load, hi), slo_s, target):
+    if floor >= hi or not _meets(perf(hi), slo_s, target):
         return min(floor, hi)
     bad, good, step = floor - 1, hi, 1
     while bad + step < good:  # gallop: SLOs are usually met a few replicas above the floor
-        if _meets(predict(load, bad + step), slo_s, target):
+        if _meets(perf(bad + step), slo_s, target):
             good = bad + step
             break
         bad, step = bad + step, step * 2
     while good - bad > 1:
         mid = (bad + good) // 2
-        if _meets(predict(load, mid), slo_s, target):
+        if _meets(perf(mid), slo_s, target):
             good = mid
         else:
             bad = mid
@@ -77,12 +156,13 @@ def _required(load: Load, slo_s: float, target: float, lo: int, hi: int) -> int:
 
 def performance(
     inputs: PlanInputs, revision: str, replicas: int, *, gpu: str | None = None,
-    rate_rps: float | None = None,
+    rate_rps: float | None = None, others: dict[str, int] | None = None,
 ) -> Performance:
     """Expected behaviour of `revision` with `replicas` replicas on `gpu` (default:
-    the planner's choice), at its tiers' rates or at `rate_rps` with the same mix."""
+    the planner's choice), at its tiers' rates or at `rate_rps` with the same mix;
+    `others`: replicas of other revisions sharing its cores (shared-cores nodes)."""
     gpu = gpu or _choose(inputs, revision)[0]
-    return predict(_load(inputs, revision, gpu, rate_rps), replicas)
+    return _predict(inputs, revision, gpu, replicas, others, rate_rps)
 
 
 def _choose(inputs: PlanInputs, revision: str) -> tuple[str, int]:
@@ -95,8 +175,11 @@ def _choose(inputs: PlanInputs, revision: str) -> tuple[str, int]:
         load = _load(inputs, revision, gpu)
         if load.max_batch < 1:
             continue  # the model does not fit this GPU's memory
-        c = _required(load, slo, target, spec.min_replicas, spec.max_replicas)
-        perf = predict(load, c)
+        def perf_at(c: int, gpu: str = gpu) -> Performance:
+            return _predict(inputs, revision, gpu, c)
+
+        c = _required(load, slo, target, spec.min_replicas, spec.max_replicas, perf_at)
+        perf = perf_at(c)
         node = inputs.nodes[gpu]
         cost = c * spec.profiles[gpu].gpus_per_replica * node.cost_per_hour / node.gpus_per_node
         key = (0, cost) if _meets(perf, slo, target) else (1, perf.p95_s)
@@ -121,6 +204,8 @@ class RevisionPlan:
     gpus: float
     perf: Performance
     meets_slo: bool
+    threads: float = 1.0  # cores a running replica keeps busy (GPUs: gpus per replica)
+    slowdown: float = 1.0  # of its batches by shared cores (1: whole accelerators)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +286,11 @@ def plan(inputs: PlanInputs) -> Plan:
     for gpu, node in inputs.nodes.items():
         members = {rev: c for rev, (g, c) in chosen.items() if g == gpu}
         granted |= _grant(inputs, gpu, node, members)
-    revisions = {rev: _revision_plan(inputs, rev, gpu, chosen[rev][1], granted[rev])
+    slow = {}
+    for gpu in inputs.nodes:
+        slow |= contention(inputs, gpu, {r: granted[r] for r, (g, _) in chosen.items()
+                                         if g == gpu})
+    revisions = {rev: _revision_plan(inputs, rev, gpu, chosen[rev][1], granted[rev], slow[rev])
                  for rev, (gpu, _) in chosen.items()}
     tiers = {name: _tier_plan(name, t, revisions[t.revision])
              for name, t in sorted(inputs.tiers.items())}
@@ -249,14 +338,17 @@ def _pack(sizes: list[float], node: NodeType) -> int:
     return len(free)
 
 
-def _revision_plan(inputs: PlanInputs, rev: str, gpu: str, required: int, granted: int) -> RevisionPlan:
-    perf = predict(_load(inputs, rev, gpu), granted)
+def _revision_plan(inputs: PlanInputs, rev: str, gpu: str, required: int, granted: int,
+                   slowdown: float = 1.0) -> RevisionPlan:
+    perf = predict(_load(inputs, rev, gpu, slowdown=slowdown), granted)
     slo = revision_slo(inputs, rev)
+    profile = inputs.revisions[rev].profiles[gpu]
     return RevisionPlan(
         revision=rev, gpu=gpu, priority=revision_priority(inputs, rev), slo_p95_s=slo,
         required_replicas=required, replicas=granted,
-        gpus=granted * inputs.revisions[rev].profiles[gpu].gpus_per_replica, perf=perf,
+        gpus=granted * profile.gpus_per_replica, perf=perf,
         meets_slo=_meets(perf, slo, inputs.target_utilisation),
+        threads=profile.threads or profile.gpus_per_replica, slowdown=slowdown,
     )
 
 
@@ -270,7 +362,9 @@ def _pool_plan(gpu: str, node: NodeType, revisions: list[RevisionPlan]) -> PoolP
     sizes = [r.gpus / r.replicas for r in revisions for _ in range(r.replicas)]
     nodes = _pack(sizes, node)
     used = sum(r.gpus for r in revisions)
-    busy = sum(r.gpus * r.perf.busy for r in revisions)
+    busy = sum(r.threads * r.replicas * r.perf.busy for r in revisions)  # accelerators
+    if node.shared_cores:
+        busy = min(busy, nodes * node.gpus_per_node)  # cores: past them, batches slow down
     provisioned = nodes * node.gpus_per_node
     return PoolPlan(
         gpu=gpu, nodes=nodes, max_nodes=node.max_nodes, gpus_used=used,

@@ -83,6 +83,23 @@ class NodeType(_Strict):
     max_nodes: Annotated[int, Field(ge=0)] = Field(
         description="hard cap (the KubeRay GPU worker group's maxReplicas)"
     )
+    shared_cores: bool = Field(
+        False,
+        description=(
+            "a CPU node: its `gpus_per_node` are cores shared by every replica placed "
+            "there, not handed out whole. Replicas are placed by their num_cpus (Ray's "
+            "reservation), `gpu_memory_gb` is the node's memory, and a batch slows down "
+            "while the node's busy threads exceed its cores"
+        ),
+    )
+    cpu_per_request_s: Annotated[float, Field(ge=0)] = Field(
+        0.0,
+        description=(
+            "core-seconds each request costs a shared-cores node outside the pipelines "
+            "(ingress, Ray, encoding, a load generator beside it); measured by "
+            "`imagegen capacity profile --in-place`"
+        ),
+    )
 
 
 class Cluster(_Strict):

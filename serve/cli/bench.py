@@ -55,14 +55,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     bs.add_argument("--port", type=int, default=8123)
     bs.add_argument("--grpc-port", type=int, default=9123)
     bs.add_argument("--json", type=Path, help="also write the figures as JSON")
-    bc = bsub.add_parser("capacity", help="planner prediction vs the stack under Poisson load")
-    bc.add_argument("--tier", default="draft")
-    bc.add_argument("--rates", type=float, nargs="+", default=[10, 20, 40])
-    bc.add_argument("--duration", type=float, default=60.0, help="seconds per rate")
-    bc.add_argument("--cv", type=float, default=0.1, help="planner's batch time CV")
-    bc.add_argument("--overhead-ms", type=float, default=15.0,
-                    help="planner's per-request stack overhead (bench serve's added p50)")
-    bc.add_argument("--port", type=int, default=8123)
+    from . import bench_capacity
+
+    bench_capacity.add_arguments(bsub.add_parser(
+        "capacity", help="planner prediction vs the stack under Poisson load"))
     for name, module in _BENCHES.items():
         importlib.import_module(f".{module}", __package__).add_arguments(
             bsub.add_parser(name, help=_HELP[name]))

@@ -63,6 +63,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     pr.add_argument("--attention", choices=["auto", "sdpa", "xformers"], default="auto")
     pr.add_argument("--compile", action="store_true", help="UNet under torch.compile")
     pr.add_argument("--key", help="profile key (default: this accelerator's type)")
+    pr.add_argument("--in-place", metavar="METRICS_URL",
+                    help="read it off a running stack's metrics endpoint over --window of "
+                    "its real traffic instead (every model that served, or REV)")
+    pr.add_argument("--window", type=float, default=30.0,
+                    help="seconds of traffic to read in place (default 30)")
+    pr.add_argument("--replicas", action="append", default=[], metavar="MODEL=N",
+                    help="in place: replicas of MODEL (default: the policy's min_replicas)")
     pr.add_argument("--write", action="store_true", help="record it in models.lock")
     pr.add_argument("--out", type=Path, help="record it in this lock-shaped TOML instead")
     return c
@@ -211,13 +218,14 @@ def _print_plan(p) -> None:
         print(f"{t.tier:<8}{t.revision:<14}{t.rate_rps:>7.2f}{t.slo_p95_s:>9.2f}"
               f"{t.p50_s:>8.3f}{t.p95_s:>8.3f}  {'yes' if t.meets_slo else 'NO'}")
     print(f"\n{'model':<14}{'accel':<14}{'replicas':>9}{'needed':>7}{'accel':>6}"
-          f"{'batch':>7}{'util':>6}{'busy':>6}")
+          f"{'batch':>7}{'util':>6}{'busy':>6}{'slower':>7}")
     for r in p.revisions.values():
         print(f"{r.revision:<14}{r.gpu:<14}{r.replicas:>9}{r.required_replicas:>7}"
               f"{r.gpus:>6g}{r.perf.mean_batch_images:>7.2f}{r.perf.utilisation:>6.2f}"
-              f"{r.perf.busy:>6.2f}")
+              f"{r.perf.busy:>6.2f}{r.slowdown:>6.2f}x")
     print()
     for pool in p.pools.values():
+        # accel on a shared-cores node: the CPUs Ray reserves; utilisation: busy cores
         print(f"{pool.gpu}: {pool.nodes}/{pool.max_nodes} nodes, {pool.gpus_used:g}/"
               f"{pool.gpus_provisioned} GPUs used, GPU utilisation {pool.gpu_utilisation:.0%}, "
               f"${pool.cost_per_hour:,.2f}/h, spare {pool.spare_nodes} nodes "
@@ -286,6 +294,8 @@ def _simulate(args, settings) -> int:
 
 
 def _profile(args, settings) -> int:
+    if args.in_place:
+        return _profile_in_place(args, settings)
     if bool(args.rev) == bool(args.recipe):
         raise SystemExit("give a models.lock name or --recipe, not both")
     if args.write and not args.rev:
@@ -347,6 +357,105 @@ def _profile(args, settings) -> int:
         record_profile(Path(target), name, key, prof)
         print(f"recorded [models.{name}.profiles.{key}] in {target}")
     return 0
+
+
+def _profile_in_place(args, settings) -> int:
+    """Profiles of the models a running stack served during --window, its busy
+    fractions and the stack's own core time per request (the policy's
+    cpu_per_request_s)."""
+    import time
+    import urllib.parse
+    import urllib.request
+
+    from tqdm import tqdm
+
+    from autoscaling.policies import load_policy
+    from autoscaling.profiler import in_place, parse_metrics
+
+    url = args.in_place if "://" in args.in_place else f"http://{args.in_place}/metrics"
+    lock, policy = load_lock(settings.lock_file), load_policy(settings.policy_file)
+    key = args.key or "cpu"
+    node = policy.cluster.node_types.get(key)
+    if node is None:
+        raise ValueError(f"the policy has no node type {key!r}: give --key")
+    counts = _pairs(args.replicas, "replicas", int)
+
+    def scrape() -> tuple[dict, float | None]:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            series = parse_metrics(r.read().decode())
+        return series, _busy_cores(series, urllib.parse.urlparse(url).hostname)
+
+    before, cpu0 = scrape()
+    t0, samples = time.monotonic(), []
+    with tqdm(total=round(args.window), desc=f"reading {url}", unit="s") as bar:
+        while (left := args.window - (time.monotonic() - t0)) > 0:
+            time.sleep(min(1.0, left))
+            bar.update(round(time.monotonic() - t0) - bar.n)
+            if cpu0 is not None and cpu0[0] == "ray":
+                samples.append(_busy_cores(scrape()[0], "")[1])
+    after, cpu1 = scrape()
+    window = time.monotonic() - t0
+    busy_cores = None
+    if cpu0 is not None and cpu1 is not None:
+        busy_cores = (sum(samples) / len(samples) if cpu0[0] == "ray" and samples
+                      else (cpu1[1] - cpu0[1]) / window)
+    served = sorted({dict(labels)["model"] for (n, labels) in after
+                     if n == "imagegen_pipeline_busy_seconds_total"})
+    names = [args.rev] if args.rev else [m for m in served if m in lock.models]
+    models = {}
+    for m in names:
+        p = policy.for_model(m)
+        threads = min(p.cpu_threads or node.gpus_per_node, node.gpus_per_node)
+        models[m] = (int(counts.get(m, max(1, p.autoscaling.min_replicas))),
+                     p.num_gpus or threads)
+    got = in_place(before, after, window, models=models, cores=node.gpus_per_node,
+                   steps={m: lock.models[m].defaults.steps for m in models},
+                   cpu_cores_busy=busy_cores, device=f"{key} in place",
+                   size={m: (lock.models[m].defaults.width, lock.models[m].defaults.height)
+                         for m in models})
+    print(f"\nin place over {window:.0f} s: {got.requests_per_s:.2f} requests/s, node cores "
+          f"busy {'unknown' if busy_cores is None else f'{busy_cores:.2f}'} of "
+          f"{node.gpus_per_node}")
+    print(f"{'model':<14}{'replicas':>9}{'busy':>6}{'slower':>8}  s/MP by batch (measured -> "
+          f"quiet)")
+    for m, (replicas, _) in models.items():
+        table = "  ".join(f"{b}: {got.measured_spmp[m][b]:.3g}->{t:.3g}" for b, t in
+                          (got.profiles[m].seconds_per_megapixel.items()
+                           if m in got.profiles else []))
+        print(f"{m:<14}{replicas:>9}{got.busy[m]:>6.2f}{got.slowdown[m]:>7.2f}x  "
+              f"{table or 'no batches in the window'}")
+    if got.cpu_per_request_s is not None:
+        print(f"the stack's own core time: {got.cpu_per_request_s * 1e3:.1f} ms per request: "
+              f"set cluster.node_types.{key}.cpu_per_request_s: "
+              f"{got.cpu_per_request_s:.4f} in {settings.policy_file}")
+    target = settings.lock_file if args.write else args.out
+    for m, prof in got.profiles.items():
+        old = lock.models[m].profiles.get(key)
+        if old is not None:  # in place measures time, not memory: keep the quiet run's
+            prof = prof.model_copy(update={"peak_memory_gb": {
+                b: old.peak_memory_gb.get(b, max(old.peak_memory_gb.values()))
+                for b in prof.seconds_per_megapixel}})
+        if target:
+            record_profile(Path(target), m, key, prof)
+            print(f"recorded [models.{m}.profiles.{key}] in {target}")
+    return 0 if got.profiles else 1
+
+
+def _busy_cores(series: dict, host: str | None) -> tuple[str, float] | None:
+    """('ray', cores busy now) from Ray's node gauges; else, for a stack on this
+    machine, ('proc', busy core-seconds so far) from /proc/stat; else None."""
+    util = [v for (n, _), v in series.items() if n == "node_cpu_utilization"]
+    count = [v for (n, _), v in series.items() if n == "node_cpu_count"]
+    if util and count:
+        return "ray", sum(u / 100 * c for u, c in zip(util, count, strict=False))
+    if host in ("127.0.0.1", "localhost", "::1") and Path("/proc/stat").exists():
+        import os
+
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        ticks = [int(x) for x in fields]
+        idle = ticks[3] + ticks[4]  # idle + iowait
+        return "proc", (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    return None
 
 
 def record_profile(path: Path, model: str, key: str, prof: Profile) -> None:

@@ -166,10 +166,18 @@ class ModelDeployment:
             return out
         finally:
             self.running_images = 0
-            self.metrics.observe("imagegen_pipeline_seconds", time.perf_counter() - t0,
-                                 **self.labels)
+            seconds = time.perf_counter() - t0
+            self.metrics.observe("imagegen_pipeline_seconds", seconds, **self.labels)
             self.metrics.observe("imagegen_batch_images", len(jobs), **self.labels)
             self.metrics.inc("imagegen_pipeline_images_total", len(jobs), **self.labels)
+            # By batch size, as counters (exact sums): `capacity profile --in-place`
+            # reads seconds per megapixel-step off a running stack from them.
+            images = str(len(jobs))
+            self.metrics.inc("imagegen_pipeline_busy_seconds_total", seconds, images=images,
+                             **self.labels)
+            self.metrics.inc("imagegen_pipeline_work_total",
+                             sum(j.width * j.height * j.steps for j in jobs) / 1e6,
+                             images=images, **self.labels)
             self._record_memory()
 
     def _record_memory(self) -> None:

@@ -4,6 +4,7 @@ models.lock, profiles recorded into a lock, and the CLI end to end (no Ray)."""
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 
 import pytest
@@ -74,8 +75,10 @@ def test_plan_inputs_from_the_shipped_policy_and_lock():
     inputs = plan_inputs(policy, models, TIERS, {"draft": 10, "final": 1},
                          {"draft": 5, "final": 30})
     draft = inputs.revisions["tiny-draft"].profiles["cpu"]
-    assert draft.gpus_per_replica == 1  # cpu_threads 1: one core per replica
-    assert inputs.revisions["tiny-final"].profiles["cpu"].gpus_per_replica == 2
+    final = inputs.revisions["tiny-final"].profiles["cpu"]
+    # Shared cores: placed by num_cpus as Ray places them; a batch keeps cpu_threads busy.
+    assert draft.gpus_per_replica == final.gpus_per_replica == 0.25
+    assert draft.threads == 1 and final.threads == 2  # cpu_threads null: every core
     assert draft.max_batch_images == 8 and inputs.revisions["tiny-final"].profiles[
         "cpu"].max_batch_images == 4
     assert inputs.revisions["tiny-draft"].min_replicas == 2
@@ -244,3 +247,112 @@ def test_cli_plans_from_a_trace(tmp_path, capsys):
     row = next(x for x in out.splitlines() if x.startswith("draft"))
     assert float(row.split()[2]) == pytest.approx(20.05, abs=0.01)  # req/s from the trace
     assert main(["capacity", "simulate", "--trace", str(trace)]) == 0  # no --rate needed
+
+
+def _embedded(rates: dict[str, float], **node):
+    lock = load_lock(ROOT / "models.lock")
+    policy = load_policy(ROOT / "autoscaling" / "policy.yaml")
+    if node:
+        doc = policy.model_dump()
+        doc["cluster"]["node_types"]["cpu"].update(node)
+        policy = type(policy).model_validate(doc)
+    return plan_inputs(policy, ModelFacts.of_lock(lock.models), TIERS, rates,
+                       {t: 10.0 for t in rates})
+
+
+def test_the_embedded_plan_describes_what_make_serve_runs():
+    """Measured on main: draft=30, final=5 planned 0 draft replicas ("DOES NOT FIT"),
+    handing each replica whole cores, while `make serve` runs two single-threaded
+    draft replicas beside the final one on the same two cores."""
+    from autoscaling import planner
+
+    p = planner.plan(_embedded({"draft": 30, "final": 5}))
+    assert p.fits_cap and not p.slo_misses
+    assert p.revisions["tiny-draft"].replicas == 2 and p.revisions["tiny-final"].replicas == 1
+    assert p.nodes == 1
+    # Four threads want two cores: every batch runs slower than on a quiet core.
+    assert all(r.slowdown > 1.2 for r in p.revisions.values())
+    assert math.isfinite(p.tiers["draft"].p95_s)
+
+
+def test_shared_cores_slow_batches_by_what_else_runs_there():
+    from autoscaling import planner
+
+    lone = planner.contention(_embedded({"draft": 5}), "cpu", {"tiny-draft": 2})
+    assert lone["tiny-draft"] == pytest.approx(1.0)  # two 1-thread replicas, two cores
+    busy = planner.contention(_embedded({"draft": 5, "final": 5}), "cpu",
+                              {"tiny-draft": 2, "tiny-final": 1})
+    # The final replica's two threads collide with a draft batch whenever one runs.
+    assert busy["tiny-draft"] > 1.2 and busy["tiny-final"] > 1.05
+    # The stack's own core time per request slows every batch, more with the rate.
+    at = [planner.contention(_embedded({"draft": r}, cpu_per_request_s=0.01), "cpu",
+                             {"tiny-draft": 2})["tiny-draft"] for r in (5, 20, 40)]
+    assert 1.0 < at[0] < at[1] < at[2]
+    # Whole accelerators are never shared.
+    whole = _embedded({"draft": 20, "final": 5}, shared_cores=False)
+    assert set(planner.contention(whole, "cpu", {"tiny-draft": 2, "tiny-final": 1})
+               .values()) == {1.0}
+
+
+def test_contention_raises_the_predicted_latency():
+    from autoscaling import planner
+
+    inputs = _embedded({"draft": 20}, cpu_per_request_s=0.01)
+    quiet = _embedded({"draft": 20, "final": 0})
+    slow = planner.performance(inputs, "tiny-draft", 2, gpu="cpu")
+    fast = planner.performance(quiet, "tiny-draft", 2, gpu="cpu")
+    assert slow.p95_s > fast.p95_s * 1.05
+    with_final = planner.performance(quiet, "tiny-draft", 2, gpu="cpu",
+                                     others={"tiny-final": 1})
+    assert with_final.p95_s == pytest.approx(fast.p95_s)  # final idle: no tier rate
+
+
+def _scrape(busy: dict[tuple[str, int], float], work: dict[tuple[str, int], float],
+            requests: float, extra: str = "") -> str:
+    lines = ["# TYPE ray_imagegen_pipeline_busy_seconds_total counter",
+             "# TYPE ray_imagegen_pipeline_work_total counter",
+             "# TYPE ray_imagegen_requests_total counter"]
+    for (m, b), v in busy.items():
+        lines.append(f'ray_imagegen_pipeline_busy_seconds_total{{model="{m}",revision="r",'
+                     f'images="{b}"}} {v}')
+    for (m, b), v in work.items():
+        lines.append(f'ray_imagegen_pipeline_work_total{{model="{m}",revision="r",'
+                     f'images="{b}"}} {v}')
+    lines.append(f'ray_imagegen_requests_total{{tier="draft",outcome="ok"}} {requests}')
+    return "\n".join(lines) + "\n" + extra
+
+
+def test_in_place_profile_reads_the_counters_growth_and_takes_contention_out():
+    from autoscaling.profiler import in_place, parse_metrics
+
+    before = parse_metrics(_scrape({("d", 1): 5.0}, {("d", 1): 1.0}, 100))
+    # 10 s window: 2 replicas, each busy 80% (16 s); 1-image batches at 0.004096 MP x 2
+    # steps took 0.04 s: 4.88 s per megapixel-step; 2-image batches 0.06 s.
+    after = parse_metrics(_scrape({("d", 1): 5.0 + 8.0, ("d", 2): 8.0},
+                                  {("d", 1): 1.0 + 8.0 / 0.04 * 0.004096 * 2,
+                                   ("d", 2): 8.0 / 0.06 * 2 * 0.004096 * 2}, 300))
+    quiet = in_place(before, after, 10.0, models={"d": (2, 1.0)}, cores=2, steps={"d": 2},
+                     cpu_cores_busy=None, device="cpu in place")
+    spmp = quiet.measured_spmp["d"]
+    assert spmp[1] == pytest.approx(0.04 / 0.004096)
+    assert spmp[2] == pytest.approx(0.06 / (2 * 0.004096))
+    assert quiet.busy["d"] == pytest.approx(0.8) and quiet.requests_per_s == 20
+    assert quiet.profiles["d"].seconds_per_megapixel == pytest.approx(spmp, rel=1e-5)
+    assert quiet.cpu_per_request_s is None and quiet.slowdown["d"] == 1.0
+    # The node's cores were busier than the pipelines: the stack's share per request,
+    # and the slowdown it caused taken out of the profile.
+    loaded = in_place(before, after, 10.0, models={"d": (2, 1.0)}, cores=2, steps={"d": 2},
+                      cpu_cores_busy=1.9, device="cpu in place")
+    assert loaded.cpu_per_request_s == pytest.approx((1.9 - 1.6) / 20)
+    assert loaded.slowdown["d"] > 1.0
+    got = loaded.profiles["d"].seconds_per_megapixel
+    assert got[1] == pytest.approx(spmp[1] / loaded.slowdown["d"], rel=1e-5)
+
+
+def test_in_place_profile_on_a_model_that_did_not_run_is_empty():
+    from autoscaling.profiler import in_place, parse_metrics
+
+    same = parse_metrics(_scrape({("d", 1): 5.0}, {("d", 1): 1.0}, 100))
+    got = in_place(same, same, 5.0, models={"d": (1, 1.0)}, cores=2, steps={"d": 2},
+                   cpu_cores_busy=0.1, device="x")
+    assert got.profiles == {} and got.busy["d"] == 0.0
