@@ -92,18 +92,18 @@ def _locust(base: str, key: str, tier: str, rate: float, duration: float, seed: 
     import subprocess
     import sys
 
-    from .loadtest import locustfile
+    from .loadtest import LOADTESTS
 
     out.mkdir(parents=True, exist_ok=True)
     stats = out / f"capacity-{rate:g}-{seed}"
     users = max(8, round(rate * 0.5))  # enough that one slow answer never stalls arrivals
     env = {**os.environ, "IMAGEGEN_API_KEY": key}
-    cmd = [sys.executable, "-m", "locust", "-f", str(locustfile()), "--headless",
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOADTESTS / "locustfile.py"), "--headless",
            "--host", base, "--only-summary", "--json-file", str(stats),
            "--imagegen-profile", "steady", "--imagegen-users", str(users),
            "--imagegen-duration", f"{duration:g}", "--imagegen-mix", f"{tier}=1",
            "--imagegen-rate", f"{rate:g}", "--imagegen-template-share", "0",
-           "--imagegen-seed", str(seed), "HttpImages"]
+           "ImagesHttpUser"]
     subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=duration + 120)
     entries = json.loads(stats.with_suffix(".json").read_text())

@@ -1,5 +1,5 @@
 """`imagegen ...`: serve, generate, batch, models, keys, quota, templates, review,
-routing, fallback, storage, capacity, render, bench.
+routing, fallback, storage, capacity, render, bench, loadtest.
 Heavy imports stay inside each verb's `run`."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from . import (
     fallback,
     generate,
     keys,
+    loadtest,
     models,
     quota,
     render,
@@ -27,7 +28,7 @@ from . import (
 from . import serve as serve_verb
 
 VERBS = (serve_verb, generate, batch, models, keys, quota, templates, review, routing,
-         fallback, storage, capacity, render, bench)
+         fallback, storage, capacity, render, bench, loadtest)
 
 
 def parser() -> argparse.ArgumentParser:
