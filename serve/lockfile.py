@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -100,6 +100,120 @@ class Profile(_Frozen):
     )
 
 
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune",
+                      "max-autotune-no-cudagraphs"]
+Size = Annotated[str, Field(pattern=r"^[1-9][0-9]{1,3}x[1-9][0-9]{1,3}$",
+                            description="WIDTHxHEIGHT in pixels, e.g. 1024x1024")]
+
+
+class EngineOptions(_Frozen):
+    """How the diffusers engine runs one revision: the GPU fast path, as data.
+
+    Every default is the plain pipeline as it ran before these options existed, so
+    an entry without an `engine` table loads exactly as before. Options change the
+    output's floats (not the revision or the cache key): measure the PSNR against
+    eager (`imagegen bench gpu`) before turning one on for a live revision.
+    """
+
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="compute dtype the weights are cast to at load; None: the entry's "
+        "`dtype`. float16 and bfloat16 need CUDA: a CPU replica refuses to load (it stays "
+        "unready and says why) rather than run half precision slowly on the CPU")
+    attention: Literal["auto", "sdpa", "xformers"] = Field(
+        "auto", description="auto: xformers on CUDA when it imports and passes diffusers' "
+        "self-test, else PyTorch SDPA (the behaviour before this option); sdpa: always "
+        "PyTorch SDPA; xformers: xformers or refuse to load (needs CUDA and the `gpu` extra)")
+    compile: CompileMode = Field(
+        "off", description="torch.compile mode for the UNet (and VAE decoder, see "
+        "compile_vae); off: eager")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend; aot_eager and eager trace and guard "
+        "like inductor but generate no kernels (tests, debugging a graph break)")
+    inductor: dict[str, bool | int | float | str] = Field(
+        default_factory=dict, description="torch._inductor.config settings applied at load "
+        "with the inductor backend, e.g. {conv_1x1_as_mm = true}; an unknown name refuses "
+        "to load (process-wide: one engine per replica)")
+    compile_vae: bool = Field(
+        True, description="with compile on, compile the VAE decoder too (same buckets)")
+    bucket_sizes: list[Size] = Field(
+        default_factory=list, description="sizes compiled at warm-up, crossed with "
+        "bucket_batches; empty with compile on: every shape compiles on first use (a "
+        "request can then meet a minute-long compile: for profiling, not serving)")
+    bucket_batches: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        default_factory=lambda: [1], description="batch sizes (images per pipeline call) "
+        "compiled per bucket size; a larger batch runs as several compiled bucket batches, "
+        "and what no bucket fits runs eagerly (counted)")
+    channels_last: bool = Field(
+        False, description="UNet and VAE in channels_last memory format (faster convolutions "
+        "on tensor cores)")
+    fused_qkv: bool = Field(
+        False, description="fuse the attention Q/K/V projections of the UNet and VAE into one "
+        "matmul (diffusers' fuse_qkv_projections; SDPA only)")
+    vae_tiling_min_pixels: Annotated[int, Field(ge=4096)] | None = Field(
+        None, description="decode images of at least this many pixels (width x height) in "
+        "tiles, eagerly, bounding the VAE's peak memory; None: never tile")
+
+    @field_validator("bucket_sizes")
+    @classmethod
+    def _sizes(cls, v: list[str]) -> list[str]:
+        for size in v:
+            w, h = (int(x) for x in size.split("x"))
+            if w % 8 or h % 8:
+                raise ValueError(f"bucket size {size!r}: width and height must be multiples of 8")
+        if len(set(v)) != len(v):
+            raise ValueError(f"bucket_sizes {v!r} repeat a size")
+        return v
+
+    @field_validator("bucket_batches")
+    @classmethod
+    def _batches(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"bucket_batches {v!r} must be distinct and not empty")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EngineOptions:
+        if self.bucket_sizes and self.compile == "off":
+            raise ValueError(f"bucket_sizes {self.bucket_sizes!r} need compile (it is 'off')")
+        if self.fused_qkv and self.attention == "xformers":
+            raise ValueError("fused_qkv installs SDPA's fused processor: it cannot be combined "
+                             "with attention 'xformers'")
+        if self.inductor and (self.compile == "off" or self.compile_backend != "inductor"):
+            raise ValueError(f"inductor settings {sorted(self.inductor)} need compile with the "
+                             "inductor backend")
+        if self.compile_backend != "inductor" and self.compile not in ("off", "default"):
+            raise ValueError(f"compile mode {self.compile!r} is an inductor mode; backend "
+                             f"{self.compile_backend!r} takes compile 'default'")
+        return self
+
+    @property
+    def buckets(self) -> list[tuple[int, int, int]]:
+        """(width, height, batch) of every compiled bucket."""
+        sizes = [tuple(int(x) for x in s.split("x")) for s in self.bucket_sizes]
+        return [(w, h, b) for w, h in sizes for b in self.bucket_batches]
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> EngineOptions:
+        """From an engine's options dict: the lock's `engine` table merged with
+        Settings.engine_options. Runtime keys (threads) are not revision facts and are
+        skipped; the older keys still work: `compile: true|false` and `xformers: false`
+        (sdpa) / `true` (auto)."""
+        raw = {k: v for k, v in options.items() if k not in RUNTIME_OPTIONS}
+        if isinstance(raw.get("compile"), bool):
+            raw["compile"] = "default" if raw["compile"] else "off"
+        if "xformers" in raw:
+            legacy = raw.pop("xformers")
+            raw.setdefault("attention", "auto" if legacy else "sdpa")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(f"engine options: {describe(e)}") from None
+
+
+# Engine options that describe the replica, not the revision (Settings, the policy).
+RUNTIME_OPTIONS = frozenset({"threads"})
+
+
 class ModelEntry(_Frozen):
     """One model revision. `name` is filled from the table key."""
 
@@ -118,6 +232,11 @@ class ModelEntry(_Frozen):
     files: dict[str, Sha256] = Field(min_length=1, description="relative path -> sha256")
     profiles: dict[str, Profile] = Field(
         default_factory=dict, description="accelerator type -> measured speed and memory"
+    )
+    engine: EngineOptions = Field(
+        default_factory=EngineOptions,
+        description="how the engine runs this revision (dtype, attention, torch.compile "
+        "buckets, ...); omitted: the plain pipeline",
     )
 
     @model_validator(mode="after")

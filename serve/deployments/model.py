@@ -71,7 +71,8 @@ class ModelDeployment:
         # One thread: one pipeline call at a time; the event loop stays free to
         # queue the next batch while this one runs.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"pipeline-{entry.name}")
-        options = dict(engine_options)
+        # the lock's engine table (issue 17's fast path), the settings' options winning
+        options = {**entry.engine.model_dump(exclude_defaults=True), **dict(engine_options)}
         options.setdefault("threads", len(os.sched_getaffinity(0)))
         root = entry.local_dir(Path(model_dir))
         spec = EngineSpec(entry.name, entry.revision, root, entry.pipeline, entry.dtype, options)
@@ -170,6 +171,8 @@ class ModelDeployment:
             self.metrics.observe("imagegen_pipeline_seconds", seconds, **self.labels)
             self.metrics.observe("imagegen_batch_images", len(jobs), **self.labels)
             self.metrics.inc("imagegen_pipeline_images_total", len(jobs), **self.labels)
+            if eager := getattr(self.engine, "take_eager_images", lambda: 0)():
+                self.metrics.inc("imagegen_eager_images_total", eager, **self.labels)
             # By batch size, as counters (exact sums): `capacity profile --in-place`
             # reads seconds per megapixel-step off a running stack from them.
             images = str(len(jobs))
