@@ -74,6 +74,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="fail the run above this share of failed requests; 429 and 503 "
                    "are expected refusals, not failures (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no periodic locust stats")
+    p.add_argument("--watch", nargs="?", const="auto", metavar="PID",
+                   help="soak check of a stack on this machine: sample its processes (the "
+                   "tree under PID; default: the one that started this user's raylet) and "
+                   "fail the run when, past --warmup, any RSS grows over 5%%, files or "
+                   "sockets are left open or Ray objects pile up (soak.json, soak.png)")
+    p.add_argument("--warmup", type=float, default=60.0,
+                   help="seconds before the soak baseline is taken (default: %(default)s)")
+    p.add_argument("--metrics-url", help="Ray's metrics endpoint for the object count "
+                   "(default: http://127.0.0.1:METRICS_PORT/metrics of the settings)")
     return p
 
 
@@ -96,18 +105,34 @@ def run(args: argparse.Namespace) -> int:
         return _error(problem)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("report.json", "stats.json", "loadtest.png"):
+    for stale in ("report.json", "stats.json", "loadtest.png", "soak.json", "soak.png"):
         (out / stale).unlink(missing_ok=True)  # a failed run must not show an old report
     grpc = args.grpc_target or f"{_hostname(url)}:{settings.grpc_port}"
     if "ImagesGrpcUser" in TRANSPORTS[args.transport] and not (args.grpc_target
                                                                or settings.grpc_port):
         return _error("gRPC is off in the settings (grpc_port 0): pass --grpc-target")
-    code = _locust(_command(args, locustfile, url, grpc, out), key)
+    watch = None
+    if args.watch:
+        from . import soak
+
+        root = soak.stack_root() if args.watch == "auto" else int(args.watch)
+        if root is None:
+            return _error("--watch: no single local Ray stack found: give its PID")
+        watch = soak.Watch(root, args.metrics_url
+                           or f"http://127.0.0.1:{settings.metrics_port}/metrics")
+        watch.start()
+    try:
+        code = _locust(_command(args, locustfile, url, grpc, out), key)
+    finally:
+        if watch is not None:
+            watch.stop()
     report = out / "report.json"
     if not report.exists():
         return _error(f"locust exited {code} without a report (its log above says why)",
                       code or 2)
     doc = json.loads(report.read_text())
+    if watch is not None:
+        code = max(code, _soak(watch, args.warmup, out))
     png = _plot(out / "locust_stats_history.csv", out / "loadtest.png", args.profile)
     _print_summary(doc, url, out, png)
     return code
@@ -230,6 +255,27 @@ def _plot(history: Path, png: Path, profile: str) -> Path | None:
 
 def _ms(v) -> str:
     return "-" if v is None else f"{v:.0f}"
+
+
+def _soak(watch, warmup_s: float, out: Path) -> int:
+    """The soak verdict: printed, soak.json and soak.png; 1 when something grew."""
+    from . import soak
+
+    v = soak.verdict(watch.samples, watch.names, warmup_s)
+    (out / "soak.json").write_text(json.dumps(v, indent=2))
+    soak.plot(watch.samples, watch.names, warmup_s, out / "soak.png")
+    print(f"\nsoak: {len(v['processes'])} processes compared from {warmup_s:g} s to the end"
+          + (f"; Ray objects {v['objects'][0]:g} -> {v['objects'][1]:g}"
+             if v.get("objects") and None not in v["objects"] else ""))
+    worst = sorted(v["processes"], key=lambda r: -r["rss_growth"])[:5]
+    for r in worst:
+        print(f"  {r['rss_growth']:>+7.1%}  {r['rss_mb'][0]:>7.1f} -> {r['rss_mb'][1]:>7.1f} MB"
+              f"  files {r['files'][0]}->{r['files'][1]}  sockets {r['sockets'][0]}->"
+              f"{r['sockets'][1]}  {r['name']}")
+    for problem in v["problems"]:
+        print(f"  LEAK {problem}")
+    print(f"soak {'clean' if v['ok'] else 'FAILED'}: {out}/soak.json, soak.png")
+    return 0 if v["ok"] else 1
 
 
 def _print_summary(doc: dict, url: str, out: Path, png: Path | None) -> None:
