@@ -1,6 +1,7 @@
 """`imagegen bench serve`: the tiny pipeline in-process vs the full stack over
 HTTP, the OpenAI route and gRPC
-(`imagegen bench capacity`: bench_capacity.py).
+(`imagegen bench capacity`: bench_capacity.py; `bench serve --peers`, against
+LitServe and BentoML: bench_peers.py).
 
 Both halves run in one command on the same thread count, so the ratios compare
 like with like. Timings are printed, never asserted.
@@ -25,14 +26,17 @@ from ..config import Settings
 from ..engines.base import EngineSpec, Job
 from ..lockfile import load_lock
 from ..routing import load_routing
+from . import bench_peers
 from .common import settings as settings_of
 
 # The benchmarks with a module of their own (add_arguments, run); `serve` and
 # `capacity` are built here.
 _BENCHES = {"state": "bench_state", "policy": "bench_policy", "flood": "bench_flood",
             "safety": "bench_safety", "cache": "bench_cache", "encode": "bench_encode",
-            "batch": "bench_batch"}
+            "batch": "bench_batch", "gpu": "bench_gpu"}
 _HELP = {
+    "gpu": "the engine's fast path vs plain diffusers (SDXL-arch), and GPU capacity "
+           "profiles, in one time-boxed run",
     "state": "what authenticating costs per request, per state store backend",
     "policy": "what the prompt policy costs per prompt, at 10,000 terms",
     "flood": "more requests at once than a revision queues: how fast the rest are refused",
@@ -55,6 +59,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     bs.add_argument("--port", type=int, default=8123)
     bs.add_argument("--grpc-port", type=int, default=9123)
     bs.add_argument("--json", type=Path, help="also write the figures as JSON")
+    bench_peers.add_arguments(bs)
     from . import bench_capacity
 
     bench_capacity.add_arguments(bsub.add_parser(
@@ -73,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         return bench_capacity.run(args, settings)
     if module := _BENCHES.get(args.bench_command):
         return importlib.import_module(f".{module}", __package__).run(args, settings)
+    if args.peers or args.setup:
+        return bench_peers.run(args, settings)
     return run_serve(args, settings)
 
 
