@@ -9,6 +9,7 @@ ingress, Ray and the callers, instead of a quiet core."""
 from __future__ import annotations
 
 import datetime
+import math
 import resource
 import statistics
 import time
@@ -161,6 +162,7 @@ def _monotone(spmp: dict[int, float]) -> dict[int, float]:
     """Raise any batch whose total time falls below a smaller batch's to match it."""
     out, floor = {}, 0.0
     for b in sorted(spmp):
-        t = max(spmp[b] * b, floor)
-        out[b], floor = round(t / b, 6), t
+        # rounded up to the microsecond: rounding down could undercut the floor again
+        out[b] = math.ceil(max(spmp[b], floor / b) * 1e6) / 1e6
+        floor = out[b] * b
     return out

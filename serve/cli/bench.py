@@ -33,7 +33,8 @@ from .common import settings as settings_of
 # `capacity` are built here.
 _BENCHES = {"state": "bench_state", "policy": "bench_policy", "flood": "bench_flood",
             "safety": "bench_safety", "cache": "bench_cache", "encode": "bench_encode",
-            "batch": "bench_batch", "gpu": "bench_gpu"}
+            "batch": "bench_batch", "naive": "bench_naive", "coldstart": "bench_coldstart",
+            "batching": "bench_batching", "all": "bench_all", "gpu": "bench_gpu"}
 _HELP = {
     "gpu": "the engine's fast path vs plain diffusers (SDXL-arch), and GPU capacity "
            "profiles, in one time-boxed run",
@@ -44,6 +45,11 @@ _HELP = {
     "cache": "a cache hit against a miss through the whole stack",
     "encode": "what encoding costs per format and size, and the watermark",
     "batch": "interactive latency with a batch running, and how fast a cancel stops it",
+    "naive": "the baseline to beat: the same model on plain Ray Serve (FastAPI ingress -> "
+             "model, no batching) vs in-process vs imagegen",
+    "coldstart": "process start to ready, and model load time against bytes / read bandwidth",
+    "batching": "the batching curve: images/s by batch size, in-process and through the stack",
+    "all": "every benchmark in turn, JSON in one folder (--quick: reduced runs)",
 }
 
 

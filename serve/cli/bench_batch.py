@@ -91,7 +91,8 @@ class _Load:
         from .bench_capacity import _poisson
 
         self.seed += 1
-        return await _poisson(self.url, self.key, self.body, self.rate, duration, self.seed)
+        lat, _ = await _poisson(self.url, self.key, self.body, self.rate, duration, self.seed)
+        return lat
 
 
 async def _beside(c, load: _Load, args, tag: str) -> dict:

@@ -6,14 +6,17 @@ what rendering a template costs (stage 3)."""
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--terms", type=int, default=10_000, help="terms in the generated policy")
     p.add_argument("--prompts", type=int, default=2000, help="prompts checked per row")
+    p.add_argument("--json", type=Path, help="also write the figures as JSON")
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
@@ -59,14 +62,20 @@ def run(args: argparse.Namespace, settings) -> int:
           f"(target: p50 < 1 ms at {args.terms} terms); generated policy compiled in "
           f"{compile_s:.2f} s\n")
     print(f"{'policy':<26}{'prompts':<22}{'p50 ms':>9}{'p95 ms':>9}")
+    rows = []
     for name, policy in ((f"shipped ({shipped.terms} terms)", shipped),
                          (f"generated ({big.terms} terms)", big)):
         for label, prompts in (("typical (8-60 words)", typical),
                                ("longest (2000 chars)", longest)):
             p50, p95 = _time(policy, prompts)
             print(f"{name:<26}{label:<22}{p50:>9.3f}{p95:>9.3f}")
+            rows.append({"policy": name, "prompts": label, "p50_ms": p50, "p95_ms": p95})
     p50, p95 = _render_time(settings, vocab, rng, args.prompts)
     print(f"{'render product-shot@1':<26}{'3 variables':<22}{p50:>9.3f}{p95:>9.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"terms": args.terms, "compile_s": compile_s, "rows": rows,
+             "render": {"p50_ms": p50, "p95_ms": p95}}, indent=2))
     return 0
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -18,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="also measure this Redis: a redis-server "
                    "(redis://HOST:PORT/0) or a Redis Cluster (redis+cluster://HOST:PORT)")
     p.add_argument("--keys", type=int, default=2000, help="distinct keys looked up")
+    p.add_argument("--json", type=Path, help="also write the figures as JSON")
 
 
 async def _measure(url: str, keys: int) -> dict[str, float]:
@@ -66,4 +69,6 @@ def run(args: argparse.Namespace, settings) -> int:
     print(f"{'backend':<14}" + "".join(f"{c:>16}" for c in cols))
     for name, r in rows.items():
         print(f"{name:<14}" + "".join(f"{r[c]:>16.3f}" for c in cols))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"keys": args.keys, "backends": rows}, indent=2))
     return 0
