@@ -59,9 +59,8 @@ def test_the_watch_sees_a_real_child_leak_files_and_memory(tmp_path):
             time.sleep(0.1)
         time.sleep(30)
     """)
-    parent = subprocess.Popen([sys.executable, "-c",
-                               f"import subprocess, sys; subprocess.run([sys.executable, "
-                               f"'-c', {leaker!r}])"])
+    spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {leaker!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", spawn])
     try:
         time.sleep(1.0)  # the grandchild is running
         w = Watch(parent.pid, None, interval_s=0.5)
