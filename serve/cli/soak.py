@@ -65,7 +65,8 @@ class Watch(threading.Thread):
             mine = {me.pid, *(c.pid for c in me.children(recursive=True))}
         except psutil.NoSuchProcess:
             return s
-        procs = [p for p in procs if p.pid not in mine]  # not the watch nor its locust
+        if self.root not in mine:  # the stack is not ours: leave out the watch and its locust
+            procs = [p for p in procs if p.pid not in mine]
         for p in procs:
             try:
                 with p.oneshot():
