@@ -130,18 +130,22 @@ def in_place(
     requests = sum(v for (n, _), v in after.items() if n == "imagegen_requests_total") - sum(
         v for (n, _), v in before.items() if n == "imagegen_requests_total")
     rate = requests / window_s
-    pipelines = sum(busy[m] * models[m][0] * models[m][1] for m in models)
-    stack = None
-    if cpu_cores_busy is not None and rate > 0:
-        stack = max(0.0, cpu_cores_busy - pipelines) / rate
-    slowdown = {}
-    for m, (_, threads) in models.items():
-        if cpu_cores_busy is None:
-            slowdown[m] = 1.0
-            continue
-        slowdown[m] = expected_slowdown(
-            threads + max(0.0, cpu_cores_busy - pipelines), cores,
-            [(models[q][0] - (q == m), min(1.0, busy[q]), models[q][1]) for q in models])
+    slowdown = {m: 1.0 for m in models}
+    stack_cores = 0.0
+    if cpu_cores_busy is not None:
+        # A slowed batch gets 1/slowdown of the threads it wants: the pipelines' own
+        # core use and the stack's (the rest) are solved together.
+        for _ in range(50):
+            used = sum(busy[m] * models[m][0] * models[m][1] / slowdown[m] for m in models)
+            stack_cores = max(0.0, cpu_cores_busy - used)
+            new = {m: expected_slowdown(
+                threads + stack_cores, cores,
+                [(models[q][0] - (q == m), min(1.0, busy[q]), models[q][1]) for q in models])
+                for m, (_, threads) in models.items()}
+            if all(abs(new[m] - slowdown[m]) < 1e-6 for m in models):
+                break
+            slowdown = {m: 0.5 * (slowdown[m] + new[m]) for m in models}
+    stack = stack_cores / rate if cpu_cores_busy is not None and rate > 0 else None
     profiles = {}
     for m, table in measured.items():
         if not table:

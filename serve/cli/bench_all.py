@@ -9,9 +9,11 @@ NOT_IN_SUITE."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -232,12 +234,22 @@ def run_one(name: str, args: argparse.Namespace, out: Path, metrics_port: int = 
     if args.metrics_port:  # the stacks a benchmark starts itself read it from settings
         env["IMAGEGEN_METRICS_PORT"] = str(args.metrics_port)
     with open(log, "w") as f:
+        # its own process group: a bench past its time is stopped with every process
+        # it started (Ray's raylet, GCS and workers would keep the next one's ports)
+        proc = subprocess.Popen(command(name, args, json_path), stdout=f,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            rc = subprocess.run(command(name, args, json_path), stdout=f,
-                                stderr=subprocess.STDOUT, timeout=args.timeout, env=env,
-                                check=False).returncode
+            rc = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = 124
+        except KeyboardInterrupt:  # the group does not get the terminal's ^C: pass it on
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            proc.wait()
+            raise
     took = time.perf_counter() - t0
     if rc == 0 and not json_path.exists():
         rc, why = 1, "exited 0 but wrote no JSON"

@@ -95,7 +95,8 @@ def _locust(base: str, key: str, tier: str, rate: float, duration: float, seed: 
     from .loadtest import LOADTESTS
 
     out.mkdir(parents=True, exist_ok=True)
-    stats = out / f"capacity-{rate:g}-{seed}"
+    runs = len(list(out.glob("capacity-*.log")))  # a name per run: never an old file
+    stats = out / f"capacity-{runs}"  # locust adds .json (no dot in the stem)
     users = max(8, round(rate * 0.5))  # enough that one slow answer never stalls arrivals
     env = {**os.environ, "IMAGEGEN_API_KEY": key}
     cmd = [sys.executable, "-m", "locust", "-f", str(LOADTESTS / "locustfile.py"), "--headless",
@@ -104,13 +105,18 @@ def _locust(base: str, key: str, tier: str, rate: float, duration: float, seed: 
            "--imagegen-duration", f"{duration:g}", "--imagegen-mix", f"{tier}=1",
            "--imagegen-rate", f"{rate:g}", "--imagegen-template-share", "0",
            "ImagesHttpUser"]
-    subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=duration + 120)
-    entries = json.loads(stats.with_suffix(".json").read_text())
+    log = out / f"capacity-{runs}.log"
+    with log.open("w") as f:
+        subprocess.run(cmd, env=env, check=False, stdout=f, stderr=subprocess.STDOUT,
+                       timeout=duration + 120)
+    result = out / f"capacity-{runs}.json"
+    if not result.exists():
+        raise RuntimeError(f"locust wrote no stats; its log: {log}")
+    entries = json.loads(result.read_text())
     lat: list[float] = []
     fails = 0
     for e in entries:
-        if e["method"] != "POST":
+        if e["name"] != tier:  # refusals have their own entries ("draft 503")
             continue
         fails += e["num_failures"]
         for ms, count in e["response_times"].items():
@@ -192,24 +198,30 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         busy = sum(v - before.get((n, labels), 0.0) for (n, labels), v in after.items()
                    if n == "imagegen_pipeline_busy_seconds_total")
         overhead = max(0.0, statistics.mean(lone) - busy / max(1, len(lone)))
-        # 2. In place, at about half the capacity the quiet profile predicts.
+        # 2. In place, at about half the capacity: first as the quiet profile predicts
+        # it; again at half of what that window says when the guess was well past it.
         guess = 0.5 * _capacity(planner, inputs_at(1.0), model, replicas[model])
-        before = settled()
-        cpu0, t0 = _busy_cores({}, "127.0.0.1"), time.monotonic()
-        drive(guess, args.calibrate, 2)
-        cpu1, window = _busy_cores({}, "127.0.0.1"), time.monotonic() - t0
-        after = settled()
-        cores_busy = (cpu1[1] - cpu0[1]) / window if cpu0 and cpu1 else None
         d = lock.models[model].defaults
-        got = in_place(before, after, window, models={m: (replicas[m], threads[m])
-                                                      for m in replicas},
-                       cores=node.gpus_per_node, steps={m: lock.models[m].defaults.steps
-                                                        for m in replicas},
-                       cpu_cores_busy=cores_busy, device="cpu in place",
-                       size={model: (d.width, d.height)})
-        profiles = {model: got.profiles[model]}
-        stack = got.cpu_per_request_s or 0.0
-        capacity = _capacity(planner, inputs_at(1.0, profiles, stack), model, replicas[model])
+        for attempt in range(2):
+            before = settled()
+            cpu0, t0 = _busy_cores({}, "127.0.0.1"), time.monotonic()
+            drive(guess, args.calibrate, 2 + attempt)
+            cpu1, window = _busy_cores({}, "127.0.0.1"), time.monotonic() - t0
+            after = settled()
+            cores_busy = (cpu1[1] - cpu0[1]) / window if cpu0 and cpu1 else None
+            got = in_place(before, after, window, models={m: (replicas[m], threads[m])
+                                                          for m in replicas},
+                           cores=node.gpus_per_node, steps={m: lock.models[m].defaults.steps
+                                                            for m in replicas},
+                           cpu_cores_busy=cores_busy, device="cpu in place",
+                           size={model: (d.width, d.height)})
+            profiles = {model: got.profiles[model]}
+            stack = got.cpu_per_request_s or 0.0
+            capacity = _capacity(planner, inputs_at(1.0, profiles, stack), model,
+                                 replicas[model])
+            if guess <= 0.7 * capacity:
+                break
+            guess = 0.5 * capacity
         rates = args.rates or [round(f * capacity, 1) for f in args.fractions]
         print(f"\ncalibrated: stack latency {overhead * 1e3:.1f} ms per request; at "
               f"{guess:.1f} req/s the node's cores were {cores_busy or 0:.2f} busy, "

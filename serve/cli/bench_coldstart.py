@@ -12,6 +12,7 @@ says which figure is which, never which one the kernel gave. Printed, never asse
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -168,7 +169,7 @@ def start_once(run: int, argv: list[str], env: dict[str, str], url: str,
     """Spawn `imagegen serve`, time its milestones, SIGINT it, time the stop."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)  # killed as a group
     lines: list[str] = []
     starting: list[float] = []
 
@@ -196,8 +197,9 @@ def start_once(run: int, argv: list[str], env: dict[str, str], url: str,
         proc.wait(60)
         stop = time.perf_counter() - t
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # with Ray's processes, which would keep the ports
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         reader.join(5)
     return StartRow(run, starting[0] if starting else float("nan"), healthz, readyz, stop)

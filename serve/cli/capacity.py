@@ -267,6 +267,18 @@ def _simulate(args, settings) -> int:
 
     inputs = _inputs(args, settings)
     p = planner.plan(inputs)
+    # The simulator runs each batch at its profile's speed: on shared cores, at the
+    # speed the plan's contention gives it (the plan's `slower` column).
+    revisions = {}
+    for name, spec in inputs.revisions.items():
+        r = p.revisions.get(name)
+        if r is not None and r.slowdown != 1.0:
+            prof = spec.profiles[r.gpu]
+            spec = spec.model_copy(update={"profiles": {**spec.profiles, r.gpu: prof.model_copy(
+                update={"seconds_per_megapixel": {b: t * r.slowdown for b, t in
+                                                  prof.seconds_per_megapixel.items()}})}})
+        revisions[name] = spec
+    inputs = inputs.model_copy(update={"revisions": revisions})
     arrivals = simulator.load_trace(args.trace) if args.trace else None
     duration = max(a.time_s for a in arrivals) + 1 if arrivals else args.duration
     scaler = None
@@ -379,6 +391,10 @@ def _profile_in_place(args, settings) -> int:
     if node is None:
         raise ValueError(f"the policy has no node type {key!r}: give --key")
     counts = _pairs(args.replicas, "replicas", int)
+    if bad := [f"{m}={n}" for m, n in counts.items() if n < 1]:
+        raise ValueError(f"--replicas {' '.join(bad)}: a model that served has 1 or more")
+    if args.rev and args.rev not in lock.models:
+        raise ValueError(f"{args.rev!r} is not in {settings.lock_file}")
 
     def scrape() -> tuple[dict, float | None]:
         with urllib.request.urlopen(url, timeout=10) as r:
@@ -391,12 +407,14 @@ def _profile_in_place(args, settings) -> int:
         while (left := args.window - (time.monotonic() - t0)) > 0:
             time.sleep(min(1.0, left))
             bar.update(round(time.monotonic() - t0) - bar.n)
-            if cpu0 is not None and cpu0[0] == "ray":
-                samples.append(_busy_cores(scrape()[0], "")[1])
+            if cpu0 is not None and cpu0[0] == "ray" and (now := _busy_cores(scrape()[0], "")):
+                samples.append(now[1])
     after, cpu1 = scrape()
     window = time.monotonic() - t0
     busy_cores = None
-    if cpu0 is not None and cpu1 is not None:
+    # Host cores mean something only where the replicas share them (a CPU node): a
+    # GPU's busy time is its own.
+    if node.shared_cores and cpu0 is not None and cpu1 is not None:
         busy_cores = (sum(samples) / len(samples) if cpu0[0] == "ray" and samples
                       else (cpu1[1] - cpu0[1]) / window)
     served = sorted({dict(labels)["model"] for (n, labels) in after

@@ -147,8 +147,10 @@ class FastPath:
         tiled = self._tiled(width, height)
         if tiled:
             vae.enable_tiling()
+        # Without buckets every shape compiles on first use (the legacy `compile: true`):
+        # no stance then, or each new shape would run eagerly forever, uncounted.
         stance = (torch.compiler.set_stance(self.sealed_stance)
-                  if compiled and self.sealed else contextlib.nullcontext())
+                  if compiled and self.sealed and self.batches else contextlib.nullcontext())
         try:
             with stance:
                 yield

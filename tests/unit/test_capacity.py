@@ -343,8 +343,12 @@ def test_in_place_profile_reads_the_counters_growth_and_takes_contention_out():
     # and the slowdown it caused taken out of the profile.
     loaded = in_place(before, after, 10.0, models={"d": (2, 1.0)}, cores=2, steps={"d": 2},
                       cpu_cores_busy=1.9, device="cpu in place")
-    assert loaded.cpu_per_request_s == pytest.approx((1.9 - 1.6) / 20)
+    # The pipelines got less than the threads they wanted (they ran slowed), so the
+    # stack had more than the 0.3 cores left over from their wanted 1.6.
     assert loaded.slowdown["d"] > 1.0
+    used = 1.6 / loaded.slowdown["d"]
+    assert loaded.cpu_per_request_s == pytest.approx((1.9 - used) / 20, rel=1e-3)
+    assert loaded.cpu_per_request_s > (1.9 - 1.6) / 20
     got = loaded.profiles["d"].seconds_per_megapixel
     assert got[1] == pytest.approx(spmp[1] / loaded.slowdown["d"], rel=1e-5)
 

@@ -31,12 +31,12 @@ def _run(*later: Sample) -> list[Sample]:
     (Sample(60.0, rss={1: 500 * MB, 2: 40 * MB}, files={1: 10, 2: 3}, sockets={1: 40, 2: 1},
             objects=4.0), "sockets 20 -> 40"),
     (Sample(60.0, rss={1: 500 * MB}, files={1: 10}, sockets={1: 20}, objects=4.0),
-     "processes ended during the soak: b (2)"),
+     "serving processes ended during the soak: ray::ServeReplica:app:b (2)"),
     (Sample(60.0, rss={1: 500 * MB, 2: 40 * MB}, files={1: 10, 2: 3}, sockets={1: 20, 2: 1},
             objects=400.0), "Ray objects 4 -> 400"),
 ])
 def test_verdict_compares_the_end_with_the_warm_up(last, problem):
-    v = verdict(_run(last), {1: "a", 2: "b"}, warmup_s=5.0)
+    v = verdict(_run(last), {1: "a", 2: "ray::ServeReplica:app:b"}, warmup_s=5.0)
     assert v["ok"] is (problem is None)
     if problem:
         assert any(problem in p for p in v["problems"]), v["problems"]
@@ -62,7 +62,11 @@ def test_the_watch_sees_a_real_child_leak_files_and_memory(tmp_path):
     spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {leaker!r}])"
     parent = subprocess.Popen([sys.executable, "-c", spawn])
     try:
-        time.sleep(1.0)  # the grandchild is running
+        import psutil
+
+        deadline = time.monotonic() + 30
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)  # two interpreter starts on a loaded box
         w = Watch(parent.pid, None, interval_s=0.5)
         w.start()
         time.sleep(4.5)
@@ -75,3 +79,9 @@ def test_the_watch_sees_a_real_child_leak_files_and_memory(tmp_path):
     grew = [r for r in v["processes"] if r["files"][1] > r["files"][0] + 2]
     assert grew and grew[0]["rss_growth"] > 0.05  # the grandchild: found under the root
     assert len(v["processes"]) == 2
+
+
+def test_an_idle_ray_worker_reaped_is_no_leak():
+    last = Sample(60.0, rss={1: 500 * MB}, files={1: 10}, sockets={1: 20}, objects=4.0)
+    v = verdict(_run(last), {1: "a", 2: "ray::IDLE"}, warmup_s=5.0)
+    assert v["ok"] and v["ended_processes"] == [{"pid": 2, "name": "ray::IDLE"}]
