@@ -173,33 +173,10 @@ def fresh_seeds(n: int) -> range:
 
 async def _load(url: str, key: str, body: dict, n: int, c: int
                 ) -> tuple[list[float], float, list[int]]:
-    import aiohttp
+    from .bench_peers import post_load
 
-    lat: list[float] = []
-    batch_sizes: list[int] = []
-    bar = tqdm(total=n, desc=f"{url.split('/', 3)[-1]}, concurrency {c}", leave=False)
-    remaining = iter(fresh_seeds(n))
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        for i in remaining:
-            t = time.perf_counter()
-            async with session.post(url, json={"seed": i, **body}) as r:
-                data = await r.json()
-                if r.status != 200:
-                    raise RuntimeError(f"HTTP {r.status}: {data}")
-            lat.append(time.perf_counter() - t)
-            batch = data.get("batch_images")  # 0: a cache hit
-            batch_sizes.append(data["imagegen"]["batch_images"] if batch is None else batch)
-            bar.update()
-
-    conn = aiohttp.TCPConnector(limit=c)
-    async with aiohttp.ClientSession(connector=conn,
-                                     headers={"Authorization": f"Bearer {key}"}) as session:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(c)))
-        wall = time.perf_counter() - t0
-    bar.close()
-    return lat, wall, batch_sizes
+    return await post_load(url, lambda seed: {"seed": seed, **body}, n, c,
+                           {"Authorization": f"Bearer {key}"})
 
 
 async def _load_grpc(target: str, key: str, body: dict, n: int, c: int

@@ -84,7 +84,7 @@ async def _poisson(url: str, key: str, body: dict, rate: float, duration: float,
     return lat, errors
 
 
-def _locust(base: str, key: str, tier: str, rate: float, duration: float, seed: int,
+def _locust(base: str, key: str, tier: str, rate: float, duration: float,
             out: Path) -> tuple[list[float], int]:
     """The same open-loop load from locust (loadtests/locustfile.py's Poisson user),
     as an SRE runs it: p50/p95 from its JSON (the CSV can miss the last second)."""
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     def drive(rate: float, duration: float, seed: int) -> tuple[list[float], int]:
         if args.driver == "locust":
-            return _locust(base, key, args.tier, rate, duration, seed, out)
+            return _locust(base, key, args.tier, rate, duration, out)
         return asyncio.run(_poisson(url, key, body, rate, duration, seed))
 
     def inputs_at(rate: float, profiles=None, cpu_per_request_s: float = 0.0):

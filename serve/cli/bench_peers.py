@@ -198,10 +198,11 @@ def pins(path: Path = PEERS_DIR / "requirements.txt") -> dict[str, str]:
 # -- measuring ------------------------------------------------------------------
 
 
-async def _load(url: str, body_of: Callable[[int], object], n: int, c: int,
-                headers: dict[str, str]) -> tuple[list[float], float, list[int]]:
-    """n POSTs from c workers on one connection pool: latencies, wall time and the
-    pipeline batch each request ran in (every system's body names it)."""
+async def post_load(url: str, body_of: Callable[[int], object], n: int, c: int,
+                    headers: dict[str, str]) -> tuple[list[float], float, list[int]]:
+    """n POSTs (fresh seeds, each a cache miss) from c workers on one connection pool:
+    latencies, wall time and the pipeline batch each request ran in (every system's
+    body names it; 0 for an imagegen cache hit). `bench serve` and the peers share it."""
     import aiohttp
 
     from .bench import fresh_seeds
@@ -242,7 +243,7 @@ def measure_http(system: str, round_: int, url: str, body_of: Callable[[int], ob
                  n: int, headers: dict[str, str] | None = None) -> Sample:
     from .bench import _pct
 
-    load = (lambda n, c: asyncio.run(_load(url, body_of, n, c, headers or {})))
+    load = (lambda n, c: asyncio.run(post_load(url, body_of, n, c, headers or {})))
     load(10, 1)  # warm connections, handles and the pipeline
     load(2 * LOADED, LOADED)  # and the batch path
     lat, _, _ = load(n, 1)
