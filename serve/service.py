@@ -86,7 +86,7 @@ from .schemas import (
 )
 from .storage.recipe import Recipe, owner_hash
 from .storage.records import ImageRecord, ObjectRecord, new_image_id
-from .storage.results import BLURRED, Results, flight_of
+from .storage.results import BLURRED, Kept, Results, flight_of
 from .telemetry import annotate, current_trace_id, stage
 from .templates.library import Template
 from .templates.render import Rendered, Styles
@@ -563,13 +563,12 @@ class ImageService:
         share = cost / delivered if delivered else 0.0
         now = dt.datetime.now(dt.UTC)
         with stage("store", **{"imagegen.images": len(ids)}):
-            await asyncio.gather(*(
-                self.results.keep(k, ext, mime, data, ObjectRecord(
+            await self.results.keep([
+                Kept(k, ext, mime, data, ObjectRecord(
                     mime_type=mime, width=j.width, height=j.height, bytes=len(data),
                     scores=v.scores, action=v.action, created=now))
                 for k, data, j, (v, _) in zip(keys, encoded, p.jobs, verdicts, strict=True)
-                if data is not None))
-            await self.results.put_sidecars([
+                if data is not None], [
                 self._sidecar(i, k if data is not None else None, mime, ext, j, ratio, rc, v,
                               alt, share if data is not None else 0.0, p, e, r, req, spec,
                               principal, request_id, review_id=review_id,

@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from ..errors import StorageUnavailable
 from .records import ImageRecord, ObjectRecord, object_key, record_key, sidecar_key
@@ -30,6 +30,16 @@ PRIVATE = "private, max-age=31536000, immutable"
 # is delivered as generated), never the unblurred bytes behind a blurred verdict.
 BLURRED = "-blur"
 _SIG = re.compile(r"[0-9a-f]{32}")
+
+
+class Kept(NamedTuple):
+    """One image to keep under its recipe key: the object and its record."""
+
+    key: str
+    ext: str
+    mime: str
+    data: bytes
+    record: ObjectRecord
 
 
 class Results:
@@ -96,15 +106,27 @@ class Results:
 
     # Stage 11: keep every image.
 
-    async def keep(self, key: str, ext: str, mime: str, data: bytes,
-                   record: ObjectRecord) -> None:
-        """The object (once per key: its bytes never change), then its record, always
-        (the latest verdict and scores: what the next lookup judges again)."""
-        path = object_key(key, ext)
+    async def keep(self, objects: list[Kept], sidecars: list[ImageRecord]) -> None:
+        """Each new object (once per key: its bytes never change), then at once (on
+        S3, three round trips in a row, not four) every key's record (the
+        latest verdict and scores: what the next lookup judges again) and every
+        image's sidecar. A record never names a missing object, and a failure leaves
+        no sidecar: an image has its id only once all of it is kept."""
+        await asyncio.gather(*(self._object(o) for o in objects))
+        *records, written = await asyncio.gather(
+            *(self.store.put(record_key(o.key), o.record.model_dump_json().encode(),
+                             "application/json") for o in objects),
+            self.put_sidecars(sidecars), return_exceptions=True)
+        failed = next((x for x in (*records, written) if isinstance(x, BaseException)), None)
+        if failed is not None:
+            if not isinstance(written, BaseException):
+                await self._remove_sidecars([r.id for r in sidecars])
+            raise failed
+
+    async def _object(self, o: Kept) -> None:
+        path = object_key(o.key, o.ext)
         if not await self.store.exists(path):
-            await self.store.put(path, data, mime, self.cache_control)
-        await self.store.put(record_key(key), record.model_dump_json().encode(),
-                             "application/json")
+            await self.store.put(path, o.data, o.mime, self.cache_control)
 
     async def put_sidecars(self, records: list[ImageRecord]) -> None:
         """Every image's sidecar, or none of them (a failure removes those written)."""
@@ -115,10 +137,13 @@ class Results:
                                      "application/json")
                 written.append(r.id)
         except BaseException:
-            for image_id in written:
-                with contextlib.suppress(Exception):
-                    await self.store.delete(sidecar_key(image_id))
+            await self._remove_sidecars(written)
             raise
+
+    async def _remove_sidecars(self, image_ids: list[str]) -> None:
+        for image_id in image_ids:
+            with contextlib.suppress(Exception):
+                await self.store.delete(sidecar_key(image_id))
 
     async def sidecar(self, image_id: str) -> ImageRecord | None:
         """The image's sidecar if it and its object are both there."""

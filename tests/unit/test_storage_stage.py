@@ -219,6 +219,29 @@ def test_the_store_down_is_503_refunded_and_leaves_no_sidecar(world, monkeypatch
     assert asyncio.run(world.store.keys("images/")) == []
 
 
+def test_a_record_that_fails_beside_its_sidecar_leaves_no_sidecar_and_no_record(
+        world, monkeypatch):
+    """Records and sidecars are written at once (one round of writes, not two): a
+    record that fails after its sidecar landed takes the sidecar back out."""
+    spent, put = world.spent(), world.store.put
+    sidecars_written = []
+
+    async def records_down(key, *a, **k):
+        if key.startswith("objects/") and key.endswith(".json"):
+            await asyncio.sleep(0.05)  # the sidecar lands first
+            raise StorageUnavailable("records down")
+        await put(key, *a, **k)
+        if key.startswith("images/"):
+            sidecars_written.append(key)
+
+    monkeypatch.setattr(world.store, "put", records_down)
+    with pytest.raises(StorageUnavailable):
+        world.run(seed=31)
+    assert sidecars_written and world.spent() == spent
+    assert asyncio.run(world.store.keys("images/")) == []
+    assert not [k for k in asyncio.run(world.store.keys("objects/")) if k.endswith(".json")]
+
+
 def test_a_stricter_policy_makes_a_stored_image_a_miss_and_a_blur_is_never_a_hit(world):
     def thresholds(line: str, version: int) -> None:
         assert world.policy.apply_text(POLICY.read_text().replace(
