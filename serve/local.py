@@ -21,6 +21,13 @@ log = logging.getLogger("imagegen")
 
 DIRECT_INGRESS_PORTS = 8  # ingress replicas that can listen directly, from `port` up
 STOP_GRACE_S = 4.0  # Serve's graceful shutdown on stop, before Ray stops everything
+# Ray Serve's throughput-optimized mode (Ray docs, "Enable high throughput"): handle
+# calls go over gRPC straight to the replica instead of as Ray actor tasks, and user
+# code and the router run on the replica's own event loop (no cross-thread hand-off
+# per ASGI message or handle call). Issue 18, c=1 on 2 cores: the handle hop 7.7-8.3
+# -> 4.8-5.5 ms (README § Benchmark). It also turns on direct ingress, which
+# `direct_ingress` decides here instead. Workers read these at start.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def ports(settings: Settings) -> dict[str, int]:
@@ -124,13 +131,15 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
                     "runs when deployed through a Serve config (`imagegen capacity "
                     "serve-config`); here each revision autoscales on its own")
     proxy_port, grpc_proxy_port = settings.port, settings.grpc_port
+    for name, value in SERVE_ENV.items():
+        os.environ.setdefault(name, value)
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if settings.direct_ingress else "0"
     if settings.direct_ingress:
         # The ingress replica listens on `port` itself: the proxy hop cost ~7 ms per
         # request and ~40% of throughput on 2 cores. Serve still starts its proxy
         # (a fallback route); it moves aside. Workers read these at start.
         proxy_port = settings.port + DIRECT_INGRESS_PORTS
         os.environ.update(
-            RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
             RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(settings.port),
             RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(proxy_port),
         )

@@ -90,11 +90,11 @@ def naive_app(spec, job):
 
 
 @contextlib.contextmanager
-def _without_direct_ingress() -> Iterator[None]:
-    """local.start sets Serve's direct-ingress variables in this process, and Ray's
-    workers inherit them at ray.init: the naive layout must run with the proxy."""
-    saved = {k: os.environ.pop(k) for k in list(os.environ)
-             if k.startswith(("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS"))}
+def _serve_defaults() -> Iterator[None]:
+    """local.start sets Serve's direct-ingress and throughput variables in this
+    process, and Ray's workers inherit them at ray.init: the naive layout runs on
+    Serve's defaults, with the proxy."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RAY_SERVE_")}
     try:
         yield
     finally:
@@ -124,7 +124,7 @@ def naive_sample(entry, settings, round_: int, n: int):
                       entry.pipeline, entry.dtype, {**settings.engine_options, "threads": 1})
     job = Job(PROMPT, "", d.width, d.height, d.steps, d.guidance, 0)
     _wait_port(settings.port)
-    with _without_direct_ingress():
+    with _serve_defaults():
         if not ray.is_initialized():
             local._init_ray(settings, None)
         try:

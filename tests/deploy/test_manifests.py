@@ -250,6 +250,22 @@ def test_every_ray_pod_outlasts_the_longest_generation_when_it_stops(rendered, o
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_pod_runs_serves_data_path_as_the_local_service_does(rendered, overlay):
+    """Every Ray pod gets the Serve variables `imagegen serve` sets (serve/local.py's
+    SERVE_ENV: handle calls over gRPC, issue 18), on every pod, since each replica and
+    each handle reads them in its own process; direct ingress stays off on the
+    cluster (callers reach Serve's proxies through the serve Service)."""
+    from serve.local import SERVE_ENV
+
+    for name, group in _groups(_rayservice(rendered[overlay])).items():
+        (ray,) = [c for c in group["template"]["spec"]["containers"]
+                  if c["name"].startswith("ray-")]
+        env = {e["name"]: e.get("value") for e in ray["env"]}
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, name
+        assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0", name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_serves_proxies_get_the_request_deadline(rendered, overlay):
     """request_timeout_s reaches Serve's HTTP and gRPC proxies on the cluster, as
     `imagegen serve` sets it locally (the drain's grace is sized by it)."""

@@ -167,3 +167,22 @@ def test_cli_generate_writes_the_images(stack, tmp_path, api_key):
         check=False, capture_output=True, text=True, timeout=60,
     )
     assert anonymous.returncode == 1 and "401 unauthenticated" in anonymous.stderr
+
+
+def test_every_replica_runs_serves_throughput_data_path(client):
+    """The ingress and every model replica run with serve/local.py's SERVE_ENV (handle
+    calls over gRPC, user code on the replica's loop: issue 18), read from each
+    worker process's own environment, where Serve reads it at start."""
+    import psutil
+
+    from serve.local import SERVE_ENV
+
+    assert client.get("/healthz").status_code == 200
+    replicas = {}
+    for p in psutil.process_iter(["cmdline"]):
+        title = " ".join(p.info["cmdline"] or [])
+        if title.startswith("ray::ServeReplica:imagegen:"):
+            replicas[title.split()[0]] = p.environ()
+    assert any(":Ingress" in t for t in replicas) and any("tiny-draft" in t for t in replicas)
+    for title, env in replicas.items():
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, title

@@ -68,7 +68,16 @@ deploys, nor the all-zero placeholder digest.
   valueFrom: {secretKeyRef: {name: {{ .Values.secrets.s3 }}, key: access_key_id}}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom: {secretKeyRef: {name: {{ .Values.secrets.s3 }}, key: secret_access_key}}
+{{ include "imagegen.serveEnv" . }}
 {{ include "imagegen.drainEnv" . }}
+{{- end }}
+
+{{/* Ray Serve's data path (values rayServe.*): throughput-optimized mode (handle
+calls over gRPC, user code on each replica's event loop), with its direct ingress
+off: callers reach Serve's proxies through the serve Service. */}}
+{{- define "imagegen.serveEnv" -}}
+- {name: RAY_SERVE_THROUGHPUT_OPTIMIZED, value: {{ ternary "1" "0" .Values.rayServe.throughputOptimized | quote }}}
+- {name: RAY_SERVE_ENABLE_DIRECT_INGRESS, value: "0"}
 {{- end }}
 
 {{/* How a Ray pod stops (values drain.*): Ray's node drain, and the preStop sleep. */}}
