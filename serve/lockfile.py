@@ -239,6 +239,15 @@ class ModelEntry(_Frozen):
         "buckets, ...); omitted: the plain pipeline",
     )
 
+    def engine_options(self, *overrides: dict[str, Any]) -> dict[str, Any]:
+        """What an engine of this revision gets: the lock's `engine` table, then each
+        override (Settings.engine_options, threads) winning in turn. Replicas and every
+        bench and profile run the same options, so a figure describes what is served."""
+        out = self.engine.model_dump(exclude_defaults=True)
+        for o in overrides:
+            out.update(o)
+        return out
+
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ModelEntry:
         d, lim = self.defaults, self.limits

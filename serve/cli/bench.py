@@ -114,7 +114,8 @@ def bench_in_process(entry, settings: Settings, threads: int, n: int, batch: int
     from ..engines.diffusers_engine import DiffusersEngine
 
     spec = EngineSpec(entry.name, entry.revision, entry.local_dir(settings.model_dir),
-                      entry.pipeline, entry.dtype, {"threads": threads})
+                      entry.pipeline, entry.dtype,
+                      entry.engine_options(settings.engine_options, {"threads": threads}))
     engine = DiffusersEngine(spec)
     engine.load()
     d = entry.defaults

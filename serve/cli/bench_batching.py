@@ -66,7 +66,8 @@ def bench_engine(entry, settings, sizes: list[int], calls: int, threads: int
     from .bench import _pct
 
     spec = EngineSpec(entry.name, entry.revision, entry.local_dir(settings.model_dir),
-                      entry.pipeline, entry.dtype, {**settings.engine_options, "threads": threads})
+                      entry.pipeline, entry.dtype,
+                      entry.engine_options(settings.engine_options, {"threads": threads}))
     engine = DiffusersEngine(spec)
     engine.load()
     d = entry.defaults

@@ -113,7 +113,8 @@ def _load_once(entry, settings, threads: int) -> float:
     from ..engines.diffusers_engine import DiffusersEngine
 
     spec = EngineSpec(entry.name, entry.revision, entry.local_dir(settings.model_dir),
-                      entry.pipeline, entry.dtype, {**settings.engine_options, "threads": threads})
+                      entry.pipeline, entry.dtype,
+                      entry.engine_options(settings.engine_options, {"threads": threads}))
     engine = DiffusersEngine(spec)
     t = time.perf_counter()
     engine.load()

@@ -121,7 +121,8 @@ def naive_sample(entry, settings, round_: int, n: int):
 
     d = entry.defaults
     spec = EngineSpec(entry.name, entry.revision, entry.local_dir(settings.model_dir),
-                      entry.pipeline, entry.dtype, {**settings.engine_options, "threads": 1})
+                      entry.pipeline, entry.dtype,
+                      entry.engine_options(settings.engine_options, {"threads": 1}))
     job = Job(PROMPT, "", d.width, d.height, d.steps, d.guidance, 0)
     _wait_port(settings.port)
     with _serve_defaults():

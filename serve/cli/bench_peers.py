@@ -306,7 +306,8 @@ def peer_spec(entry, settings) -> dict:
     d = entry.defaults
     return {"name": entry.name, "revision": entry.revision,
             "path": str(entry.local_dir(settings.model_dir)), "pipeline": entry.pipeline,
-            "dtype": entry.dtype, "options": {**settings.engine_options, "threads": 1},
+            "dtype": entry.dtype,
+            "options": entry.engine_options(settings.engine_options, {"threads": 1}),
             "width": d.width, "height": d.height, "steps": d.steps, "guidance": d.guidance}
 
 

@@ -320,7 +320,9 @@ def _profile(args, settings) -> int:
     from ..engines.diffusers_engine import DiffusersEngine, accelerator
 
     key, device, software = accelerator()
-    options: dict = {"compile": args.compile}
+    # A lock revision profiles with its `engine` table, as its replicas run; the
+    # flags add to it.
+    options: dict = {"compile": True} if args.compile else {}
     if args.attention != "auto":
         options["xformers"] = args.attention == "xformers"
     if settings.threads:
@@ -334,7 +336,8 @@ def _profile(args, settings) -> int:
             dtype = "float16" if cuda else "float32"
             print(f"building {args.recipe} (random weights) ...", flush=True)
             pipeline = build_arch(args.recipe, Path(tmp), dtype, "cuda" if cuda else "cpu")
-            spec = EngineSpec(args.recipe, "random", Path(tmp), pipeline, dtype, options)
+            spec = EngineSpec(args.recipe, "random", Path(tmp), pipeline, dtype,
+                              {"compile": args.compile, **options})
             size, steps, guidance = ARCHS[args.recipe][1], 20, 7.0
             width = height = size
         else:
@@ -342,7 +345,7 @@ def _profile(args, settings) -> int:
             root = entry.local_dir(settings.model_dir)
             verify(entry, root)
             spec = EngineSpec(entry.name, entry.revision, root, entry.pipeline, entry.dtype,
-                              options)
+                              entry.engine_options(settings.engine_options, options))
             d = entry.defaults
             width, height, steps, guidance = d.width, d.height, d.steps, d.guidance
         if args.size:
@@ -399,7 +402,8 @@ def _profile_in_place(args, settings) -> int:
     def scrape() -> tuple[dict, float | None]:
         with urllib.request.urlopen(url, timeout=10) as r:
             series = parse_metrics(r.read().decode())
-        return series, _busy_cores(series, urllib.parse.urlparse(url).hostname)
+        where = urllib.parse.urlparse(url)
+        return series, _busy_cores(series, where.hostname, where.port or 80)
 
     before, cpu0 = scrape()
     t0, samples = time.monotonic(), []
@@ -447,26 +451,68 @@ def _profile_in_place(args, settings) -> int:
               f"set cluster.node_types.{key}.cpu_per_request_s: "
               f"{got.cpu_per_request_s:.4f} in {settings.policy_file}")
     target = settings.lock_file if args.write else args.out
+    missing = []
     for m, prof in got.profiles.items():
         old = lock.models[m].profiles.get(key)
-        if old is not None:  # in place measures time, not memory: keep the quiet run's
-            prof = prof.model_copy(update={"peak_memory_gb": {
-                b: old.peak_memory_gb.get(b, max(old.peak_memory_gb.values()))
-                for b in prof.seconds_per_megapixel}})
-        if target:
-            record_profile(Path(target), m, key, prof)
-            print(f"recorded [models.{m}.profiles.{key}] in {target}")
+        if not target:
+            continue
+        if old is None:
+            # In place measures time, not memory: a profile needs a quiet run's first.
+            missing.append(m)
+            continue
+        record_profile(Path(target), m, key, over_quiet(old, prof))
+        print(f"recorded [models.{m}.profiles.{key}] in {target} (batch sizes the "
+              f"window saw: {', '.join(map(str, prof.seconds_per_megapixel))}; the rest "
+              "kept from the quiet profile)")
+    if missing:
+        print(f"not recorded: {', '.join(missing)} has no quiet [profiles.{key}] to take "
+              f"memory and the unseen batch sizes from: run `imagegen capacity profile "
+              f"{missing[0]} --key {key} --write` first")
+        return 1
     return 0 if got.profiles else 1
 
 
-def _busy_cores(series: dict, host: str | None) -> tuple[str, float] | None:
+def over_quiet(quiet: Profile, seen: Profile) -> Profile:
+    """A quiet profile with the batch sizes an in-place window saw replaced by what
+    it measured (their contention already taken out, brought to the quiet run's
+    steps, as the planner scales by steps); the others, the memory and the rest of
+    the quiet run stay."""
+    scale = quiet.steps / seen.steps
+    spmp = dict(quiet.seconds_per_megapixel) | {
+        b: t * scale for b, t in seen.seconds_per_megapixel.items()}
+    return quiet.model_copy(update={
+        "seconds_per_megapixel": dict(sorted(spmp.items())),
+        "peak_memory_gb": {b: quiet.peak_memory_gb.get(b, max(quiet.peak_memory_gb.values()))
+                           for b in spmp},
+        "device": seen.device, "measured": seen.measured})
+
+
+def _ray_listens(port: int | None) -> bool:
+    """Whether a Ray process of this machine serves `port` (the stack is local), not,
+    say, a `kubectl port-forward` to a cluster, whose cores /proc/stat cannot see."""
+    import psutil
+
+    try:
+        for c in psutil.net_connections("tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                return any("/ray/" in part or part.startswith("ray::")
+                           for part in psutil.Process(c.pid).cmdline())
+    except (psutil.Error, OSError):
+        pass
+    return False
+
+
+def _busy_cores(series: dict, host: str | None,
+                port: int | None = None) -> tuple[str, float] | None:
     """('ray', cores busy now) from Ray's node gauges; else, for a stack on this
-    machine, ('proc', busy core-seconds so far) from /proc/stat; else None."""
+    machine (a Ray process listens on `port`), ('proc', busy core-seconds so far)
+    from /proc/stat; else None."""
     util = [v for (n, _), v in series.items() if n == "node_cpu_utilization"]
     count = [v for (n, _), v in series.items() if n == "node_cpu_count"]
     if util and count:
         return "ray", sum(u / 100 * c for u, c in zip(util, count, strict=False))
-    if host in ("127.0.0.1", "localhost", "::1") and Path("/proc/stat").exists():
+    if host in ("127.0.0.1", "localhost", "::1") and _ray_listens(port) \
+            and Path("/proc/stat").exists():
         import os
 
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]

@@ -72,7 +72,7 @@ class ModelDeployment:
         # queue the next batch while this one runs.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"pipeline-{entry.name}")
         # the lock's engine table (issue 17's fast path), the settings' options winning
-        options = {**entry.engine.model_dump(exclude_defaults=True), **dict(engine_options)}
+        options = entry.engine_options(dict(engine_options))
         options.setdefault("threads", len(os.sched_getaffinity(0)))
         root = entry.local_dir(Path(model_dir))
         spec = EngineSpec(entry.name, entry.revision, root, entry.pipeline, entry.dtype, options)

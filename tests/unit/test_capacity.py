@@ -360,3 +360,53 @@ def test_in_place_profile_on_a_model_that_did_not_run_is_empty():
     got = in_place(same, same, 5.0, models={"d": (1, 1.0)}, cores=2, steps={"d": 2},
                    cpu_cores_busy=0.1, device="x")
     assert got.profiles == {} and got.busy["d"] == 0.0
+
+
+def test_an_in_place_profile_replaces_only_the_batch_sizes_its_window_saw():
+    """`--in-place --write` keeps the quiet run's other batch sizes and its memory,
+    and brings what it saw to the quiet run's steps (the planner scales by steps)."""
+    from serve.cli.capacity import over_quiet
+
+    quiet = Profile(measured="2026-01-01", device="cpu x2", width=64, height=64, steps=2,
+                    attention="sdpa", seconds_per_megapixel={1: 10.0, 2: 8.0, 4: 6.0, 8: 5.0},
+                    peak_memory_gb={1: 0.5, 2: 0.6, 4: 0.8, 8: 1.2})
+    seen = Profile(measured="2026-12-02", device="cpu in place", width=64, height=64,
+                   steps=4, attention="sdpa", seconds_per_megapixel={1: 24.0, 3: 15.0},
+                   peak_memory_gb={1: 0.0, 3: 0.0})
+    got = over_quiet(quiet, seen)
+    assert got.seconds_per_megapixel == {1: 12.0, 2: 8.0, 3: 7.5, 4: 6.0, 8: 5.0}
+    assert got.peak_memory_gb == {1: 0.5, 2: 0.6, 3: 1.2, 4: 0.8, 8: 1.2}
+    assert (got.steps, got.measured, got.device) == (2, "2026-12-02", "cpu in place")
+
+
+def test_host_cores_are_read_only_where_a_ray_process_serves_the_port(tmp_path):
+    """/proc/stat describes this machine: it counts for a local stack (Ray's agent
+    serves the metrics), not for a port-forward or anything else on loopback."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from serve.cli.capacity import _busy_cores
+
+    listen = ("import socket,sys,time; s=socket.socket(); s.bind(('127.0.0.1',0)); "
+              "s.listen(); print(s.getsockname()[1], flush=True); time.sleep(60)")
+    agent = tmp_path / "ray" / "dashboard" / "agent.py"
+    agent.parent.mkdir(parents=True)
+    agent.write_text(listen.replace("; ", "\n"))
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for name, cmd in (
+        ("other", [sys.executable, "-c", listen]), ("ray", [sys.executable, str(agent)]))}
+    try:
+        ports = {name: int(p.stdout.readline()) for name, p in procs.items()}
+        time.sleep(0.2)
+        got = {name: _busy_cores({}, "127.0.0.1", port) for name, port in ports.items()}
+        assert got["other"] is None
+        assert got["ray"] is not None and got["ray"][0] == "proc" and got["ray"][1] > 0
+        with socket.socket() as s:  # nobody listens: unknown, not this machine's cores
+            s.bind(("127.0.0.1", 0))
+            assert _busy_cores({}, "127.0.0.1", s.getsockname()[1]) is None
+        assert _busy_cores({}, "metrics.example", ports["ray"]) is None
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()

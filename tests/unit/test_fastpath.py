@@ -95,6 +95,18 @@ def test_a_lock_entry_carries_its_engine_table(lock_text):
         parse_lock(lock_text() + '\n[models.tiny-draft.engine]\ncompile = "fast"\n')
 
 
+def test_every_engine_of_a_revision_gets_its_lock_table_then_the_overrides(lock_text):
+    """Replicas, benches and profiles build their engine from one merge: the lock's
+    `engine` table, then Settings.engine_options, then the runtime threads."""
+    entry = parse_lock(lock_text() + '\n[models.tiny-draft.engine]\nchannels_last = true\n'
+                       'attention = "sdpa"\n').get("tiny-draft")
+    assert entry.engine_options() == {"channels_last": True, "attention": "sdpa"}
+    assert entry.engine_options({"attention": "xformers"}, {"threads": 1}) == {
+        "channels_last": True, "attention": "xformers", "threads": 1}
+    assert parse_lock(lock_text()).get("tiny-draft").engine_options({"threads": 2}) == {
+        "threads": 2}
+
+
 # --- the engine on the tiny pipeline ------------------------------------------------
 
 
