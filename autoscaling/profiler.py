@@ -152,7 +152,7 @@ def in_place(
             continue
         quiet = {b: round(t / slowdown[m], 6) for b, t in table.items()}
         # batch x spmp must not fall (planner inputs refuse it): a noisy window can
-        quiet = _monotone(quiet)
+        quiet = monotone(quiet)
         w, h = (size or {}).get(m, (0, 0))
         profiles[m] = Profile(
             measured=datetime.date.today().isoformat(), device=device, width=max(8, w),
@@ -162,7 +162,7 @@ def in_place(
     return InPlace(profiles, measured, slowdown, busy, rate, cpu_cores_busy, stack)
 
 
-def _monotone(spmp: dict[int, float]) -> dict[int, float]:
+def monotone(spmp: dict[int, float]) -> dict[int, float]:
     """Raise any batch whose total time falls below a smaller batch's to match it."""
     out, floor = {}, 0.0
     for b in sorted(spmp):

@@ -26,8 +26,13 @@ STOP_GRACE_S = 4.0  # Serve's graceful shutdown on stop, before Ray stops everyt
 # code and the router run on the replica's own event loop (no cross-thread hand-off
 # per ASGI message or handle call). Issue 18, c=1 on 2 cores: the handle hop 7.7-8.3
 # -> 4.8-5.5 ms (README § Benchmark). It also turns on direct ingress, which
-# `direct_ingress` decides here instead. Workers read these at start.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# `direct_ingress` decides here instead. Workers read these at start. The gRPC hop
+# caps a message at 4 MiB by default (8 raw 1024x1024 images are 24 MiB): gRPC's own
+# ceiling instead. And Serve's logs (and a replica's tracebacks) stay on stderr,
+# which the mode turns off.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+             "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
+             "RAY_SERVE_LOG_TO_STDERR": "1"}
 
 
 def ports(settings: Settings) -> dict[str, int]:
@@ -131,29 +136,29 @@ def start(settings: Settings, *, num_cpus: int | None = None) -> str:
                     "runs when deployed through a Serve config (`imagegen capacity "
                     "serve-config`); here each revision autoscales on its own")
     proxy_port, grpc_proxy_port = settings.port, settings.grpc_port
-    for name, value in SERVE_ENV.items():
-        os.environ.setdefault(name, value)
-    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if settings.direct_ingress else "0"
+    # Workers read these at start: Ray's daemons (and so every worker) take this
+    # process's environment at ray.init. Set around it only: left here, they would
+    # reach every process this one starts later (a sync handle in a child driver
+    # fails with the router on its caller's loop).
+    env = {name: os.environ.get(name, value) for name, value in SERVE_ENV.items()}
+    env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if settings.direct_ingress else "0"
     if settings.direct_ingress:
         # The ingress replica listens on `port` itself: the proxy hop cost ~7 ms per
         # request and ~40% of throughput on 2 cores. Serve still starts its proxy
-        # (a fallback route); it moves aside. Workers read these at start.
+        # (a fallback route); it moves aside.
         proxy_port = settings.port + DIRECT_INGRESS_PORTS
-        os.environ.update(
-            RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(settings.port),
-            RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(proxy_port),
-        )
+        env.update(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(settings.port),
+                   RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(proxy_port))
         if settings.grpc_port:
             grpc_proxy_port = settings.grpc_port + DIRECT_INGRESS_PORTS
-            os.environ.update(
-                RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=str(settings.grpc_port),
-                RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT=str(grpc_proxy_port),
-            )
+            env.update(RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=str(settings.grpc_port),
+                       RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT=str(grpc_proxy_port))
         # Serve holds a stopping direct ingress open 30 s so a load balancer can
         # notice; locally there is none.
-        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = os.environ.get(
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     if not ray.is_initialized():
-        with _signals_held():
+        with _signals_held(), _environ(env):
             _init_ray(settings, num_cpus)
     try:
         _start_serve(settings, app, proxy_port, grpc_proxy_port)
@@ -197,6 +202,21 @@ def _start_serve(settings: Settings, app, proxy_port: int, grpc_proxy_port: int)
         logging_config={"enable_access_log": settings.log_requests},
     )
     ray_serve.run(app, name=APP_NAME, route_prefix="/")
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    """This process's environment with `env` set, as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _init_ray(settings: Settings, num_cpus: int | None) -> None:

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from .. import local
     from ..tinymodels import build_missing
-    from .capacity import _busy_cores
+    from .capacity import host_busy_core_seconds
 
     build_missing(settings.lock_file, settings.model_dir)
     lock = load_lock(settings.lock_file)
@@ -204,9 +204,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         d = lock.models[model].defaults
         for attempt in range(2):
             before = settled()
-            cpu0, t0 = _busy_cores({}, "127.0.0.1"), time.monotonic()
+            # the stack this bench started: this machine's cores are its cores
+            cpu0, t0 = host_busy_core_seconds(), time.monotonic()
             drive(guess, args.calibrate, 2 + attempt)
-            cpu1, window = _busy_cores({}, "127.0.0.1"), time.monotonic() - t0
+            cpu1, window = host_busy_core_seconds(), time.monotonic() - t0
             after = settled()
             cores_busy = (cpu1[1] - cpu0[1]) / window if cpu0 and cpu1 else None
             got = in_place(before, after, window, models={m: (replicas[m], threads[m])

@@ -91,9 +91,8 @@ def naive_app(spec, job):
 
 @contextlib.contextmanager
 def _serve_defaults() -> Iterator[None]:
-    """local.start sets Serve's direct-ingress and throughput variables in this
-    process, and Ray's workers inherit them at ray.init: the naive layout runs on
-    Serve's defaults, with the proxy."""
+    """The naive layout runs on Serve's defaults, with the proxy: no RAY_SERVE_*
+    variable of this process (a user's, say) reaches its ray.init."""
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RAY_SERVE_")}
     try:
         yield

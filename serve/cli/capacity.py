@@ -321,10 +321,10 @@ def _profile(args, settings) -> int:
 
     key, device, software = accelerator()
     # A lock revision profiles with its `engine` table, as its replicas run; the
-    # flags add to it.
-    options: dict = {"compile": True} if args.compile else {}
+    # flags win over it (--compile keeps a mode the table names).
+    options: dict = {}
     if args.attention != "auto":
-        options["xformers"] = args.attention == "xformers"
+        options["attention"] = args.attention
     if settings.threads:
         options["threads"] = settings.threads
     batches = [int(b) for b in args.batches.split(",")]
@@ -337,7 +337,7 @@ def _profile(args, settings) -> int:
             print(f"building {args.recipe} (random weights) ...", flush=True)
             pipeline = build_arch(args.recipe, Path(tmp), dtype, "cuda" if cuda else "cpu")
             spec = EngineSpec(args.recipe, "random", Path(tmp), pipeline, dtype,
-                              {"compile": args.compile, **options})
+                              with_compile({**settings.engine_options, **options}, args.compile))
             size, steps, guidance = ARCHS[args.recipe][1], 20, 7.0
             width = height = size
         else:
@@ -345,7 +345,8 @@ def _profile(args, settings) -> int:
             root = entry.local_dir(settings.model_dir)
             verify(entry, root)
             spec = EngineSpec(entry.name, entry.revision, root, entry.pipeline, entry.dtype,
-                              entry.engine_options(settings.engine_options, options))
+                              with_compile(entry.engine_options(settings.engine_options,
+                                                                options), args.compile))
             d = entry.defaults
             width, height, steps, guidance = d.width, d.height, d.steps, d.guidance
         if args.size:
@@ -372,6 +373,14 @@ def _profile(args, settings) -> int:
         record_profile(Path(target), name, key, prof)
         print(f"recorded [models.{name}.profiles.{key}] in {target}")
     return 0
+
+
+def with_compile(options: dict, compile_: bool) -> dict:
+    """`--compile`: the UNet under torch.compile, in the mode the options name if they
+    name one, else the default mode."""
+    if compile_ and options.get("compile") in (None, False, "off"):
+        return {**options, "compile": "default"}
+    return options
 
 
 def _profile_in_place(args, settings) -> int:
@@ -477,9 +486,12 @@ def over_quiet(quiet: Profile, seen: Profile) -> Profile:
     it measured (their contention already taken out, brought to the quiet run's
     steps, as the planner scales by steps); the others, the memory and the rest of
     the quiet run stay."""
+    from autoscaling.profiler import monotone
+
     scale = quiet.steps / seen.steps
-    spmp = dict(quiet.seconds_per_megapixel) | {
-        b: t * scale for b, t in seen.seconds_per_megapixel.items()}
+    # no batch may take less time than a smaller one (the lock refuses that table)
+    spmp = monotone(dict(quiet.seconds_per_megapixel) | {
+        b: t * scale for b, t in seen.seconds_per_megapixel.items()})
     return quiet.model_copy(update={
         "seconds_per_megapixel": dict(sorted(spmp.items())),
         "peak_memory_gb": {b: quiet.peak_memory_gb.get(b, max(quiet.peak_memory_gb.values()))
@@ -495,7 +507,10 @@ def _ray_listens(port: int | None) -> bool:
     try:
         for c in psutil.net_connections("tcp"):
             if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                # Ray's metrics agent, or `make serve`'s bridge into a loopback
+                # namespace of this machine (scripts/loopback-serve)
                 return any("/ray/" in part or part.startswith("ray::")
+                           or part.endswith("uds_bridge.py")
                            for part in psutil.Process(c.pid).cmdline())
     except (psutil.Error, OSError):
         pass
@@ -511,15 +526,21 @@ def _busy_cores(series: dict, host: str | None,
     count = [v for (n, _), v in series.items() if n == "node_cpu_count"]
     if util and count:
         return "ray", sum(u / 100 * c for u, c in zip(util, count, strict=False))
-    if host in ("127.0.0.1", "localhost", "::1") and _ray_listens(port) \
-            and Path("/proc/stat").exists():
-        import os
-
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        ticks = [int(x) for x in fields]
-        idle = ticks[3] + ticks[4]  # idle + iowait
-        return "proc", (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    if host in ("127.0.0.1", "localhost", "::1") and _ray_listens(port):
+        return host_busy_core_seconds()
     return None
+
+
+def host_busy_core_seconds() -> tuple[str, float] | None:
+    """('proc', this machine's busy core-seconds so far) from /proc/stat, else None."""
+    import os
+
+    if not Path("/proc/stat").exists():
+        return None
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return "proc", (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def record_profile(path: Path, model: str, key: str, prof: Profile) -> None:

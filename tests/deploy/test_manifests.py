@@ -257,6 +257,9 @@ def test_every_ray_pod_runs_serves_data_path_as_the_local_service_does(rendered,
     cluster (callers reach Serve's proxies through the serve Service)."""
     from serve.local import SERVE_ENV
 
+    assert SERVE_ENV["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # past gRPC's 4 MiB default: a batch of 8 raw 1024x1024 images is 24 MiB
+    assert int(SERVE_ENV["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) >= 8 * 1024 * 1024 * 3
     for name, group in _groups(_rayservice(rendered[overlay])).items():
         (ray,) = [c for c in group["template"]["spec"]["containers"]
                   if c["name"].startswith("ray-")]

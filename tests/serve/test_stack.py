@@ -183,6 +183,34 @@ def test_every_replica_runs_serves_throughput_data_path(client):
         title = " ".join(p.info["cmdline"] or [])
         if title.startswith("ray::ServeReplica:imagegen:"):
             replicas[title.split()[0]] = p.environ()
+    assert SERVE_ENV["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert any(":Ingress" in t for t in replicas) and any("tiny-draft" in t for t in replicas)
     for title, env in replicas.items():
         assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, title
+
+
+def test_a_replica_to_replica_message_past_grpcs_default_cap_arrives(stack):
+    """The ingress calls models by value over gRPC (ingress.BY_REFERENCE), whose messages
+    stop at 4 MiB by default (a batch of 8 raw 1024x1024 images is 24 MiB): with
+    SERVE_ENV's limit a 6 MiB answer between two replicas of the session's cluster
+    arrives whole."""
+    from ray import serve as ray_serve
+
+    @ray_serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Big:
+        def __call__(self) -> bytes:
+            return b"x" * (6 << 20)
+
+    @ray_serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Caller:
+        def __init__(self, big) -> None:
+            self.big = big.options(_by_reference=False)  # as the ingress calls models
+
+        async def __call__(self) -> int:
+            return len(await self.big.remote())
+
+    handle = ray_serve.run(Caller.bind(Big.bind()), name="grpc-limit", route_prefix=None)
+    try:
+        assert handle.remote().result(timeout_s=60) == 6 << 20
+    finally:
+        ray_serve.delete("grpc-limit")

@@ -375,6 +375,12 @@ def test_an_in_place_profile_replaces_only_the_batch_sizes_its_window_saw():
                    peak_memory_gb={1: 0.0, 3: 0.0})
     got = over_quiet(quiet, seen)
     assert got.seconds_per_megapixel == {1: 12.0, 2: 8.0, 3: 7.5, 4: 6.0, 8: 5.0}
+    # a slower lone batch than the quiet pair's half: the pair is raised to match,
+    # so the lock still parses (a batch never takes less time than a smaller one)
+    slow = over_quiet(quiet, seen.model_copy(update={"seconds_per_megapixel": {1: 40.0}}))
+    assert slow.seconds_per_megapixel[1] == 20.0 and slow.seconds_per_megapixel[2] == 10.0
+    assert all(slow.seconds_per_megapixel[b] * b <= slow.seconds_per_megapixel[c] * c
+               for b in slow.seconds_per_megapixel for c in slow.seconds_per_megapixel if b < c)
     assert got.peak_memory_gb == {1: 0.5, 2: 0.6, 3: 1.2, 4: 0.8, 8: 1.2}
     assert (got.steps, got.measured, got.device) == (2, "2026-12-02", "cpu in place")
 

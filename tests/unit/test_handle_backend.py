@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 import pytest
 from ray.serve.exceptions import BackPressureError
 
-from serve.deployments.ingress import Coalescing, HandleBackend
+from serve.deployments.ingress import Coalescing, HandleBackend, HandleClassifier
 from serve.deployments.model import ModelCall
 from serve.engines.base import Generated, Job
-from serve.errors import GenerationFailed, Overloaded
+from serve.errors import GenerationFailed, ModelUnavailable, Overloaded
+from serve.safety.classifier import ClassifierUnavailable
 
 
 def job(seed: int) -> Job:
@@ -28,8 +30,11 @@ class FakeHandle:
         self.release = asyncio.Event()
         self.fail = fail
 
-    def options(self, method_name: str) -> FakeHandle:
-        assert method_name == "generate"
+    def options(self, method_name: str, **options) -> FakeHandle:
+        assert method_name in ("generate", "classify")
+        # by value over gRPC (serve/deployments/ingress.py BY_REFERENCE), whatever the
+        # process's RAY_SERVE_USE_GRPC_BY_DEFAULT said
+        assert options == {"_by_reference": False}
         return self
 
     def remote(self, calls: list[ModelCall]):
@@ -99,8 +104,17 @@ def test_a_per_request_error_reaches_only_its_caller():
     assert isinstance(good, Generated)
 
 
+def grpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    """What Serve's by-value gRPC hop raises past its own mapping (a message over the
+    size cap is RESOURCE_EXHAUSTED)."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                details="Received message larger than max")
+
+
 @pytest.mark.parametrize(("fail", "expected"), [
     (BackPressureError(num_queued_requests=9, max_queued_requests=8), Overloaded),
+    (grpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED), ModelUnavailable),
+    (grpc_error(grpc.StatusCode.INTERNAL), ModelUnavailable),
 ])
 def test_ray_failures_map_onto_the_error_table(fail, expected):
     async def main():
@@ -156,3 +170,21 @@ def test_a_call_ray_cancelled_is_model_unavailable_not_a_hang():
 
     with pytest.raises(ModelUnavailable, match="cancelled"):
         asyncio.run(main())
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  grpc.StatusCode.INTERNAL])
+def test_a_classifier_call_failing_over_grpc_is_classifier_unavailable(code):
+    """Stage 9 then fails open or closed as configured, never a 500."""
+    class Failing:
+        def options(self, method_name, _by_reference):
+            assert not _by_reference
+            return self
+
+        def remote(self, images):
+            async def answer():
+                raise grpc_error(code)
+            return FakeResponse(answer())
+
+    with pytest.raises(ClassifierUnavailable, match=code.name):
+        asyncio.run(HandleClassifier(Failing(), "c", lambda: 5.0).classify([]))

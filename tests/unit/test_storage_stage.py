@@ -242,6 +242,36 @@ def test_a_record_that_fails_beside_its_sidecar_leaves_no_sidecar_and_no_record(
     assert not [k for k in asyncio.run(world.store.keys("objects/")) if k.endswith(".json")]
 
 
+def test_a_request_cancelled_while_its_record_is_written_leaves_no_sidecar(
+        world, monkeypatch):
+    """The caller goes away after its sidecar landed, its record still in flight:
+    the sidecar is taken back out (an image without all of it kept has no id)."""
+    put, hold = world.store.put, asyncio.Event()
+
+    async def slow_records(key, *a, **k):
+        if key.startswith("objects/") and key.endswith(".json"):
+            await hold.wait()  # never set: the record is in flight when cancelled
+        await put(key, *a, **k)
+
+    async def main():
+        monkeypatch.setattr(world.store, "put", slow_records)
+        with request_scope("t", request_id="r", route="/v1/images", carrier=None,
+                           metrics=world.metrics):
+            task = asyncio.create_task(world.service.generate(
+                GenerateRequest(prompt="a red fox", seed=32), "r", ALICE))
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if await world.store.keys("images/"):
+                    break
+            assert await world.store.keys("images/")  # the sidecar landed
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return await world.store.keys("images/")
+
+    assert asyncio.run(main()) == []
+
+
 def test_a_stricter_policy_makes_a_stored_image_a_miss_and_a_blur_is_never_a_hit(world):
     def thresholds(line: str, version: int) -> None:
         assert world.policy.apply_text(POLICY.read_text().replace(

@@ -171,7 +171,7 @@ def test_handle_call_carries_each_requests_own_traceparent(spans):
         def __init__(self):
             self.calls = []
 
-        def options(self, method_name):
+        def options(self, method_name, **_):
             return self
 
         async def remote(self, calls):

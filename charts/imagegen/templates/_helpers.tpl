@@ -74,9 +74,12 @@ deploys, nor the all-zero placeholder digest.
 
 {{/* Ray Serve's data path (values rayServe.*): throughput-optimized mode (handle
 calls over gRPC, user code on each replica's event loop), with its direct ingress
-off: callers reach Serve's proxies through the serve Service. */}}
+off (callers reach Serve's proxies through the serve Service), gRPC messages up to
+gRPC's ceiling and Serve's logs on stderr: serve/local.py SERVE_ENV. */}}
 {{- define "imagegen.serveEnv" -}}
 - {name: RAY_SERVE_THROUGHPUT_OPTIMIZED, value: {{ ternary "1" "0" .Values.rayServe.throughputOptimized | quote }}}
+- {name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH, value: "2147483647"}
+- {name: RAY_SERVE_LOG_TO_STDERR, value: "1"}
 - {name: RAY_SERVE_ENABLE_DIRECT_INGRESS, value: "0"}
 {{- end }}
 
