@@ -139,8 +139,11 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
         coalescing[name] = Coalescing(
             max_images=p.batching.max_batch_images,
             # Two calls per replica: one running, one queued behind it, so the
-            # pipeline never waits for the ingress round trip.
+            # pipeline never waits for the ingress round trip. The queued one leaves
+            # full, or when a call ends: sent at once, it took the one request that
+            # happened to be waiting (issue 18: batches of 6.1-6.6 at c=16, not 8).
             max_calls=2 * p.autoscaling.max_replicas,
+            max_partial=p.autoscaling.max_replicas,
             max_queued=None if p.max_queued_requests < 0 else p.max_queued_requests,
         )
         options = dict(settings.engine_options)

@@ -54,7 +54,10 @@ class Batcher(Generic[T, R]):
     exception is raised to that item's caller alone, and an exception raised by
     `run` reaches every caller of the batch. `size(item)` weighs an item (images
     in a request); an item heavier than `max_size` runs alone, never split.
-    Up to `max_concurrent` batches run at once.
+    Up to `max_concurrent` batches run at once; past the first `max_partial` of
+    them, a batch leaves only full (or once a running one ends): a call queued
+    behind a running one is composed when the running one ends, not the moment a
+    slot frees with one straggler in the queue.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class Batcher(Generic[T, R]):
         size: Callable[[T], int] = lambda _: 1,
         wait_s: float = 0.0,
         max_concurrent: int = 1,
+        max_partial: int | None = None,
         max_queued: int | None = None,
     ) -> None:
         self._run = run
@@ -77,7 +81,11 @@ class Batcher(Generic[T, R]):
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self.max_concurrent = max_concurrent
+        self.max_partial = max_concurrent if max_partial is None else max_partial
+        if not 1 <= self.max_partial <= max_concurrent:
+            raise ValueError(f"max_partial must be 1..{max_concurrent}, got {max_partial}")
         self.max_queued = max_queued
+        self._started = 0  # batches running now (their slots not yet released)
         self.configure(max_size=max_size, wait_s=wait_s)
 
     def configure(self, *, max_size: int, wait_s: float) -> None:
@@ -112,10 +120,12 @@ class Batcher(Generic[T, R]):
                 self._wake.clear()
                 await self._wake.wait()
             await self._maybe_wait_for_company()
+            await self._hold_partial()
             batch = self._take()
             if not batch:
                 self._slots.release()
                 continue
+            self._started += 1
             task = asyncio.create_task(self._execute(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -140,6 +150,16 @@ class Batcher(Generic[T, R]):
                 await asyncio.wait_for(self._wake.wait(), left)
             except TimeoutError:
                 return
+
+    async def _hold_partial(self) -> None:
+        """Past `max_partial` running batches, wait until the queue fills a batch or
+        one of them ends (a submit and an end both wake this)."""
+        while self._started >= self.max_partial:
+            self._prune()
+            if self.queued >= self.max_size:
+                return
+            self._wake.clear()
+            await self._wake.wait()
 
     def _take(self) -> list[_Pending[T]]:
         batch: list[_Pending[T]] = []
@@ -185,6 +205,8 @@ class Batcher(Generic[T, R]):
         except Exception as e:  # noqa: BLE001 - every caller in the batch gets it
             results = [e] * len(batch)
         finally:
+            self._started -= 1
+            self._wake.set()  # a batch held part full may leave now
             self._slots.release()
         for p, result in zip(batch, results, strict=True):
             if p.future.done():

@@ -193,6 +193,9 @@ class Coalescing:
     max_images: int  # per call (the model's batch size)
     max_calls: int  # in flight at once: enough to keep every replica's queue fed
     max_queued: int | None  # requests waiting in the ingress before 503 overloaded
+    # calls that may leave part full (one per replica); the others wait to be full or
+    # for a call to end (None: every call)
+    max_partial: int | None = None
 
     @property
     def capacity(self) -> int:
@@ -216,7 +219,8 @@ class HandleBackend:
         self.batchers: dict[str, Batcher[ModelCall, Generated]] = {
             name: Batcher(
                 partial(self._call, name), max_size=c.max_images, size=lambda c: len(c.jobs),
-                max_concurrent=c.max_calls, max_queued=c.max_queued,
+                max_concurrent=c.max_calls, max_partial=c.max_partial,
+                max_queued=c.max_queued,
             )
             for name, c in coalescing.items()
         }

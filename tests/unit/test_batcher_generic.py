@@ -162,3 +162,37 @@ def test_a_run_cancelled_from_elsewhere_answers_its_callers_with_a_retryable_err
             asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True), 2)
 
     assert all(isinstance(r, ModelUnavailable) for r in asyncio.run(main()))
+
+
+def test_past_max_partial_running_batches_a_batch_leaves_only_full_or_after_one_ends():
+    """Two slots, one partial: with one batch running, a lone straggler waits for
+    company (not sent at once to take the second slot), a full batch leaves at once,
+    and the straggler leaves as soon as a running batch ends."""
+    async def main():
+        gate = Gate()
+        b = Batcher(gate, max_size=2, max_concurrent=2, max_partial=1)
+        first = asyncio.create_task(b.submit(0))
+        await settle()
+        lone = asyncio.create_task(b.submit(2))
+        await settle()
+        held = [list(x) for x in gate.batches]
+        company = asyncio.create_task(b.submit(4))
+        await settle()
+        full = [list(x) for x in gate.batches]
+        straggler = asyncio.create_task(b.submit(6))
+        await settle()
+        before_end = [list(x) for x in gate.batches]
+        gate.release.set()
+        results = await asyncio.gather(first, lone, company, straggler)
+        return held, full, before_end, gate.batches, results
+
+    held, full, before_end, batches, results = asyncio.run(main())
+    assert held == [[0]]  # the lone item did not take the free slot
+    assert full == [[0], [2, 4]]  # a full batch leaves beside the running one
+    assert before_end == [[0], [2, 4]]  # both slots taken: the straggler queues
+    assert batches == [[0], [2, 4], [6]] and results == [0, 20, 40, 60]
+
+
+def test_max_partial_must_lie_within_the_slots():
+    with pytest.raises(ValueError, match="max_partial"):
+        Batcher(Gate(), max_size=2, max_concurrent=2, max_partial=3)
