@@ -118,6 +118,20 @@ def with_drain(options: dict[str, Any], grace_s: float) -> dict[str, Any]:
     return {"graceful_shutdown_timeout_s": grace_s + DRAIN_MARGIN_S, **options}
 
 
+def with_grpc_limit(options: dict[str, Any]) -> dict[str, Any]:
+    """Deployment options whose replica lifts gRPC's 4 MiB message cap (local.py's
+    SERVE_ENV value) in its own environment: the ingress calls models and the
+    classifier by value over gRPC (ingress.py BY_REFERENCE), and this way the limit
+    holds however Ray was started (`serve run`, a RayService not built from this
+    repo), not only where the pod or `imagegen serve` set it."""
+    from .local import GRPC_LIMIT
+
+    actor = dict(options.get("ray_actor_options") or {})
+    runtime_env = dict(actor.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **GRPC_LIMIT}
+    return {**options, "ray_actor_options": {**actor, "runtime_env": runtime_env}}
+
+
 def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
     """Ingress + one model deployment per models.lock revision (+ the image
     classifier's, where it runs apart).
@@ -152,7 +166,7 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
         models[name] = ModelDeployment.options(
             name=entry.deployment_name,
             logging_config=logging_config,
-            **with_drain(model_deployment_options(p), grace),
+            **with_grpc_limit(with_drain(model_deployment_options(p), grace)),
         ).bind(entry, engine_cls, str(settings.model_dir), options)
     state_backend(settings.state_url)  # a bad URL refuses to start
     plans = load_plans(settings.plans_file)
@@ -201,6 +215,7 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
         safety = SafetyDeployment.options(
             name="image-safety", num_replicas=settings.image_classifier_replicas,
             logging_config=logging_config,
+            **with_grpc_limit({"ray_actor_options": SafetyDeployment.ray_actor_options}),
         ).bind(settings.image_classifier)
     source = RoutingSource(
         file=str(settings.routing_file), configmap=settings.routing_configmap,
@@ -209,6 +224,6 @@ def build_app(args: dict[str, Any] | Settings | None = None) -> Application:
     )
     return Ingress.options(
         logging_config=logging_config,
-        **with_drain(ingress_deployment_options(policy.ingress), grace),
+        **with_grpc_limit(with_drain(ingress_deployment_options(policy.ingress), grace)),
     ).bind(lock, routing, models, coalescing, settings.max_body_bytes, source, access, safety,
            drain_grace_s=grace)

@@ -94,6 +94,7 @@ class Batcher(Generic[T, R]):
             raise ValueError(f"bad batching: max_size={max_size}, wait_s={wait_s}")
         self.max_size = max_size
         self.wait_s = wait_s
+        self._wake.set()  # a batch held for company looks again at the new size
 
     @property
     def queued(self) -> int:
@@ -156,7 +157,9 @@ class Batcher(Generic[T, R]):
         one of them ends (a submit and an end both wake this)."""
         while self._started >= self.max_partial:
             self._prune()
-            if self.queued >= self.max_size:
+            if self.queued >= self.max_size or (
+                    # a queue bound below a full batch: it is as full as it gets
+                    self.max_queued is not None and len(self._queue) >= self.max_queued):
                 return
             self._wake.clear()
             await self._wake.wait()

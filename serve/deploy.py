@@ -57,8 +57,8 @@ def serve_config(policy, lock, routing, settings, build_args: dict[str, Any]) ->
     for name, entry in lock.models.items():
         # The config's ray_actor_options replace the code's whole: the same policy's.
         actor = model_deployment_options(policy.for_model(name))["ray_actor_options"]
-        deployments.append({"name": entry.deployment_name, "ray_actor_options": {
-            **actor, "label_selector": {POOL_LABEL: MODEL_POOL}}})
+        deployments.append({"name": entry.deployment_name, "ray_actor_options": _grpc_limited({
+            **actor, "label_selector": {POOL_LABEL: MODEL_POOL}})})
     app["deployments"] = deployments
     doc = {"http_options": http_options(settings), "grpc_options": grpc_options(settings),
            "applications": [app]}
@@ -68,7 +68,16 @@ def serve_config(policy, lock, routing, settings, build_args: dict[str, Any]) ->
 
 
 def _cpu_only(actor_options: dict[str, Any]) -> dict[str, Any]:
-    return {**actor_options, "num_gpus": 0, "label_selector": {POOL_LABEL: CPU_POOL}}
+    return _grpc_limited({**actor_options, "num_gpus": 0,
+                          "label_selector": {POOL_LABEL: CPU_POOL}})
+
+
+def _grpc_limited(actor_options: dict[str, Any]) -> dict[str, Any]:
+    """The config replaces the code's ray_actor_options whole: keep app.py's gRPC
+    message limit in them (a serveConfig copied onto another RayService still works)."""
+    from .app import with_grpc_limit
+
+    return with_grpc_limit({"ray_actor_options": actor_options})["ray_actor_options"]
 
 
 def validate_serve_config(doc: dict[str, Any]) -> None:

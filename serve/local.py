@@ -28,10 +28,11 @@ STOP_GRACE_S = 4.0  # Serve's graceful shutdown on stop, before Ray stops everyt
 # -> 4.8-5.5 ms (README § Benchmark). It also turns on direct ingress, which
 # `direct_ingress` decides here instead. Workers read these at start. The gRPC hop
 # caps a message at 4 MiB by default (8 raw 1024x1024 images are 24 MiB): gRPC's own
-# ceiling instead. And Serve's logs (and a replica's tracebacks) stay on stderr,
+# ceiling instead (every deployment also carries it in its runtime_env: app.py
+# with_grpc_limit). And Serve's logs (and a replica's tracebacks) stay on stderr,
 # which the mode turns off.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-             "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
+GRPC_LIMIT = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **GRPC_LIMIT,
              "RAY_SERVE_LOG_TO_STDERR": "1"}
 
 

@@ -113,13 +113,18 @@ class Results:
         image's sidecar. A record never names a missing object, and a failure leaves
         no sidecar: an image has its id only once all of it is kept."""
         await asyncio.gather(*(self._object(o) for o in objects))
+        writes = asyncio.ensure_future(asyncio.gather(
+            *(self.store.put(record_key(o.key), o.record.model_dump_json().encode(),
+                             "application/json") for o in objects),
+            self.put_sidecars(sidecars), return_exceptions=True))
         try:
-            *records, written = await asyncio.gather(
-                *(self.store.put(record_key(o.key), o.record.model_dump_json().encode(),
-                                 "application/json") for o in objects),
-                self.put_sidecars(sidecars), return_exceptions=True)
-        except BaseException:  # cancelled with some sidecars written: none may stay
-            await asyncio.shield(self._remove_sidecars([r.id for r in sidecars]))
+            *records, written = await asyncio.shield(writes)
+        except asyncio.CancelledError:
+            # The caller left: a store writes in its own thread and cancelling the
+            # await would not stop it, so let the writes end, then take the sidecars
+            # out (none may stay behind an image whose id nobody got).
+            await asyncio.wait([writes])
+            await self._remove_sidecars([r.id for r in sidecars])
             raise
         failed = next((x for x in (*records, written) if isinstance(x, BaseException)), None)
         if failed is not None:

@@ -196,3 +196,23 @@ def test_past_max_partial_running_batches_a_batch_leaves_only_full_or_after_one_
 def test_max_partial_must_lie_within_the_slots():
     with pytest.raises(ValueError, match="max_partial"):
         Batcher(Gate(), max_size=2, max_concurrent=2, max_partial=3)
+
+
+def test_a_queue_bound_below_a_full_batch_does_not_hold_free_slots():
+    """With at most 1 request queued and batches of 4, the queue is as full as it
+    gets: the held batch leaves beside the running one instead of refusing the next
+    request while a slot sits free."""
+    async def main():
+        gate = Gate()
+        b = Batcher(gate, max_size=4, max_concurrent=2, max_partial=1, max_queued=1)
+        first = asyncio.create_task(b.submit(0))
+        await settle()
+        second = asyncio.create_task(b.submit(2))
+        await settle()
+        third = asyncio.create_task(b.submit(4))  # queued: refused if [2] were held
+        await settle()
+        gate.release.set()
+        return gate.batches, await asyncio.gather(first, second, third)
+
+    batches, results = asyncio.run(main())
+    assert batches == [[0], [2], [4]] and results == [0, 20, 40]

@@ -168,3 +168,24 @@ def test_serve_waits_out_the_grace_before_killing_a_replica(tmp_path):
     for model in ingress.init_args[2].values():  # the requests in flight wait on these
         cfg = model._bound_deployment._deployment_config
         assert cfg.graceful_shutdown_timeout_s == 42 + DRAIN_MARGIN_S
+
+
+def test_every_deployment_carries_the_grpc_message_limit_in_its_own_environment(tmp_path):
+    """The ingress calls models and the classifier by value over gRPC, whose messages
+    stop at 4 MiB unless each replica's environment lifts it: every deployment's
+    runtime_env does (so `serve run` or any RayService gets it), the safety one too."""
+    from serve.app import build_app
+    from serve.config import load_settings
+    from serve.local import GRPC_LIMIT
+
+    app = build_app(load_settings(
+        state_url=f"sqlite://{tmp_path / 'state.db'}", storage_url=f"file://{tmp_path / 'img'}",
+        engine="fake", image_classifier="fixed:sexual=0.01", request_timeout_s=42))
+    ingress = app._bound_deployment
+    deployments = [ingress, *(m._bound_deployment for m in ingress.init_args[2].values()),
+                   ingress.init_args[7]._bound_deployment]
+    assert len(deployments) >= 4
+    for d in deployments:
+        options = d.ray_actor_options
+        assert options["runtime_env"]["env_vars"] == GRPC_LIMIT, d.name
+        assert options["num_cpus"] > 0, d.name  # the rest of the options stay
