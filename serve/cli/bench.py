@@ -110,12 +110,18 @@ def _point(name: str, c: int, lat: list[float], images: int, wall: float, batch=
     return Point(name, c, len(lat), images / wall, _pct(lat, 0.5), _pct(lat, 0.95), batch)
 
 
+def engine_spec(entry, settings: Settings, threads: int) -> EngineSpec:
+    """The revision's engine as a bench runs it in-process: as its replicas do (the
+    lock's engine table, then the settings'), at `threads` torch threads."""
+    return EngineSpec(entry.name, entry.revision, entry.local_dir(settings.model_dir),
+                      entry.pipeline, entry.dtype,
+                      entry.engine_options(settings.engine_options, {"threads": threads}))
+
+
 def bench_in_process(entry, settings: Settings, threads: int, n: int, batch: int) -> list[Point]:
     from ..engines.diffusers_engine import DiffusersEngine
 
-    spec = EngineSpec(entry.name, entry.revision, entry.local_dir(settings.model_dir),
-                      entry.pipeline, entry.dtype,
-                      entry.engine_options(settings.engine_options, {"threads": threads}))
+    spec = engine_spec(entry, settings, threads)
     engine = DiffusersEngine(spec)
     engine.load()
     d = entry.defaults

@@ -61,13 +61,11 @@ def profile_s_per_image(entry, device: str, batch: int) -> float | None:
 
 def bench_engine(entry, settings, sizes: list[int], calls: int, threads: int
                  ) -> list[CurvePoint]:
-    from ..engines.base import EngineSpec, Job
+    from ..engines.base import Job
     from ..engines.diffusers_engine import DiffusersEngine
-    from .bench import _pct
+    from .bench import _pct, engine_spec
 
-    spec = EngineSpec(entry.name, entry.revision, entry.local_dir(settings.model_dir),
-                      entry.pipeline, entry.dtype,
-                      entry.engine_options(settings.engine_options, {"threads": threads}))
+    spec = engine_spec(entry, settings, threads)
     engine = DiffusersEngine(spec)
     engine.load()
     d = entry.defaults

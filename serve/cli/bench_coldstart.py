@@ -109,12 +109,10 @@ def model_files(entry, model_dir: Path) -> list[Path] | None:
 
 
 def _load_once(entry, settings, threads: int) -> float:
-    from ..engines.base import EngineSpec
     from ..engines.diffusers_engine import DiffusersEngine
+    from .bench import engine_spec
 
-    spec = EngineSpec(entry.name, entry.revision, entry.local_dir(settings.model_dir),
-                      entry.pipeline, entry.dtype,
-                      entry.engine_options(settings.engine_options, {"threads": threads}))
+    spec = engine_spec(entry, settings, threads)
     engine = DiffusersEngine(spec)
     t = time.perf_counter()
     engine.load()

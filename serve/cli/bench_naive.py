@@ -115,13 +115,12 @@ def naive_sample(entry, settings, round_: int, n: int):
     from ray import serve as ray_serve
 
     from .. import local
-    from ..engines.base import EngineSpec, Job
+    from ..engines.base import Job
+    from .bench import engine_spec
     from .bench_peers import measure_http
 
     d = entry.defaults
-    spec = EngineSpec(entry.name, entry.revision, entry.local_dir(settings.model_dir),
-                      entry.pipeline, entry.dtype,
-                      entry.engine_options(settings.engine_options, {"threads": 1}))
+    spec = engine_spec(entry, settings, 1)
     job = Job(PROMPT, "", d.width, d.height, d.steps, d.guidance, 0)
     _wait_port(settings.port)
     with _serve_defaults():
